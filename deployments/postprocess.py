@@ -1,0 +1,107 @@
+"""Postprocess deployment: encodes a model's array into the bytes a client downloads, on CPU.
+
+Brings the array back to the size preprocess promised (undoing the alignment to the model's
+multiple), encodes PNG / WebP / JPEG and embeds the parameters that were used (PNG text chunk
+`imgserve`, JSON; EXIF ImageDescription for WebP/JPEG). Knows nothing about HTTP or diffusion:
+it returns bytes, a media type and a metadata dict; the ingress turns those into a response.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from deployments.errors import InvalidParameter
+from deployments.records import Generated
+
+ImageFormat = Literal["png", "webp", "jpeg"]
+IMAGE_FORMATS: tuple[str, ...] = ("png", "webp", "jpeg")
+_MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+_EXIF_IMAGE_DESCRIPTION = 0x010E
+METADATA_KEY = "imgserve"
+
+
+class PostprocessConfig(BaseModel):
+    """Encoding settings of the Postprocess deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    png_compress_level: int = 6
+    """zlib level for PNG (0 fastest/largest … 9 slowest/smallest)."""
+    jpeg_quality: int = 92
+    """Quality for JPEG output (1–100)."""
+    webp_quality: int = 90
+    """Quality for lossy WebP output (1–100)."""
+
+    @field_validator("png_compress_level")
+    @classmethod
+    def _level(cls, value: int) -> int:
+        if not 0 <= value <= 9:
+            raise ValueError(f"png_compress_level must be in 0..9, got {value}")
+        return value
+
+    @field_validator("jpeg_quality", "webp_quality")
+    @classmethod
+    def _quality(cls, value: int, info: Any) -> int:
+        if not 1 <= value <= 100:
+            raise ValueError(f"{info.field_name} must be in 1..100, got {value}")
+        return value
+
+
+@dataclass
+class Encoded:
+    """One encoded result: the body, its media type and the metadata that was embedded."""
+
+    data: bytes
+    media_type: str
+    metadata: dict[str, Any]
+
+
+def result_metadata(generated: Generated) -> dict[str, Any]:
+    """The parameters echoed to the client: what the model used plus what preprocess did."""
+    info = generated.info
+    return {
+        **generated.params,
+        "size": f"{info.size[0]}x{info.size[1]}",
+        "original_size": f"{info.original_size[0]}x{info.original_size[1]}",
+        "scale": round(info.scale, 6),
+    }
+
+
+class Postprocess:
+    """Plain class: `encode(generated, fmt)` → `Encoded`. Stateless apart from its config."""
+
+    def __init__(self, config: PostprocessConfig | None = None) -> None:
+        self.config = config or PostprocessConfig()
+
+    def encode(self, generated: Generated, fmt: str = "png") -> Encoded:
+        # 1. validate
+        if fmt not in IMAGE_FORMATS:
+            raise InvalidParameter(f"unknown format {fmt!r}; allowed: {', '.join(IMAGE_FORMATS)}", "format")
+        # 2. undo the alignment: the client gets the size preprocess promised
+        image = Image.fromarray(np.ascontiguousarray(generated.array))
+        if image.size != tuple(generated.info.size):
+            image = image.resize(tuple(generated.info.size), Image.Resampling.LANCZOS)
+        if fmt == "jpeg" and image.mode != "RGB":
+            image = image.convert("RGB")
+        # 3. encode with the parameters embedded
+        metadata = result_metadata(generated)
+        text = json.dumps(metadata, sort_keys=True, ensure_ascii=False)
+        buffer = BytesIO()
+        if fmt == "png":
+            chunks = PngImagePlugin.PngInfo()
+            chunks.add_itxt(METADATA_KEY, text)
+            image.save(buffer, "PNG", pnginfo=chunks, compress_level=self.config.png_compress_level)
+        else:
+            exif = Image.Exif()
+            exif[_EXIF_IMAGE_DESCRIPTION] = text
+            quality = self.config.jpeg_quality if fmt == "jpeg" else self.config.webp_quality
+            image.save(buffer, fmt.upper(), quality=quality, exif=exif)
+        # 4. package
+        return Encoded(data=buffer.getvalue(), media_type=_MEDIA_TYPES[fmt], metadata=metadata)

@@ -1,0 +1,62 @@
+"""Records that travel between deployments: plain dataclasses of numpy arrays and numbers.
+
+Preprocess produces a `Prepared`, a model turns it into a `Generated`, postprocess encodes that.
+No PIL objects, tensors or files cross a deployment boundary; everything here pickles cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What a model needs from preprocess; each model class publishes one as `input_spec`."""
+
+    multiple: int = 16
+    """Both sides of the array handed to the model are multiples of this."""
+    alpha: bool = False
+    """Keep an alpha channel (RGBA array) instead of compositing over white (RGB array)."""
+
+
+@dataclass
+class PreparedImage:
+    """What preprocess did to the upload; echoed to the client and used to undo the alignment."""
+
+    original_size: tuple[int, int]
+    """(width, height) of the upload after EXIF orientation was applied."""
+    size: tuple[int, int]
+    """(width, height) the result is returned at: the long-edge limit applied, aspect kept."""
+    model_size: tuple[int, int]
+    """(width, height) of the array given to the model: `size` with each side aligned."""
+    scale: float
+    """size / original_size (1.0 when nothing was downscaled)."""
+    source_format: str
+    """Container format as detected from the bytes (JPEG, PNG, WEBP, ...)."""
+    source_mode: str
+    """PIL mode of the decoded upload before conversion (RGB, RGBA, P, CMYK, I;16, ...)."""
+    warnings: list[str] = field(default_factory=list)
+    """Human-readable notes about lossy conversions (alpha flattened, 16-bit reduced, ...)."""
+
+
+@dataclass
+class Prepared:
+    """A decoded, converted, resized and aligned image, ready for a model."""
+
+    array: np.ndarray
+    """uint8, shape (model_size[1], model_size[0], 3 or 4)."""
+    info: PreparedImage
+
+
+@dataclass
+class Generated:
+    """A model's output for one request, before encoding."""
+
+    array: np.ndarray
+    """uint8, shape (H, W, C); usually model_size, postprocess brings it to `info.size`."""
+    info: PreparedImage
+    params: dict[str, Any]
+    """The parameters that were actually used (task, prompt, steps, cfg, seed, ...)."""

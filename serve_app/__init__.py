@@ -1,0 +1,1 @@
+"""imgserve's application layer: config, graph builder, ingress (HTTP and handle), client, CLI."""

@@ -1,0 +1,43 @@
+"""Builds the one driver graph from a validated config: `serve_app.app:build_app(args)`.
+
+Ingress → Preprocess (CPU) → model (GPU or CPU) → Postprocess (CPU), composed by handles passed to
+`.bind()`. Deployment classes are plain classes; this module alone attaches Ray Serve options from
+config, and for model classes makes Serve call their separate `load()` step when a replica starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from deployments.postprocess import Postprocess
+from deployments.preprocess import Preprocess
+from deployments.real import RealModel
+from serve_app.config import AppConfig, DeploymentOptions, load_config
+from serve_app.ingress import Ingress
+
+
+def loading(cls: type) -> type:
+    """A subclass of a model class whose constructor also loads it: what a Serve replica needs."""
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        cls.__init__(self, *args, **kwargs)
+        self.load()
+
+    return type(cls.__name__, (cls,), {"__init__": __init__})
+
+
+def deployment(cls: type, options: DeploymentOptions, name: str | None = None) -> serve.Deployment:
+    """`cls` as a Serve deployment with the options from config."""
+    return serve.deployment(cls, name=name or cls.__name__).options(**options.serve_options())
+
+
+def build_app(args: dict[str, Any] | AppConfig | None = None, *, real_cls: type = RealModel) -> Application:
+    """The imgserve application. `real_cls` lets tests substitute a subclass (e.g. a gated model)."""
+    config = load_config(args)
+    preprocess = deployment(Preprocess, config.preprocess.serve).bind(config.preprocess)
+    postprocess = deployment(Postprocess, config.postprocess.serve).bind(config.postprocess)
+    real = deployment(loading(real_cls), config.real.serve, name="RealModel").bind(config.real, config.cache_dir)
+    return deployment(Ingress, config.ingress.serve).bind(config, preprocess, {"real": real}, postprocess)

@@ -1,0 +1,162 @@
+"""The application's configuration: one pydantic model (`AppConfig`) validating a Serve YAML's `args`.
+
+Each deployment owns its own small config model (in `deployments/`); a section here is that model
+plus a `serve:` block of Ray Serve options (`DeploymentOptions`). Every field is documented where it
+is declared; bad values are refused with a message naming the field and the value, never repaired.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from deployments.postprocess import PostprocessConfig
+from deployments.preprocess import PreprocessConfig
+from deployments.real import RealModelConfig
+
+_ACTOR_OPTION_KEYS = {"num_cpus", "num_gpus", "memory", "resources", "runtime_env", "accelerator_type"}
+
+
+class DeploymentOptions(BaseModel):
+    """Ray Serve options of one deployment, applied by the builder with `.options(...)`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int | None = 1
+    """Fixed replica count; must be None (null) when `autoscaling_config` is given."""
+    autoscaling_config: dict[str, Any] | None = None
+    """Ray Serve autoscaling (min_replicas, max_replicas, target_ongoing_requests, delays)."""
+    max_ongoing_requests: int = 4
+    """Requests a replica works on at once; model replicas use 1: never batch diffusion prompts."""
+    max_queued_requests: int = -1
+    """Requests waiting per caller for this deployment beyond which callers get backpressure
+    (HTTP 503 with Retry-After); -1 means unbounded."""
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0.25})
+    """Ray resources per replica: num_cpus, num_gpus, memory, resources (e.g. {"rtx4090": 1}),
+    runtime_env. Fractional values are allowed, so the demo fits a 2-core machine."""
+    health_check_period_s: float = 10.0
+    """Seconds between `check_health` calls on each replica."""
+    graceful_shutdown_timeout_s: float = 20.0
+    """Seconds a stopping replica gets to finish the requests it holds."""
+
+    @field_validator("num_replicas")
+    @classmethod
+    def _replicas(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"num_replicas must be >= 1, got {value}")
+        return value
+
+    @field_validator("max_ongoing_requests")
+    @classmethod
+    def _ongoing(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"max_ongoing_requests must be >= 1, got {value}")
+        return value
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queued(cls, value: int) -> int:
+        if value < -1 or value == 0:
+            raise ValueError(f"max_queued_requests must be -1 (unbounded) or >= 1, got {value}")
+        return value
+
+    @field_validator("ray_actor_options")
+    @classmethod
+    def _actor_options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(value) - _ACTOR_OPTION_KEYS)
+        if unknown:
+            raise ValueError(f"ray_actor_options has unknown keys {unknown}; allowed: {sorted(_ACTOR_OPTION_KEYS)}")
+        for key in ("num_cpus", "num_gpus"):
+            if key in value and not (isinstance(value[key], (int, float)) and value[key] >= 0):
+                raise ValueError(f"ray_actor_options.{key} must be a number >= 0, got {value[key]!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> DeploymentOptions:
+        if self.autoscaling_config is not None and self.num_replicas is not None:
+            raise ValueError(
+                f"num_replicas ({self.num_replicas}) and autoscaling_config are exclusive: set num_replicas: null"
+            )
+        if self.autoscaling_config is None and self.num_replicas is None:
+            raise ValueError("num_replicas is null but no autoscaling_config is given")
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        """The keyword arguments for `serve.deployment(...).options(...)`."""
+        return self.model_dump(exclude_none=True)
+
+
+def _model_defaults(**ray_actor_options: Any) -> DeploymentOptions:
+    return DeploymentOptions(max_ongoing_requests=1, max_queued_requests=8, ray_actor_options=ray_actor_options)
+
+
+class IngressSection(BaseModel):
+    """The HTTP ingress: routes, validation, error mapping. Never touches pixels."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    serve: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=64))
+    """Ray Serve options of the ingress deployment."""
+    retry_after_s: int = 2
+    """Value of the Retry-After header sent with 503 when a queue is full."""
+
+    @field_validator("retry_after_s")
+    @classmethod
+    def _retry(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"retry_after_s must be >= 1, got {value}")
+        return value
+
+
+class PreprocessSection(PreprocessConfig):
+    """Preprocess deployment: its own settings plus Serve options."""
+
+    serve: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    """Ray Serve options of the preprocess deployment (CPU replicas)."""
+
+
+class PostprocessSection(PostprocessConfig):
+    """Postprocess deployment: its own settings plus Serve options."""
+
+    serve: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    """Ray Serve options of the postprocess deployment (CPU replicas)."""
+
+
+class RealSection(RealModelConfig):
+    """The `real` task's model deployment: its own settings plus Serve options."""
+
+    serve: DeploymentOptions = Field(default_factory=lambda: _model_defaults(num_cpus=1, num_gpus=1))
+    """Ray Serve options of the RealModel deployment (a GPU replica by default)."""
+
+
+class AppConfig(BaseModel):
+    """Everything `serve_app.app:build_app` needs; the `args:` of a Serve config YAML."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["imgserve"] = "imgserve"
+    """Application name used with `serve.get_app_handle`; fixed so clients can rely on it."""
+    cache_dir: Path = Path("~/.cache/imgserve")
+    """Where generated tiny models and other derived files live; `~` is expanded."""
+    ingress: IngressSection = Field(default_factory=IngressSection)
+    """HTTP ingress settings."""
+    preprocess: PreprocessSection = Field(default_factory=PreprocessSection)
+    """Decode/validate/resize settings and Serve options."""
+    real: RealSection = Field(default_factory=RealSection)
+    """The `real` task (Qwen-Image-Edit-2511 + LoRA)."""
+    postprocess: PostprocessSection = Field(default_factory=PostprocessSection)
+    """Encoding settings and Serve options."""
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+
+def load_config(args: dict[str, Any] | AppConfig | None) -> AppConfig:
+    """Validate Serve `args` (a dict from YAML) into an `AppConfig`."""
+    if isinstance(args, AppConfig):
+        return args
+    return AppConfig.model_validate(args or {})

@@ -1,0 +1,79 @@
+"""Turns any exception raised while serving one request into the one JSON error shape.
+
+`{"error": {"code", "message", "field"?}}` with the status from the design's table. This is the only
+place where errors become HTTP; deployments raise the tiny classes of `deployments.errors`, which
+reach the ingress through Ray (wrapped in RayTaskError, which is still an instance of the cause).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi.responses import JSONResponse
+from ray import exceptions as ray_exceptions
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from deployments.errors import (
+    BadImage,
+    ImgserveError,
+    InvalidParameter,
+    ModelFailure,
+    OutOfMemory,
+    TooLarge,
+    UnsupportedFormat,
+)
+
+log = logging.getLogger("imgserve")
+
+STATUS: dict[type[ImgserveError], int] = {
+    BadImage: 400,
+    UnsupportedFormat: 415,
+    TooLarge: 413,
+    InvalidParameter: 422,
+    OutOfMemory: 507,
+    ModelFailure: 500,
+}
+
+
+class NotFound(ImgserveError):
+    """The route or resource does not exist."""
+
+    code = "not_found"
+
+
+class MethodNotAllowed(ImgserveError):
+    """The route exists but not with this HTTP method."""
+
+    code = "method_not_allowed"
+
+
+STATUS.update({NotFound: 404, MethodNotAllowed: 405})
+
+
+def error_body(code: str, message: str, field: str | None = None) -> dict:
+    error = {"code": code, "message": message}
+    if field is not None:
+        error["field"] = field
+    return {"error": error}
+
+
+def error_response(exc: BaseException, retry_after_s: int) -> JSONResponse:
+    """The response for `exc`; unknown exceptions are logged and answered 500 without internals."""
+    if isinstance(exc, ImgserveError):
+        status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
+        return JSONResponse(error_body(exc.code, exc.message, exc.field), status_code=status)
+    if isinstance(exc, BackPressureError):
+        return JSONResponse(
+            error_body("queue_full", "the service is at capacity; retry after the indicated delay"),
+            status_code=503,
+            headers={"Retry-After": str(retry_after_s)},
+        )
+    if isinstance(exc, (ray_exceptions.ActorDiedError, ray_exceptions.ActorUnavailableError, DeploymentUnavailableError)):
+        log.warning("replica unavailable: %s", exc)
+        return JSONResponse(
+            error_body("unavailable", "a model replica became unavailable; retry the request"),
+            status_code=503,
+            headers={"Retry-After": str(retry_after_s)},
+        )
+    log.exception("internal error while serving a request", exc_info=exc)
+    return JSONResponse(error_body("internal", "internal error; the request was not completed"), status_code=500)

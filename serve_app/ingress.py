@@ -1,0 +1,213 @@
+"""The ingress: HTTP routes and the Python-handle entry point; never touches pixels or tensors.
+
+Reads the upload (multipart `image` + fields, or a raw `image/*` body + query), validates the
+request's fields against the task's config (422 before any pixel is decoded), then drives the graph
+Preprocess → model → Postprocess through deployment handles and answers with the encoded bytes and
+`X-Imgserve-*` headers. Errors from anywhere become the one JSON shape here and only here.
+"""
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments.errors import BadImage, ImgserveError, InvalidParameter, TooLarge, UnsupportedFormat
+from deployments.postprocess import IMAGE_FORMATS, Encoded
+from deployments.real import RealModel, RealParams
+from serve_app.config import AppConfig
+from serve_app.errors import MethodNotAllowed, NotFound, error_response
+
+log = logging.getLogger("imgserve")
+
+# Multipart framing and the text fields ride on top of the image itself.
+_FORM_OVERHEAD_BYTES = 256 * 1024
+# Fields the ingress consumes itself; everything else belongs to the task's parameter model.
+_INGRESS_FIELDS = ("format",)
+# Type hints stay real objects (no `from __future__ import annotations`): FastAPI reads them to
+# tell a `Request` parameter from a query parameter on Serve's class-based routes.
+# Response headers echo these result-metadata keys (ASCII only: prompts stay in the PNG chunk).
+_HEADER_KEYS = ("task", "size", "steps", "cfg", "seed", "scale")
+
+TASKS: dict[str, tuple[type, type[BaseModel]]] = {"real": (RealModel, RealParams)}
+"""task name → (model class, its request-parameter model)."""
+
+api = FastAPI(
+    title="imgserve",
+    description="Image-to-image models behind one HTTP API: real (art → photo), anime, layers.",
+    version="0.1.0",
+)
+
+
+def _parse_params(model: type[BaseModel], fields: dict[str, str]) -> BaseModel:
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else None
+        message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+        raise InvalidParameter(f"{message} (got {first.get('input')!r})"[:300], field) from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) as soon as it passes `limit` bytes: never read it all first."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes", "image")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise TooLarge(f"body exceeds the limit of {limit} bytes", "image")
+    return bytes(body)
+
+
+def _add_field(fields: dict[str, str], key: str, value: str) -> None:
+    if key in fields:
+        raise InvalidParameter("given more than once", key)
+    fields[key] = value
+
+
+async def read_upload(request: Request, max_image_bytes: int) -> tuple[bytes, dict[str, str]]:
+    """(image bytes, text fields) from a multipart form or a raw image body with query fields."""
+    fields: dict[str, str] = {}
+    for key, value in request.query_params.multi_items():
+        _add_field(fields, key, value)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        body = await _read_body(request, max_image_bytes + _FORM_OVERHEAD_BYTES)
+        # Starlette's form parser replays a body that was already read and cached on the request.
+        request._body = body
+        try:
+            form = await request.form(max_files=1, max_fields=64)
+        except StarletteHTTPException as exc:
+            raise BadImage(f"malformed multipart body: {exc.detail}", "image") from None
+        except Exception as exc:  # python-multipart raises plain errors on broken framing
+            raise BadImage(f"malformed multipart body: {exc}", "image") from None
+        image: bytes | None = None
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key != "image":
+                    raise InvalidParameter("only the `image` field may be a file", key)
+                if image is not None:
+                    raise InvalidParameter("given more than once", "image")
+                image = await value.read()
+            elif key == "image":
+                raise BadImage("`image` must be a file part, not a text field", "image")
+            else:
+                _add_field(fields, key, value)
+        if image is None:
+            raise BadImage("the multipart body has no `image` file", "image")
+        return image, fields
+    if content_type.startswith("image/") or content_type == "application/octet-stream":
+        return await _read_body(request, max_image_bytes), fields
+    raise UnsupportedFormat(
+        f"content type {content_type or '(none)'!r}: send multipart/form-data with an `image` file "
+        "or a raw image/* body",
+        "image",
+    )
+
+
+def metadata_headers(metadata: dict[str, Any]) -> dict[str, str]:
+    return {f"X-Imgserve-{key.capitalize()}": str(metadata[key]) for key in _HEADER_KEYS if key in metadata}
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    error: ImgserveError
+    if exc.status_code == 404:
+        error = NotFound(f"no route {request.url.path}")
+    elif exc.status_code == 405:
+        error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+    else:
+        return JSONResponse({"error": {"code": "http_error", "message": str(exc.detail)}}, status_code=exc.status_code)
+    return error_response(error, retry_after_s=1)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    field = str(first["loc"][-1]) if first["loc"] else None
+    return error_response(InvalidParameter(first["msg"], field), retry_after_s=1)
+
+
+@serve.ingress(api)
+class Ingress:
+    """FastAPI ingress; also callable through `serve.get_app_handle("imgserve").run.remote(...)`."""
+
+    def __init__(
+        self,
+        config: AppConfig,
+        preprocess: DeploymentHandle,
+        models: dict[str, DeploymentHandle],
+        postprocess: DeploymentHandle,
+    ) -> None:
+        self.config = config
+        self.preprocess = preprocess
+        self.models = models
+        self.postprocess = postprocess
+
+    # -- the one pipeline, shared by HTTP and handle callers ----------------------------------------
+    async def run(self, task: str, image: bytes, fields: dict[str, str] | None = None) -> Encoded:
+        """Run one task on one image; raises the `deployments.errors` classes on bad input."""
+        # 1. validate everything that needs no pixels
+        if task not in self.models:
+            raise NotFound(f"unknown task {task!r}; available: {', '.join(sorted(self.models))}", "task")
+        fields = dict(fields or {})
+        fmt = fields.pop("format", "png")
+        if fmt not in IMAGE_FORMATS:
+            raise InvalidParameter(f"unknown format {fmt!r}; allowed: {', '.join(IMAGE_FORMATS)}", "format")
+        model_cls, params_cls = TASKS[task]
+        params = getattr(self.config, task).resolve(_parse_params(params_cls, fields))
+        # 2. preprocess on CPU replicas; awaited here so the model's queue limit is enforced
+        #    (a DeploymentResponse passed straight on bypasses max_queued_requests in Ray Serve 2.60)
+        prepared = await self.preprocess.prepare.remote(image, model_cls.input_spec)
+        # 3. the model
+        generated = await self.models[task].remote(prepared, params)
+        # 4. encode on CPU replicas
+        return await self.postprocess.encode.remote(generated, fmt)
+
+    def models_info(self) -> dict[str, Any]:
+        real = self.config.real
+        return {
+            "tasks": {
+                "real": {
+                    "defaults": {
+                        "prompt": real.default_prompt,
+                        "negative_prompt": real.default_negative_prompt,
+                        "steps": real.default_steps,
+                        "cfg": real.default_cfg,
+                    },
+                    "limits": {"steps": [1, real.max_steps], "cfg": [1.0, real.max_cfg]},
+                    "formats": list(IMAGE_FORMATS),
+                }
+            },
+            "max_long_edge": self.config.preprocess.max_long_edge,
+            "max_bytes": self.config.preprocess.max_bytes,
+        }
+
+    # -- HTTP ----------------------------------------------------------------------------------------
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok", "app": self.config.name}
+
+    @api.get("/v1/models")
+    async def list_models(self) -> dict[str, Any]:
+        return self.models_info()
+
+    @api.post("/v1/{task}")
+    async def run_task(self, task: str, request: Request) -> Response:
+        try:
+            if task not in self.models:
+                raise NotFound(f"unknown task {task!r}; available: {', '.join(sorted(self.models))}", "task")
+            image, fields = await read_upload(request, self.config.preprocess.max_bytes)
+            encoded = await self.run(task, image, fields)
+        except Exception as exc:
+            return error_response(exc, self.config.ingress.retry_after_s)
+        return Response(encoded.data, media_type=encoded.media_type, headers=metadata_headers(encoded.metadata))
