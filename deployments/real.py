@@ -11,6 +11,7 @@ request costs tens of milliseconds.
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -160,6 +161,10 @@ class RealModel:
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
         self.loads += 1
+
+    def stats(self) -> dict[str, Any]:
+        """Which process serves, on which device, and how often the base pipeline was loaded."""
+        return {"pid": os.getpid(), "device": self.device, "loads": self.loads}
 
     def check_health(self) -> None:
         """Raises when the pipeline is not usable, so Ray Serve replaces the replica."""

@@ -1,0 +1,56 @@
+"""Real Ray Serve on this machine: one local Ray per session with fake GPUs, one app per module."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import ray
+from ray import serve
+
+from serve_app.app import build_app
+
+pytestmark = pytest.mark.serve
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[int]:
+    """Local Ray (2 CPUs, 4 fake GPUs) and Serve's HTTP proxy on a free loopback port."""
+    ray.init(address="local", num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+    ray.shutdown()
+
+
+class Service:
+    """A running imgserve app: its base URL and an HTTP client."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.http = httpx.Client(base_url=self.url, timeout=120)
+
+    def post_image(self, data: bytes, fields: dict[str, Any] | None = None, task: str = "real",
+                   filename: str = "input.jpg", content_type: str = "image/jpeg") -> httpx.Response:
+        return self.http.post(
+            f"/v1/{task}", files={"image": (filename, data, content_type)},
+            data={k: str(v) for k, v in (fields or {}).items()},
+        )
+
+    def model_stats(self) -> dict[str, Any]:
+        return serve.get_deployment_handle("RealModel", "imgserve").stats.remote().result()
+
+
+def run_service(port: int, args: dict[str, Any], **build_kwargs: Any) -> Service:
+    serve.run(build_app(args, **build_kwargs), name="imgserve", route_prefix="/")
+    return Service(port)

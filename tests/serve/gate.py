@@ -1,0 +1,41 @@
+"""A signal for tests: a model that holds each request until the test opens the gate.
+
+Lets a test fill a queue deterministically (no sleeps tuned to this machine): requests enter the
+model and wait on a Ray actor; the test watches how many are waiting and opens the gate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import ray
+
+from deployments.real import RealModel
+
+GATE_NAME = "imgserve-test-gate"
+
+
+@ray.remote(num_cpus=0)
+class Gate:
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.waiting = 0
+
+    async def wait(self) -> None:
+        self.waiting += 1
+        await self.event.wait()
+
+    def count(self) -> int:
+        return self.waiting
+
+    def open(self) -> None:
+        self.event.set()
+
+
+class GatedRealModel(RealModel):
+    """RealModel whose every request first waits for the test's gate to open."""
+
+    def generate(self, prepared, params):
+        gate = ray.get_actor(GATE_NAME)
+        ray.get(gate.wait.remote())
+        return super().generate(prepared, params)

@@ -1,0 +1,59 @@
+"""Backpressure: a full model queue answers 503 + Retry-After with the JSON error, never 500 or a hang."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+import pytest
+import ray
+
+from tests.conftest import demo_args
+from tests.serve.conftest import Service, run_service
+from tests.serve.gate import GATE_NAME, Gate, GatedRealModel
+from tests.serve.test_real_http import small_png
+
+BURST = 8
+DEADLINE_S = 120  # a generous bound for "never a hang", not a timing assertion
+
+
+@pytest.fixture(scope="module")
+def gated(ray_cluster: int, model_cache):
+    gate = Gate.options(name=GATE_NAME).remote()
+    args = demo_args()
+    args["cache_dir"] = str(model_cache)
+    args["real"]["serve"].update(max_ongoing_requests=1, max_queued_requests=1)
+    args["ingress"]["retry_after_s"] = 3
+    service = run_service(ray_cluster, args, real_cls=GatedRealModel)
+    yield service, gate
+    ray.kill(gate)
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_burst_gets_503_with_retry_after_and_accepted_requests_finish(gated) -> None:
+    service, gate = gated
+    image = small_png()
+    with ThreadPoolExecutor(BURST) as pool:
+        futures = [pool.submit(service.post_image, image, {"steps": 2, "seed": i}) for i in range(BURST)]
+        # The gate holds the first request inside the model; the rest queue or are refused.
+        wait_until(lambda: ray.get(gate.count.remote()) >= 1, "a request to enter the model")
+        wait_until(lambda: sum(f.done() for f in futures) >= BURST - 2, "refusals of the burst")
+        refused = [f.result() for f in futures if f.done()]
+        assert refused and all(r.status_code == 503 for r in refused), [r.status_code for r in refused]
+        for response in refused:
+            assert response.headers["retry-after"] == "3"
+            assert response.json()["error"]["code"] == "queue_full"
+        accepted = [f for f in futures if not f.done()]
+        assert 1 <= len(accepted) <= 2
+        gate.open.remote()
+        done, pending = wait(accepted, timeout=DEADLINE_S)
+        assert not pending
+        assert all(f.result().status_code == 200 for f in done)
+    # the service keeps answering after the burst
+    assert service.post_image(image, {"steps": 2}).status_code == 200

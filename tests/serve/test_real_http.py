@@ -1,0 +1,222 @@
+"""The `real` task end to end through real Ray Serve: HTTP, handle, metadata, errors, survival."""
+
+from __future__ import annotations
+
+import io
+import json
+import zlib
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+from ray import serve
+
+from deployments.errors import BadImage, InvalidParameter
+from tests.conftest import demo_args
+from tests.serve.conftest import Service, run_service
+
+MAX_LONG_EDGE = 512
+MAX_BYTES = 3 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster: int, model_cache) -> Service:
+    args = demo_args()
+    args["cache_dir"] = str(model_cache)
+    args["preprocess"].update(max_long_edge=MAX_LONG_EDGE, max_bytes=MAX_BYTES, max_pixels=20_000_000)
+    # A GPU replica on fake GPU resources: Ray reserves a GPU, torch sees no CUDA, the model runs on CPU.
+    args["real"]["serve"]["ray_actor_options"] = {"num_cpus": 0.5, "num_gpus": 1}
+    return run_service(ray_cluster, args)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def small_png(size=(96, 64), color=(200, 30, 30)) -> bytes:
+    return png_bytes(Image.new("RGB", size, color))
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height (1-bit) over a tiny compressed body of zeros."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    rows = zlib.compress(b"\x00" * (1 + (width + 7) // 8) * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def assert_error(response, status: int, code: str, field: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert body["error"]["code"] == code
+    assert body["error"]["message"]
+    if field is not None:
+        assert body["error"]["field"] == field
+    return body["error"]
+
+
+def test_sample_photo_comes_back_as_png_with_size_and_metadata(service: Service, sample_photo: bytes) -> None:
+    original = Image.open(io.BytesIO(sample_photo))
+    scale = MAX_LONG_EDGE / max(original.size)
+    expected = (round(original.width * scale), round(original.height * scale))
+
+    response = service.post_image(sample_photo, {"steps": 2, "seed": 7, "cfg": 4.5})
+
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    result = Image.open(io.BytesIO(response.content))
+    assert result.format == "PNG" and result.mode == "RGB"
+    assert result.size == expected
+    assert response.headers["x-imgserve-size"] == f"{expected[0]}x{expected[1]}"
+    assert response.headers["x-imgserve-steps"] == "2"
+    assert response.headers["x-imgserve-cfg"] == "4.5"
+    assert response.headers["x-imgserve-seed"] == "7"
+    assert float(response.headers["x-imgserve-scale"]) == pytest.approx(scale, rel=1e-3)
+    embedded = json.loads(result.info["imgserve"])
+    assert embedded["steps"] == 2 and embedded["seed"] == 7 and embedded["cfg"] == 4.5
+    assert embedded["size"] == f"{expected[0]}x{expected[1]}"
+    assert embedded["prompt"].startswith("transform the image to realistic photograph")
+
+
+def test_defaults_are_applied_and_echoed(service: Service) -> None:
+    response = service.post_image(small_png(), filename="a.png", content_type="image/png")
+    assert response.status_code == 200, response.text
+    assert response.headers["x-imgserve-steps"] == "30"
+    assert response.headers["x-imgserve-cfg"] == "7.0"
+    assert int(response.headers["x-imgserve-seed"]) >= 0
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(service: Service) -> None:
+    image = small_png((128, 80), (20, 120, 220))
+    first = service.post_image(image, {"steps": 2, "seed": 3})
+    second = service.post_image(image, {"steps": 2, "seed": 3})
+    other = service.post_image(image, {"steps": 2, "seed": 4})
+    assert first.status_code == second.status_code == other.status_code == 200
+    assert first.content == second.content
+    assert first.content != other.content
+
+
+def test_raw_body_with_query_fields_and_other_formats(service: Service) -> None:
+    image = small_png()
+    response = service.http.post(
+        "/v1/real", content=image, params={"steps": 2, "seed": 1, "format": "webp"},
+        headers={"content-type": "image/png"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/webp"
+    assert Image.open(io.BytesIO(response.content)).size == (96, 64)
+
+    jpeg = service.post_image(image, {"steps": 2, "seed": 1, "format": "jpeg"})
+    assert jpeg.headers["content-type"] == "image/jpeg"
+    decoded = Image.open(io.BytesIO(jpeg.content))
+    assert decoded.format == "JPEG"
+    assert json.loads(decoded.getexif()[0x010E])["seed"] == 1
+
+
+def test_handle_call_returns_encoded_result(service: Service, sample_photo: bytes) -> None:
+    handle = serve.get_app_handle("imgserve")
+    encoded = handle.run.remote("real", sample_photo, {"steps": 2, "seed": 7, "cfg": 4.5}).result()
+    http = service.post_image(sample_photo, {"steps": 2, "seed": 7, "cfg": 4.5})
+    assert encoded.media_type == "image/png"
+    assert encoded.data == http.content
+    assert encoded.metadata["seed"] == 7
+
+    with pytest.raises(BadImage) as error:
+        handle.run.remote("real", b"not an image", {}).result()
+    assert error.value.field == "image"
+    with pytest.raises(InvalidParameter) as error:
+        handle.run.remote("real", sample_photo, {"steps": 0}).result()
+    assert error.value.field == "steps"
+
+
+def test_models_and_health(service: Service) -> None:
+    health = service.http.get("/healthz")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    models = service.http.get("/v1/models").json()
+    real = models["tasks"]["real"]
+    assert real["defaults"]["steps"] == 30 and real["defaults"]["cfg"] == 7.0
+    assert real["limits"]["steps"] == [1, 100]
+    assert real["formats"] == ["png", "webp", "jpeg"]
+    assert models["max_long_edge"] == MAX_LONG_EDGE
+
+
+def truncated(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+BAD_UPLOADS = [
+    # (id, bytes, filename, content type, status, code)
+    ("empty", b"", "a.png", "image/png", 400, "bad_image"),
+    ("not-an-image", b"hello, this is text" * 10, "a.png", "image/png", 400, "bad_image"),
+    ("corrupt-png", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, "a.png", "image/png", 400, "bad_image"),
+    ("random-bytes", np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes(), "a.jpg",
+     "image/jpeg", 400, "bad_image"),
+    ("unsupported-format", b"P6\n4 4\n255\n" + bytes(48), "a.ppm", "image/x-portable-pixmap", 415,
+     "unsupported_format"),
+    ("bomb", bomb_png(30_000, 30_000), "bomb.png", "image/png", 413, "too_large"),
+    ("oversized", np.random.default_rng(1).integers(0, 256, MAX_BYTES + 10, dtype=np.uint8).tobytes(), "big.jpg",
+     "image/jpeg", 413, "too_large"),
+]
+
+
+@pytest.mark.parametrize("name,data,filename,content_type,status,code", BAD_UPLOADS, ids=[b[0] for b in BAD_UPLOADS])
+def test_bad_uploads_get_4xx_json(service: Service, name, data, filename, content_type, status, code) -> None:
+    response = service.post_image(data, {"steps": 2}, filename=filename, content_type=content_type)
+    assert_error(response, status, code, "image")
+
+
+def test_truncated_photo_and_png(service: Service, sample_photo: bytes) -> None:
+    for data in (truncated(sample_photo), truncated(png_bytes(Image.new("RGB", (300, 200), (9, 9, 9))))):
+        assert_error(service.post_image(data, {"steps": 2}), 400, "bad_image", "image")
+
+
+@pytest.mark.parametrize(
+    "fields,field",
+    [
+        ({"steps": 0}, "steps"),
+        ({"steps": 101}, "steps"),
+        ({"steps": "many"}, "steps"),
+        ({"cfg": "nan"}, "cfg"),
+        ({"cfg": 0.5}, "cfg"),
+        ({"seed": -1}, "seed"),
+        ({"format": "gif"}, "format"),
+        ({"prompt": "x" * 2001}, "prompt"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_bad_parameters_get_422_naming_the_field(service: Service, fields, field) -> None:
+    assert_error(service.post_image(small_png(), fields, content_type="image/png"), 422, "invalid_parameter", field)
+
+
+def test_malformed_requests(service: Service) -> None:
+    # a field given twice
+    response = service.http.post("/v1/real", files={"image": ("a.png", small_png(), "image/png")},
+                                 data={"steps": ["2", "3"]})
+    assert_error(response, 422, "invalid_parameter", "steps")
+    # multipart without a file
+    assert_error(service.http.post("/v1/real", data={"steps": "2"}, files={"other": ("x", b"1")}), 422,
+                 "invalid_parameter", "other")
+    assert_error(service.http.post("/v1/real", files={"steps": (None, "2")}), 400, "bad_image", "image")
+    # a body that is not an image type at all
+    assert_error(service.http.post("/v1/real", content=b"{}", headers={"content-type": "application/json"}), 415,
+                 "unsupported_format", "image")
+    # an unknown task and an unknown route
+    assert_error(service.post_image(small_png(), task="sketch"), 404, "not_found", "task")
+    assert_error(service.http.get("/v2/nothing"), 404, "not_found")
+
+
+def test_service_survives_bad_requests_with_the_same_replica(service: Service, sample_photo: bytes) -> None:
+    before = service.model_stats()
+    for _, data, filename, content_type, status, _ in BAD_UPLOADS:
+        assert service.post_image(data, {"steps": 2}, filename=filename, content_type=content_type).status_code == status
+    response = service.post_image(sample_photo, {"steps": 2, "seed": 11})
+    assert response.status_code == 200
+    after = service.model_stats()
+    assert after["pid"] == before["pid"]
+    assert after["loads"] == 1
+    assert after["device"] == "cpu"  # fake GPU resource, no CUDA: the replica fell back to CPU
