@@ -220,3 +220,24 @@ def test_service_survives_bad_requests_with_the_same_replica(service: Service, s
     assert after["pid"] == before["pid"]
     assert after["loads"] == 1
     assert after["device"] == "cpu"  # fake GPU resource, no CUDA: the replica fell back to CPU
+
+
+def test_python_client_and_cli(service: Service, sample_photo: bytes, tmp_path) -> None:
+    from serve_app import cli
+    from serve_app.client import Client, ServiceError, embedded_metadata
+
+    with Client(service.url) as client:
+        result = client.real(sample_photo, steps=2, seed=7, cfg=4.5)
+        assert result.data == service.post_image(sample_photo, {"steps": 2, "seed": 7, "cfg": 4.5}).content
+        assert result.params["seed"] == "7" and embedded_metadata(result.data)["steps"] == 2
+        assert "real" in client.models()["tasks"]
+        with pytest.raises(ServiceError) as error:
+            client.real(sample_photo, steps=500)
+        assert (error.value.status, error.value.code, error.value.field) == (422, "invalid_parameter", "steps")
+
+    source = tmp_path / "in.png"
+    source.write_bytes(small_png())
+    output = tmp_path / "out.png"
+    assert cli.main(["--url", service.url, "real", str(source), "-o", str(output), "--steps", "2", "--seed", "5"]) == 0
+    assert Image.open(output).size == (96, 64)
+    assert cli.main(["--url", service.url, "real", str(source), "-o", str(output), "--steps", "0"]) == 1

@@ -1,0 +1,58 @@
+"""The `imgserve` command: talk to a running service from a shell.
+
+`imgserve models`, `imgserve health`, `imgserve real IMAGE -o OUT [--steps N --seed S ...]`.
+Starting the service is Ray Serve's own `serve run configs/<profile>.yaml`; this command is a thin
+layer over `serve_app.client` and prints errors as one readable line (exit status 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from serve_app.client import Client, ServiceError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgserve", description=__doc__.split("\n")[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="service base URL")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("health", help="is the service up")
+    commands.add_parser("models", help="tasks and their choices")
+    real = commands.add_parser("real", help="2.5D / anime art → photoreal person")
+    real.add_argument("image", help="input image file")
+    real.add_argument("-o", "--output", required=True, help="where to write the result")
+    real.add_argument("--prompt")
+    real.add_argument("--negative-prompt")
+    real.add_argument("--steps", type=int)
+    real.add_argument("--cfg", type=float)
+    real.add_argument("--seed", type=int)
+    real.add_argument("--format", default="png", choices=["png", "webp", "jpeg"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        with Client(args.url) as client:
+            if args.command == "health":
+                print(json.dumps(client.health()))
+            elif args.command == "models":
+                print(json.dumps(client.models(), indent=2))
+            elif args.command == "real":
+                result = client.real(args.image, prompt=args.prompt, negative_prompt=args.negative_prompt,
+                                     steps=args.steps, cfg=args.cfg, seed=args.seed, format=args.format)
+                result.save(args.output)
+                print(f"{args.output}: " + ", ".join(f"{k}={v}" for k, v in sorted(result.params.items())))
+    except ServiceError as error:
+        print(f"imgserve: {error}", file=sys.stderr)
+        return 1
+    except (OSError, ConnectionError) as error:
+        print(f"imgserve: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

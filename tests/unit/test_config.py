@@ -1,0 +1,77 @@
+"""AppConfig: the shipped configs validate, and bad values are refused naming the field and value."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from serve_app.config import AppConfig, DeploymentOptions, load_config
+from tests.conftest import REPO, demo_args
+
+
+def test_demo_config_validates_and_fits_two_cores_without_gpu() -> None:
+    config = load_config(demo_args())
+    sections = (config.ingress, config.preprocess, config.real, config.postprocess)
+    total_cpus = sum(s.serve.ray_actor_options.get("num_cpus", 1) * (s.serve.num_replicas or 1) for s in sections)
+    assert total_cpus <= 2
+    assert all(s.serve.ray_actor_options.get("num_gpus", 0) == 0 for s in sections)
+    assert config.real.source == "tiny"
+    assert config.real.default_steps == 30 and config.real.default_cfg == 7.0
+
+
+def test_every_shipped_config_validates() -> None:
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        document = yaml.safe_load(path.read_text())
+        for app in document["applications"]:
+            assert app["import_path"] == "serve_app.app:build_app"
+            load_config(app["args"])
+
+
+@pytest.mark.parametrize(
+    "args,field,value",
+    [
+        ({"preprocess": {"max_long_edge": 8}}, "max_long_edge", "8"),
+        ({"preprocess": {"max_bytes": 0}}, "max_bytes", "0"),
+        ({"real": {"max_steps": 0}}, "max_steps", "0"),
+        ({"real": {"default_cfg": 0.5}}, "default_cfg", "0.5"),
+        ({"real": {"device": "tpu"}}, "device", "tpu"),
+        ({"real": {"serve": {"max_ongoing_requests": 0}}}, "max_ongoing_requests", "0"),
+        ({"real": {"serve": {"max_queued_requests": 0}}}, "max_queued_requests", "0"),
+        ({"real": {"serve": {"ray_actor_options": {"num_gpu": 1}}}}, "num_gpu", "num_gpu"),
+        ({"real": {"serve": {"ray_actor_options": {"num_gpus": -1}}}}, "num_gpus", "-1"),
+        ({"ingress": {"retry_after_s": 0}}, "retry_after_s", "0"),
+        ({"postprocess": {"jpeg_quality": 101}}, "jpeg_quality", "101"),
+        ({"preprocess": {"formats": ["JPEG", "NOPE"]}}, "formats", "NOPE"),
+        ({"reel": {}}, "reel", "reel"),
+    ],
+)
+def test_bad_values_are_refused_naming_field_and_value(args, field, value) -> None:
+    with pytest.raises(ValidationError) as error:
+        AppConfig.model_validate(args)
+    message = str(error.value)
+    assert field in message and value in message
+
+
+def test_replicas_and_autoscaling_are_exclusive() -> None:
+    with pytest.raises(ValidationError, match="exclusive"):
+        DeploymentOptions(num_replicas=2, autoscaling_config={"min_replicas": 1, "max_replicas": 4})
+    options = DeploymentOptions(num_replicas=None, autoscaling_config={"min_replicas": 1, "max_replicas": 4})
+    assert "num_replicas" not in options.serve_options()
+    assert options.serve_options()["autoscaling_config"]["max_replicas"] == 4
+
+
+def test_serve_options_carry_backpressure_limits() -> None:
+    options = DeploymentOptions(max_ongoing_requests=1, max_queued_requests=3, ray_actor_options={"num_gpus": 1})
+    assert options.serve_options() == {
+        "num_replicas": 1,
+        "max_ongoing_requests": 1,
+        "max_queued_requests": 3,
+        "ray_actor_options": {"num_gpus": 1},
+        "health_check_period_s": 10.0,
+        "graceful_shutdown_timeout_s": 20.0,
+    }
+
+
+def test_cache_dir_expands_home() -> None:
+    assert "~" not in str(load_config({"cache_dir": "~/x"}).cache_dir)

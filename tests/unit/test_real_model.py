@@ -1,0 +1,78 @@
+"""RealModel used directly, without Ray: load once, generate, determinism, parameter validation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from deployments.errors import InvalidParameter
+from deployments.preprocess import Preprocess
+from deployments.real import RealModel, RealModelConfig, RealParams
+
+
+@pytest.fixture(scope="module")
+def model(model_cache) -> RealModel:
+    real = RealModel(RealModelConfig(source="tiny", condition_area=4096, num_threads=1), model_cache)
+    assert real.pipe is None and real.loads == 0  # construction only stores config
+    real.load()
+    return real
+
+
+def prepared(size=(96, 64), seed=0):
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    from io import BytesIO
+
+    from PIL import Image
+
+    buffer = BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return Preprocess().prepare(buffer.getvalue(), RealModel.input_spec)
+
+
+def test_check_health_fails_before_load(model_cache) -> None:
+    with pytest.raises(RuntimeError, match="not loaded"):
+        RealModel(RealModelConfig(), model_cache).check_health()
+
+
+def test_generate_returns_model_size_uint8_and_used_params(model: RealModel) -> None:
+    result = model.generate(prepared((96, 64)), RealParams(steps=2, seed=1, cfg=3.0))
+    assert result.array.shape == (64, 96, 3) and result.array.dtype == np.uint8
+    assert result.array.std() > 0  # not a constant image
+    assert result.params["steps"] == 2 and result.params["seed"] == 1 and result.params["cfg"] == 3.0
+    assert result.params["task"] == "real"
+    assert model.stats()["loads"] == 1 and model.stats()["device"] == "cpu"
+
+
+def test_same_seed_same_output_different_seed_different_output(model: RealModel) -> None:
+    image = prepared((64, 64), seed=3)
+    first = model.generate(image, RealParams(steps=2, seed=9)).array
+    again = model.generate(image, RealParams(steps=2, seed=9)).array
+    other = model.generate(image, RealParams(steps=2, seed=10)).array
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+@pytest.mark.parametrize(
+    "params,field",
+    [
+        (RealParams(steps=0), "steps"),
+        (RealParams(steps=101), "steps"),
+        (RealParams(cfg=math.nan), "cfg"),
+        (RealParams(cfg=21.0), "cfg"),
+        (RealParams(seed=2**32), "seed"),
+        (RealParams(prompt="a" * 2001), "prompt"),
+    ],
+)
+def test_out_of_range_parameters_name_the_field(model: RealModel, params, field) -> None:
+    with pytest.raises(InvalidParameter) as error:
+        model.generate(prepared(), params)
+    assert error.value.field == field
+
+
+def test_resolve_fills_defaults_and_a_seed() -> None:
+    resolved = RealModelConfig(default_steps=12).resolve(RealParams())
+    assert resolved.steps == 12 and resolved.cfg == 7.0 and resolved.prompt.startswith("transform")
+    assert 0 <= resolved.seed < 2**32
