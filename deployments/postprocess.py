@@ -9,7 +9,7 @@ it returns bytes, a media type and a metadata dict; the ingress turns those into
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any, Literal
 
@@ -61,6 +61,9 @@ class Encoded:
     data: bytes
     media_type: str
     metadata: dict[str, Any]
+    """The parameters embedded in the result."""
+    served: dict[str, Any] = field(default_factory=dict)
+    """`Generated.served`, passed through (not embedded)."""
 
 
 def result_metadata(generated: Generated) -> dict[str, Any]:
@@ -104,4 +107,4 @@ class Postprocess:
             quality = self.config.jpeg_quality if fmt == "jpeg" else self.config.webp_quality
             image.save(buffer, fmt.upper(), quality=quality, exif=exif)
         # 4. package
-        return Encoded(data=buffer.getvalue(), media_type=_MEDIA_TYPES[fmt], metadata=metadata)
+        return Encoded(data=buffer.getvalue(), media_type=_MEDIA_TYPES[fmt], metadata=metadata, served=generated.served)

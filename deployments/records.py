@@ -59,4 +59,8 @@ class Generated:
     """uint8, shape (H, W, C); usually model_size, postprocess brings it to `info.size`."""
     info: PreparedImage
     params: dict[str, Any]
-    """The parameters that were actually used (task, prompt, steps, cfg, seed, ...)."""
+    """The parameters that were actually used (task, prompt, steps, cfg, seed, ...); embedded in
+    the result, so they must not vary between replicas for the same request."""
+    served: dict[str, Any] = field(default_factory=dict)
+    """Facts about how this request was served (which replica, whether an adapter was read from
+    disk); reported to the client but never embedded, so results stay byte-identical."""

@@ -19,14 +19,21 @@ from serve_app.config import AppConfig, DeploymentOptions, load_config
 from serve_app.ingress import Ingress
 
 
-def loading(cls: type) -> type:
-    """A subclass of a model class whose constructor also loads it: what a Serve replica needs."""
+def loading(cls: type, max_adapters: int | None = None) -> type:
+    """A subclass of a model class whose constructor also loads it: what a Serve replica needs.
+
+    With `max_adapters`, the class's `adapter(version)` method is wrapped with `serve.multiplexed`,
+    so Serve routes a request for a version to a replica that already holds it.
+    """
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         cls.__init__(self, *args, **kwargs)
         self.load()
 
-    return type(cls.__name__, (cls,), {"__init__": __init__})
+    namespace: dict[str, Any] = {"__init__": __init__}
+    if max_adapters is not None:
+        namespace["adapter"] = serve.multiplexed(max_num_models_per_replica=max_adapters)(cls.adapter)
+    return type(cls.__name__, (cls,), namespace)
 
 
 def deployment(cls: type, options: DeploymentOptions, name: str | None = None) -> serve.Deployment:
@@ -39,5 +46,6 @@ def build_app(args: dict[str, Any] | AppConfig | None = None, *, real_cls: type 
     config = load_config(args)
     preprocess = deployment(Preprocess, config.preprocess.serve).bind(config.preprocess)
     postprocess = deployment(Postprocess, config.postprocess.serve).bind(config.postprocess)
-    real = deployment(loading(real_cls), config.real.serve, name="RealModel").bind(config.real, config.cache_dir)
+    real_cls = loading(real_cls, max_adapters=config.real.max_adapters_per_replica)
+    real = deployment(real_cls, config.real.serve, name="RealModel").bind(config.real, config.cache_dir)
     return deployment(Ingress, config.ingress.serve).bind(config, preprocess, {"real": real}, postprocess)

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.errors import BadImage, ImgserveError, InvalidParameter, TooLarge, UnsupportedFormat
 from deployments.postprocess import IMAGE_FORMATS, Encoded
+from deployments.lora import NONE
 from deployments.real import RealModel, RealParams
 from serve_app.config import AppConfig
 from serve_app.errors import MethodNotAllowed, NotFound, error_response
@@ -33,7 +34,7 @@ _INGRESS_FIELDS = ("format",)
 # Type hints stay real objects (no `from __future__ import annotations`): FastAPI reads them to
 # tell a `Request` parameter from a query parameter on Serve's class-based routes.
 # Response headers echo these result-metadata keys (ASCII only: prompts stay in the PNG chunk).
-_HEADER_KEYS = ("task", "size", "steps", "cfg", "seed", "scale")
+_HEADER_KEYS = ("task", "size", "steps", "cfg", "seed", "scale", "lora")
 
 TASKS: dict[str, tuple[type, type[BaseModel]]] = {"real": (RealModel, RealParams)}
 """task name → (model class, its request-parameter model)."""
@@ -114,8 +115,13 @@ async def read_upload(request: Request, max_image_bytes: int) -> tuple[bytes, di
     )
 
 
-def metadata_headers(metadata: dict[str, Any]) -> dict[str, str]:
-    return {f"X-Imgserve-{key.capitalize()}": str(metadata[key]) for key in _HEADER_KEYS if key in metadata}
+def result_headers(encoded: Encoded) -> dict[str, str]:
+    """X-Imgserve-* headers: the parameters used, and how the request was served."""
+    headers = {f"X-Imgserve-{key.capitalize()}": str(encoded.metadata[key]) for key in _HEADER_KEYS
+               if key in encoded.metadata}
+    for key, value in encoded.served.items():
+        headers["X-Imgserve-" + "-".join(part.capitalize() for part in key.split("_"))] = str(value)
+    return headers
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -152,6 +158,7 @@ class Ingress:
         self.preprocess = preprocess
         self.models = models
         self.postprocess = postprocess
+        self.lora_store = config.real.lora_store(config.cache_dir)
 
     # -- the one pipeline, shared by HTTP and handle callers ----------------------------------------
     async def run(self, task: str, image: bytes, fields: dict[str, str] | None = None) -> Encoded:
@@ -164,17 +171,22 @@ class Ingress:
         if fmt not in IMAGE_FORMATS:
             raise InvalidParameter(f"unknown format {fmt!r}; allowed: {', '.join(IMAGE_FORMATS)}", "format")
         model_cls, params_cls = TASKS[task]
-        params = getattr(self.config, task).resolve(_parse_params(params_cls, fields))
+        params = getattr(self.config, task).resolve(_parse_params(params_cls, fields), self.lora_store)
         # 2. preprocess on CPU replicas; awaited here so the model's queue limit is enforced
         #    (a DeploymentResponse passed straight on bypasses max_queued_requests in Ray Serve 2.60)
         prepared = await self.preprocess.prepare.remote(image, model_cls.input_spec)
         # 3. the model
-        generated = await self.models[task].remote(prepared, params)
+        handle = self.models[task]
+        if getattr(params, "lora", NONE) != NONE:
+            # routes to a replica that already holds this version, when one is free
+            handle = handle.options(multiplexed_model_id=params.lora)
+        generated = await handle.remote(prepared, params)
         # 4. encode on CPU replicas
         return await self.postprocess.encode.remote(generated, fmt)
 
     def models_info(self) -> dict[str, Any]:
         real = self.config.real
+        versions = self.lora_store.versions() if self.lora_store else []
         return {
             "tasks": {
                 "real": {
@@ -185,6 +197,10 @@ class Ingress:
                         "cfg": real.default_cfg,
                     },
                     "limits": {"steps": [1, real.max_steps], "cfg": [1.0, real.max_cfg]},
+                    "lora": {
+                        "versions": [NONE, *versions],
+                        "default": real.default_lora or (versions[-1] if versions else NONE),
+                    },
                     "formats": list(IMAGE_FORMATS),
                 }
             },
@@ -210,4 +226,4 @@ class Ingress:
             encoded = await self.run(task, image, fields)
         except Exception as exc:
             return error_response(exc, self.config.ingress.retry_after_s)
-        return Response(encoded.data, media_type=encoded.media_type, headers=metadata_headers(encoded.metadata))
+        return Response(encoded.data, media_type=encoded.media_type, headers=result_headers(encoded))

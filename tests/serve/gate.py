@@ -31,6 +31,10 @@ class Gate:
     def open(self) -> None:
         self.event.set()
 
+    def close(self) -> None:
+        self.event = asyncio.Event()
+        self.waiting = 0
+
 
 class GatedRealModel(RealModel):
     """RealModel whose every request first waits for the test's gate to open."""
