@@ -121,6 +121,15 @@ class LoraReport:
         return sorted({t["alpha"] for t in self.targets.values() if t.get("alpha") is not None})
 
     @property
+    def leaf_names(self) -> list[str]:
+        """Distinct layer names targeted (to_q, to_out.0, ...), without the block paths."""
+        leaves = set()
+        for module in self.targets:
+            parts = module.split(".")
+            leaves.add(".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1])
+        return sorted(leaves)
+
+    @property
     def ok(self) -> bool:
         return not self.problems
 
@@ -130,8 +139,7 @@ class LoraReport:
             f"format:  {self.format}",
             f"rank:    {', '.join(map(str, self.ranks)) or '-'}",
             f"alpha:   {', '.join(f'{a:g}' for a in self.alphas) or '(none: alpha = rank)'}",
-            f"targets: {len(self.targets)} modules"
-            + (f" ({', '.join(sorted({t.rsplit('.', 1)[-1] if not t.endswith('.0') else t.rsplit('.', 2)[-2] + '.0' for t in self.targets}))})" if self.targets else ""),
+            f"targets: {len(self.targets)} modules ({', '.join(self.leaf_names) or '-'})",
         ]
         if not self.checked_against_base:
             lines.append("fits:    not checked (no base model given)")
@@ -260,6 +268,18 @@ def linear_shapes(module) -> dict[str, tuple[int, int]]:
     import torch
 
     return {name: (m.in_features, m.out_features) for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def base_linear_shapes(transformer_dir: Path | str) -> dict[str, tuple[int, int]]:
+    """Linear shapes of a Qwen-Image transformer from its `config.json`, built on the meta device:
+    no weights are read, so this is instant even for the 20 B real model."""
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+
+    config = QwenImageTransformer2DModel.load_config(str(transformer_dir))
+    with torch.device("meta"):
+        model = QwenImageTransformer2DModel.from_config(config)
+    return linear_shapes(model)
 
 
 # -- tiny adapters for the demo and tests ----------------------------------------------------------

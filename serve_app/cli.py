@@ -1,6 +1,7 @@
 """The `imgserve` command: talk to a running service from a shell.
 
-`imgserve models`, `imgserve health`, `imgserve real IMAGE -o OUT [--steps N --seed S ...]`.
+`imgserve models`, `imgserve health`, `imgserve real IMAGE -o OUT [--steps N --seed S ...]`, and
+`imgserve lora inspect FILE [--config YAML | --base DIR]` (offline: reads headers and configs only).
 Starting the service is Ray Serve's own `serve run configs/<profile>.yaml`; this command is a thin
 layer over `serve_app.client` and prints errors as one readable line (exit status 1).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from serve_app.client import Client, ServiceError
 
@@ -29,7 +31,44 @@ def _parser() -> argparse.ArgumentParser:
     real.add_argument("--cfg", type=float)
     real.add_argument("--seed", type=int)
     real.add_argument("--format", default="png", choices=["png", "webp", "jpeg"])
+    lora = commands.add_parser("lora", help="LoRA files").add_subparsers(dest="lora_command", required=True)
+    inspect = lora.add_parser("inspect", help="format, ranks, alpha, targets and fit of a LoRA file")
+    inspect.add_argument("file")
+    base = inspect.add_mutually_exclusive_group()
+    base.add_argument("--config", help="a Serve config YAML: check against its real.source")
+    base.add_argument("--base", help="a local Qwen-Image-Edit directory (diffusers layout)")
     return parser
+
+
+def _transformer_dir(config_path: str | None, base: str | None) -> Path | None:
+    """The base transformer directory that `lora inspect` checks against, if any."""
+    if base:
+        return Path(base) / "transformer"
+    if not config_path:
+        return None
+    import yaml
+
+    from serve_app.config import load_config
+
+    document = yaml.safe_load(Path(config_path).read_text())
+    config = load_config(document["applications"][0]["args"])
+    if config.real.source == "tiny":
+        from deployments.tiny import ensure_tiny
+
+        return ensure_tiny("edit", config.cache_dir) / "transformer"
+    return Path(config.real.source).expanduser() / "transformer"
+
+
+def lora_inspect(file: str, config_path: str | None, base: str | None) -> int:
+    from deployments.lora import base_linear_shapes, inspect_lora
+
+    transformer = _transformer_dir(config_path, base)
+    shapes = base_linear_shapes(transformer) if transformer else None
+    report = inspect_lora(file, shapes)
+    print(report.summary())
+    if transformer:
+        print(f"base:    {transformer.parent}")
+    return 0 if report.ok else 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                                      steps=args.steps, cfg=args.cfg, seed=args.seed, format=args.format)
                 result.save(args.output)
                 print(f"{args.output}: " + ", ".join(f"{k}={v}" for k, v in sorted(result.params.items())))
+            elif args.command == "lora":
+                return lora_inspect(args.file, args.config, args.base)
     except ServiceError as error:
         print(f"imgserve: {error}", file=sys.stderr)
         return 1

@@ -168,3 +168,19 @@ def test_tiny_adapter_shapes_match_the_tiny_transformer(model: RealModel, model_
     for version in TINY_VERSIONS:
         report = inspect_lora(ensure_tiny_loras(model_cache) / f"{version}.safetensors", model._linear_shapes)
         assert report.ok, report.problems
+
+
+def test_cli_inspect_reports_format_rank_targets_and_fit(lora_dir: Path, model_cache: Path, capsys) -> None:
+    from deployments.tiny import ensure_tiny
+    from serve_app import cli
+
+    base = str(ensure_tiny("edit", model_cache))
+    assert cli.main(["lora", "inspect", str(lora_dir / "fmt-kohya.safetensors"), "--base", base]) == 0
+    out = capsys.readouterr().out
+    assert "format:  kohya" in out and "rank:    4" in out and "alpha:   4" in out
+    assert "targets: 8 modules (to_k, to_out.0, to_q, to_v)" in out and "fits:    yes" in out
+    assert cli.main(["lora", "inspect", str(lora_dir / "bad-shapes.safetensors"), "--base", base]) == 2
+    out = capsys.readouterr().out
+    assert "fits:    NO" in out and "do not fit a Linear(48 → 48)" in out
+    assert cli.main(["lora", "inspect", str(lora_dir / "pickled.pt")]) == 2
+    assert "pickle file" in capsys.readouterr().out
