@@ -51,6 +51,10 @@ class Service:
         return serve.get_deployment_handle("RealModel", "imgserve").stats.remote().result()
 
 
-def run_service(port: int, args: dict[str, Any], **build_kwargs: Any) -> Service:
+def run_service(port: int, args: dict[str, Any], **build_kwargs: Any) -> Iterator[Service]:
+    """Deploy imgserve for one test module and delete it afterwards (modules differ in config)."""
     serve.run(build_app(args, **build_kwargs), name="imgserve", route_prefix="/")
-    return Service(port)
+    service = Service(port)
+    yield service
+    service.http.close()
+    serve.delete("imgserve")

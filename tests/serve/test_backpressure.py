@@ -24,8 +24,8 @@ def gated(ray_cluster: int, model_cache):
     args["cache_dir"] = str(model_cache)
     args["real"]["serve"].update(max_ongoing_requests=1, max_queued_requests=1)
     args["ingress"]["retry_after_s"] = 3
-    service = run_service(ray_cluster, args, real_cls=GatedRealModel)
-    yield service, gate
+    for service in run_service(ray_cluster, args, real_cls=GatedRealModel):
+        yield service, gate
     ray.kill(gate)
 
 

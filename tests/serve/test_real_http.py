@@ -6,6 +6,7 @@ import io
 import json
 import zlib
 import struct
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -21,13 +22,13 @@ MAX_BYTES = 3 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def service(ray_cluster: int, model_cache) -> Service:
+def service(ray_cluster: int, model_cache) -> Iterator[Service]:
     args = demo_args()
     args["cache_dir"] = str(model_cache)
     args["preprocess"].update(max_long_edge=MAX_LONG_EDGE, max_bytes=MAX_BYTES, max_pixels=20_000_000)
     # A GPU replica on fake GPU resources: Ray reserves a GPU, torch sees no CUDA, the model runs on CPU.
     args["real"]["serve"]["ray_actor_options"] = {"num_cpus": 0.5, "num_gpus": 1}
-    return run_service(ray_cluster, args)
+    yield from run_service(ray_cluster, args)
 
 
 def png_bytes(image: Image.Image) -> bytes:
