@@ -41,8 +41,13 @@ def deployment(cls: type, options: DeploymentOptions, name: str | None = None) -
     return serve.deployment(cls, name=name or cls.__name__).options(**options.serve_options())
 
 
-def build_app(args: dict[str, Any] | AppConfig | None = None, *, real_cls: type = RealModel) -> Application:
-    """The imgserve application. `real_cls` lets tests substitute a subclass (e.g. a gated model)."""
+def build_app(args: dict[str, Any]) -> Application:
+    """The imgserve application from a Serve config's `args` (Serve requires exactly one parameter)."""
+    return build_graph(args)
+
+
+def build_graph(args: dict[str, Any] | AppConfig | None = None, *, real_cls: type = RealModel) -> Application:
+    """The graph; `real_cls` lets tests substitute a subclass of the model (e.g. a gated one)."""
     config = load_config(args)
     preprocess = deployment(Preprocess, config.preprocess.serve).bind(config.preprocess)
     postprocess = deployment(Postprocess, config.postprocess.serve).bind(config.postprocess)

@@ -11,7 +11,9 @@ import pytest
 import ray
 from ray import serve
 
-from serve_app.app import build_app
+from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+from serve_app.app import build_app, build_graph
 
 pytestmark = pytest.mark.serve
 
@@ -52,8 +54,16 @@ class Service:
 
 
 def run_service(port: int, args: dict[str, Any], **build_kwargs: Any) -> Iterator[Service]:
-    """Deploy imgserve for one test module and delete it afterwards (modules differ in config)."""
-    serve.run(build_app(args, **build_kwargs), name="imgserve", route_prefix="/")
+    """Deploy imgserve for one test module and delete it afterwards (modules differ in config).
+
+    Without substitutions the app is built the way `serve run CONFIG.yaml` builds it (Serve's own
+    builder call, which checks the builder's signature); with them, through `build_graph`.
+    """
+    if build_kwargs:
+        app = build_graph(args, **build_kwargs)
+    else:
+        app = call_user_app_builder_with_args_if_necessary(build_app, args)
+    serve.run(app, name="imgserve", route_prefix="/")
     service = Service(port)
     yield service
     service.http.close()
