@@ -56,3 +56,9 @@ class ModelFailure(ImgserveError):
     """The model raised on this request for a reason that is not the client's input."""
 
     code = "model_failure"
+
+
+class Cancelled(ImgserveError):
+    """The request was cancelled by its client; the model stopped at the next step."""
+
+    code = "cancelled"

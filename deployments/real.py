@@ -16,6 +16,7 @@ import secrets
 import socket
 import warnings
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -23,12 +24,33 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
-from deployments.errors import InvalidParameter, ModelFailure, OutOfMemory
+from deployments.errors import Cancelled, InvalidParameter, ModelFailure, OutOfMemory
 from deployments.lora import NONE, LoraStore, check_name, diffusers_state_dict, ensure_tiny_loras, inspect_lora, linear_shapes
-from deployments.records import Generated, ImageSpec, Prepared
+from deployments.records import Generated, ImageSpec, Prepared, Progress
 
 DEFAULT_PROMPT = "transform the image to realistic photograph, high quality, 4k, natural skin texture"
 _MAX_SEED = 2**32 - 1
+
+
+def step_callback(progress: Progress | None, total: int) -> Callable | None:
+    """A diffusers `callback_on_step_end` that reports each step and stops a cancelled request.
+
+    diffusers calls it after each step, so the first call announces the `denoise` stage (with step
+    1 of N) and the last one `decode`.
+    """
+    if progress is None:
+        return None
+
+    def callback(pipe: Any, index: int, timestep: Any, tensors: dict) -> dict:
+        if index == 0:
+            progress.stage("denoise")
+        if progress.step(index + 1, total):
+            raise Cancelled(f"cancelled after step {index + 1} of {total}")
+        if index + 1 == total:
+            progress.stage("decode")
+        return tensors
+
+    return callback
 
 
 class RealParams(BaseModel):
@@ -282,18 +304,18 @@ class RealModel:
             raise RuntimeError("RealModel pipeline is not loaded")
 
     # -- serving ---------------------------------------------------------------------------------
-    async def __call__(self, prepared: Prepared, params: RealParams) -> Generated:
+    async def __call__(self, prepared: Prepared, params: RealParams, progress: Progress | None = None) -> Generated:
         """Serve entry point: runs `generate` on the model's own thread."""
         loads_before = self.adapter_loads.total()
         if params.lora and params.lora != NONE:
             await self.adapter(params.lora)
         loop = asyncio.get_running_loop()
-        generated = await loop.run_in_executor(self._executor, self.generate, prepared, params)
+        generated = await loop.run_in_executor(self._executor, self.generate, prepared, params, progress)
         if params.lora != NONE:
             generated.served["lora_load"] = "cold" if self.adapter_loads.total() > loads_before else "warm"
         return generated
 
-    def generate(self, prepared: Prepared, params: RealParams) -> Generated:
+    def generate(self, prepared: Prepared, params: RealParams, progress: Progress | None = None) -> Generated:
         import torch
 
         # 1. validate
@@ -313,6 +335,8 @@ class RealModel:
         from PIL import Image
 
         generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        if progress is not None:
+            progress.stage("encode_prompt")
         try:
             with torch.inference_mode():
                 output = self.pipe(
@@ -325,7 +349,10 @@ class RealModel:
                     width=width,
                     generator=generator,
                     output_type="np",
+                    callback_on_step_end=step_callback(progress, params.steps),
                 )
+        except Cancelled:
+            raise
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             raise OutOfMemory(f"GPU out of memory at {width}x{height}, {params.steps} steps: {exc}") from None

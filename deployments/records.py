@@ -7,7 +7,7 @@ No PIL objects, tensors or files cross a deployment boundary; everything here pi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -64,3 +64,16 @@ class Generated:
     served: dict[str, Any] = field(default_factory=dict)
     """Facts about how this request was served (which replica, whether an adapter was read from
     disk); reported to the client but never embedded, so results stay byte-identical."""
+
+
+class Progress(Protocol):
+    """Where a model reports how far one request is; passed in by the caller, may be None.
+
+    Implementations must be picklable (they travel to the model replica) and cheap to call.
+    """
+
+    def stage(self, name: str) -> None:
+        """The request entered a stage: preprocess, encode_prompt, denoise, decode, postprocess."""
+
+    def step(self, step: int, total: int) -> bool:
+        """Denoising step `step` of `total` finished; returns True when the request must stop."""

@@ -12,48 +12,32 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.errors import BadImage, ImgserveError, InvalidParameter, TooLarge, UnsupportedFormat
-from deployments.postprocess import IMAGE_FORMATS, Encoded
-from deployments.lora import NONE
-from deployments.real import RealModel, RealParams
+from deployments.postprocess import Encoded
 from serve_app.config import AppConfig
 from serve_app.errors import MethodNotAllowed, NotFound, error_response
+from serve_app.pipeline import Pipeline
 
 log = logging.getLogger("imgserve")
 
-# Multipart framing and the text fields ride on top of the image itself.
-_FORM_OVERHEAD_BYTES = 256 * 1024
-# Fields the ingress consumes itself; everything else belongs to the task's parameter model.
-_INGRESS_FIELDS = ("format",)
 # Type hints stay real objects (no `from __future__ import annotations`): FastAPI reads them to
 # tell a `Request` parameter from a query parameter on Serve's class-based routes.
+
+# Multipart framing and the text fields ride on top of the image itself.
+_FORM_OVERHEAD_BYTES = 256 * 1024
 # Response headers echo these result-metadata keys (ASCII only: prompts stay in the PNG chunk).
 _HEADER_KEYS = ("task", "size", "steps", "cfg", "seed", "scale", "lora")
-
-TASKS: dict[str, tuple[type, type[BaseModel]]] = {"real": (RealModel, RealParams)}
-"""task name → (model class, its request-parameter model)."""
 
 api = FastAPI(
     title="imgserve",
     description="Image-to-image models behind one HTTP API: real (art → photo), anime, layers.",
     version="0.1.0",
 )
-
-
-def _parse_params(model: type[BaseModel], fields: dict[str, str]) -> BaseModel:
-    try:
-        return model.model_validate(fields)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else None
-        message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
-        raise InvalidParameter(f"{message} (got {first.get('input')!r})"[:300], field) from None
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -155,58 +139,11 @@ class Ingress:
         postprocess: DeploymentHandle,
     ) -> None:
         self.config = config
-        self.preprocess = preprocess
-        self.models = models
-        self.postprocess = postprocess
-        self.lora_store = config.real.lora_store(config.cache_dir)
+        self.pipeline = Pipeline(config, preprocess, models, postprocess)
 
-    # -- the one pipeline, shared by HTTP and handle callers ----------------------------------------
-    async def run(self, task: str, image: bytes, fields: dict[str, str] | None = None) -> Encoded:
-        """Run one task on one image; raises the `deployments.errors` classes on bad input."""
-        # 1. validate everything that needs no pixels
-        if task not in self.models:
-            raise NotFound(f"unknown task {task!r}; available: {', '.join(sorted(self.models))}", "task")
-        fields = dict(fields or {})
-        fmt = fields.pop("format", "png")
-        if fmt not in IMAGE_FORMATS:
-            raise InvalidParameter(f"unknown format {fmt!r}; allowed: {', '.join(IMAGE_FORMATS)}", "format")
-        model_cls, params_cls = TASKS[task]
-        params = getattr(self.config, task).resolve(_parse_params(params_cls, fields), self.lora_store)
-        # 2. preprocess on CPU replicas; awaited here so the model's queue limit is enforced
-        #    (a DeploymentResponse passed straight on bypasses max_queued_requests in Ray Serve 2.60)
-        prepared = await self.preprocess.prepare.remote(image, model_cls.input_spec)
-        # 3. the model
-        handle = self.models[task]
-        if getattr(params, "lora", NONE) != NONE:
-            # routes to a replica that already holds this version, when one is free
-            handle = handle.options(multiplexed_model_id=params.lora)
-        generated = await handle.remote(prepared, params)
-        # 4. encode on CPU replicas
-        return await self.postprocess.encode.remote(generated, fmt)
-
-    def models_info(self) -> dict[str, Any]:
-        real = self.config.real
-        versions = self.lora_store.versions() if self.lora_store else []
-        return {
-            "tasks": {
-                "real": {
-                    "defaults": {
-                        "prompt": real.default_prompt,
-                        "negative_prompt": real.default_negative_prompt,
-                        "steps": real.default_steps,
-                        "cfg": real.default_cfg,
-                    },
-                    "limits": {"steps": [1, real.max_steps], "cfg": [1.0, real.max_cfg]},
-                    "lora": {
-                        "versions": [NONE, *versions],
-                        "default": real.default_lora or (versions[-1] if versions else NONE),
-                    },
-                    "formats": list(IMAGE_FORMATS),
-                }
-            },
-            "max_long_edge": self.config.preprocess.max_long_edge,
-            "max_bytes": self.config.preprocess.max_bytes,
-        }
+    async def run(self, task: str, image: bytes, fields: dict[str, Any] | None = None) -> Encoded:
+        """Run one task on one image (the Python-handle entry point); raises `deployments.errors`."""
+        return await self.pipeline.run(self.pipeline.resolve(task, fields), image)
 
     # -- HTTP ----------------------------------------------------------------------------------------
     @api.get("/healthz")
@@ -215,13 +152,13 @@ class Ingress:
 
     @api.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:
-        return self.models_info()
+        return self.pipeline.models_info()
 
     @api.post("/v1/{task}")
     async def run_task(self, task: str, request: Request) -> Response:
         try:
-            if task not in self.models:
-                raise NotFound(f"unknown task {task!r}; available: {', '.join(sorted(self.models))}", "task")
+            if task not in self.pipeline.models:
+                self.pipeline.resolve(task, {})  # raises NotFound naming the available tasks
             image, fields = await read_upload(request, self.config.preprocess.max_bytes)
             encoded = await self.run(task, image, fields)
         except Exception as exc:

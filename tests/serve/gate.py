@@ -39,7 +39,7 @@ class Gate:
 class GatedRealModel(RealModel):
     """RealModel whose every request first waits for the test's gate to open."""
 
-    def generate(self, prepared, params):
+    def generate(self, prepared, params, progress=None):
         gate = ray.get_actor(GATE_NAME)
         ray.get(gate.wait.remote())
-        return super().generate(prepared, params)
+        return super().generate(prepared, params, progress)

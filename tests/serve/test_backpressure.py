@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import pytest
 import ray
 
 from tests.conftest import demo_args
-from tests.serve.conftest import Service, run_service
+from tests.serve.conftest import run_service
 from tests.serve.gate import GATE_NAME, Gate, GatedRealModel
 from tests.serve.test_real_http import small_png
 
