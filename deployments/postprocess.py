@@ -2,7 +2,8 @@
 
 Brings the array back to the size preprocess promised (undoing the alignment to the model's
 multiple), encodes PNG / WebP / JPEG and embeds the parameters that were used (PNG text chunk
-`imgserve`, JSON; EXIF ImageDescription for WebP/JPEG). Knows nothing about HTTP or diffusion:
+`imgserve`, JSON; EXIF ImageDescription for WebP/JPEG). A stack of RGBA layers (N, H, W, 4) is
+packaged instead, as ZIP or PSD (`deployments.packaging`), at the size the model made it. Knows nothing about HTTP or diffusion:
 it returns bytes, a media type and a metadata dict; the ingress turns those into a response.
 """
 
@@ -17,11 +18,13 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from deployments import packaging
 from deployments.errors import InvalidParameter
 from deployments.records import Generated
 
 ImageFormat = Literal["png", "webp", "jpeg"]
 IMAGE_FORMATS: tuple[str, ...] = ("png", "webp", "jpeg")
+LAYER_FORMATS: tuple[str, ...] = ("zip", "psd")
 _MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 _EXIF_IMAGE_DESCRIPTION = 0x010E
 METADATA_KEY = "imgserve"
@@ -84,6 +87,8 @@ class Postprocess:
         self.config = config or PostprocessConfig()
 
     def encode(self, generated: Generated, fmt: str = "png") -> Encoded:
+        if generated.array.ndim == 4:
+            return self.package_layers(generated, fmt)
         # 1. validate
         if fmt not in IMAGE_FORMATS:
             raise InvalidParameter(f"unknown format {fmt!r}; allowed: {', '.join(IMAGE_FORMATS)}", "format")
@@ -108,3 +113,17 @@ class Postprocess:
             image.save(buffer, fmt.upper(), quality=quality, exif=exif)
         # 4. package
         return Encoded(data=buffer.getvalue(), media_type=_MEDIA_TYPES[fmt], metadata=metadata, served=generated.served)
+
+    def package_layers(self, generated: Generated, fmt: str = "zip") -> Encoded:
+        """RGBA layers (N, H, W, 4) → a ZIP (layer PNGs, composite, manifest) or a layered PSD."""
+        # 1. validate
+        if fmt not in LAYER_FORMATS:
+            raise InvalidParameter(f"unknown format {fmt!r}; allowed: {', '.join(LAYER_FORMATS)}", "format")
+        # 2. package (layers stay at the model's bucket size: they are new pictures, not the upload)
+        metadata = result_metadata(generated)
+        if fmt == "zip":
+            manifest = {**metadata, "timings_s": generated.served.get("timings_s", {})}
+            data = packaging.zip_layers(generated.array, manifest, png_compress_level=self.config.png_compress_level)
+        else:
+            data = packaging.psd_layers(generated.array, packaging.layer_names(len(generated.array)))
+        return Encoded(data=data, media_type=packaging.MEDIA_TYPES[fmt], metadata=metadata, served=generated.served)

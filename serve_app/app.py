@@ -12,6 +12,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from deployments.layers import LayersModel
 from deployments.postprocess import Postprocess
 from deployments.preprocess import Preprocess
 from deployments.real import RealModel
@@ -53,4 +54,6 @@ def build_graph(args: dict[str, Any] | AppConfig | None = None, *, real_cls: typ
     postprocess = deployment(Postprocess, config.postprocess.serve).bind(config.postprocess)
     real_cls = loading(real_cls, max_adapters=config.real.max_adapters_per_replica)
     real = deployment(real_cls, config.real.serve, name="RealModel").bind(config.real, config.cache_dir)
-    return deployment(Ingress, config.ingress.serve).bind(config, preprocess, {"real": real}, postprocess)
+    layers = deployment(loading(LayersModel), config.layers.serve, name="LayersModel").bind(config.layers, config.cache_dir)
+    models = {"real": real, "layers": layers}
+    return deployment(Ingress, config.ingress.serve).bind(config, preprocess, models, postprocess)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from deployments.layers import LayersModelConfig
 from deployments.postprocess import PostprocessConfig
 from deployments.preprocess import PreprocessConfig
 from deployments.real import RealModelConfig
@@ -131,6 +132,13 @@ class RealSection(RealModelConfig):
     """Ray Serve options of the RealModel deployment (a GPU replica by default)."""
 
 
+class LayersSection(LayersModelConfig):
+    """The `layers` task's model deployment: its own settings plus Serve options."""
+
+    serve: DeploymentOptions = Field(default_factory=lambda: _model_defaults(num_cpus=1, num_gpus=1))
+    """Ray Serve options of the LayersModel deployment (a GPU replica by default)."""
+
+
 class AppConfig(BaseModel):
     """Everything `serve_app.app:build_app` needs; the `args:` of a Serve config YAML."""
 
@@ -146,6 +154,8 @@ class AppConfig(BaseModel):
     """Decode/validate/resize settings and Serve options."""
     real: RealSection = Field(default_factory=RealSection)
     """The `real` task (Qwen-Image-Edit-2511 + LoRA)."""
+    layers: LayersSection = Field(default_factory=LayersSection)
+    """The `layers` task (Qwen-Image-Layered → RGBA layers as ZIP/PSD)."""
     postprocess: PostprocessSection = Field(default_factory=PostprocessSection)
     """Encoding settings and Serve options."""
 

@@ -31,7 +31,7 @@ log = logging.getLogger("imgserve")
 # Multipart framing and the text fields ride on top of the image itself.
 _FORM_OVERHEAD_BYTES = 256 * 1024
 # Response headers echo these result-metadata keys (ASCII only: prompts stay in the PNG chunk).
-_HEADER_KEYS = ("task", "size", "steps", "cfg", "seed", "scale", "lora")
+_HEADER_KEYS = ("task", "size", "steps", "cfg", "seed", "scale", "lora", "layers", "resolution", "layer_size")
 
 api = FastAPI(
     title="imgserve",
@@ -101,11 +101,10 @@ async def read_upload(request: Request, max_image_bytes: int) -> tuple[bytes, di
 
 def result_headers(encoded: Encoded) -> dict[str, str]:
     """X-Imgserve-* headers: the parameters used, and how the request was served."""
-    headers = {f"X-Imgserve-{key.capitalize()}": str(encoded.metadata[key]) for key in _HEADER_KEYS
-               if key in encoded.metadata}
-    for key, value in encoded.served.items():
-        headers["X-Imgserve-" + "-".join(part.capitalize() for part in key.split("_"))] = str(value)
-    return headers
+    facts = {key: encoded.metadata[key] for key in _HEADER_KEYS if key in encoded.metadata}
+    facts.update({key: value for key, value in encoded.served.items() if isinstance(value, (str, int, float))})
+    return {"X-Imgserve-" + "-".join(part.capitalize() for part in key.split("_")): str(value)
+            for key, value in facts.items()}
 
 
 @api.exception_handler(StarletteHTTPException)

@@ -17,7 +17,8 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.errors import InvalidParameter
 from deployments.lora import NONE
-from deployments.postprocess import IMAGE_FORMATS, Encoded
+from deployments.layers import LayersModel, LayersParams
+from deployments.postprocess import IMAGE_FORMATS, LAYER_FORMATS, Encoded
 from deployments.real import RealModel, RealParams
 from deployments.records import Progress
 from serve_app.config import AppConfig
@@ -33,7 +34,10 @@ class TaskSpec:
     formats: tuple[str, ...] = IMAGE_FORMATS
 
 
-TASKS: dict[str, TaskSpec] = {"real": TaskSpec(RealModel, RealParams)}
+TASKS: dict[str, TaskSpec] = {
+    "real": TaskSpec(RealModel, RealParams),
+    "layers": TaskSpec(LayersModel, LayersParams, LAYER_FORMATS),
+}
 
 
 def parse_params(model: type[BaseModel], fields: dict[str, Any]) -> BaseModel:
@@ -72,6 +76,7 @@ class Pipeline:
         self.lora_store = config.real.lora_store(config.cache_dir)
         self._resolvers: dict[str, Callable[[BaseModel], BaseModel]] = {
             "real": lambda params: config.real.resolve(params, self.lora_store),
+            "layers": config.layers.resolve,
         }
 
     def resolve(self, task: str, fields: dict[str, Any] | None) -> Resolved:
@@ -123,7 +128,8 @@ class Pipeline:
                         "default": real.default_lora or (versions[-1] if versions else NONE),
                     },
                     "formats": list(TASKS["real"].formats),
-                }
+                },
+                "layers": {**self.config.layers.describe(), "formats": list(TASKS["layers"].formats)},
             },
             "max_long_edge": self.config.preprocess.max_long_edge,
             "max_bytes": self.config.preprocess.max_bytes,

@@ -12,7 +12,9 @@ from tests.conftest import REPO, demo_args
 
 def test_demo_config_validates_and_fits_two_cores_without_gpu() -> None:
     config = load_config(demo_args())
-    sections = (config.ingress, config.preprocess, config.real, config.postprocess)
+    sections = [getattr(config, name) for name in AppConfig.model_fields if hasattr(getattr(config, name), "serve")]
+    assert {"ingress", "preprocess", "real", "layers", "postprocess"} <= {
+        name for name in AppConfig.model_fields if hasattr(getattr(config, name), "serve")}
     total_cpus = sum(s.serve.ray_actor_options.get("num_cpus", 1) * (s.serve.num_replicas or 1) for s in sections)
     assert total_cpus <= 2
     assert all(s.serve.ray_actor_options.get("num_gpus", 0) == 0 for s in sections)

@@ -1,0 +1,506 @@
+"""LayersModel deployment: image → N semantically separated RGBA layers with Qwen-Image-Layered.
+
+Receives a `Prepared` RGBA array and resolved `LayersParams`, runs diffusers'
+`QwenImageLayeredPipeline` and returns a `Generated` whose array holds all layers at once.
+Knows nothing about HTTP, jobs or packaging (ZIP/PSD is `deployments.packaging`, called by
+postprocess). Construction only stores the config; `load()` builds or reads the pipeline (a
+separate step, so tests and GPU benchmarks construct the class directly, without Ray). Torch work
+runs on one long-lived thread, because torch's intra-op thread pool is per thread.
+
+What the pipeline does (diffusers 0.42.1, `pipeline_qwenimage_layered.py`), and what follows here:
+
+- **Size: a resolution bucket.** There are no height/width arguments. The output size is
+  `calculate_dimensions(resolution², input_width / input_height)`: the bucket's area at the input's
+  aspect, each side rounded to 32 (then floored to 16); `resolution` must be 640 or 1024 (asserted).
+  The input is resized to that size too. So layers come back at the *bucket* size, not the input
+  size (e.g. a 1024×683 upload at 640 gives 768×512 layers). They are returned as produced, never
+  resized back: resizing RGBA layers resamples their alpha edges, and a designer wants the pixels
+  the model made. `PreparedImage.size` keeps describing the input; `params["layer_size"]` records
+  the layers' size, and postprocess must not resize this task's arrays.
+- **Count and order.** The model denoises `layers + 1` frames; frame 0 (the re-generated whole
+  image) is dropped before decoding, so `layers=N` gives exactly N RGBA images, index 0 at the
+  bottom of the stack (the reference app stacks them in list order, the first at the back).
+- **Prompt.** An empty prompt (None, "" or " ") makes the pipeline caption the image with its
+  Qwen2.5-VL text encoder, in Chinese unless `use_en_prompt=True`. This class captions explicitly
+  instead (same template, same bucket-size image, same processor; greedy decoding, at most
+  `caption_max_new_tokens` new tokens where diffusers hardcodes 512) and passes the caption as the
+  prompt, so the prompt actually used is recorded in `params["prompt"]`, costs its own stage time
+  and is the same on every replica. The reference checkpoint's own generation config samples with
+  top_k=1, which is greedy too.
+- **Guidance.** CFG runs only when `true_cfg_scale > 1` *and* a negative prompt is given (two
+  transformer passes per step); the default negative prompt is a blank " " (guidance on, nothing in
+  particular avoided), as in the reference app. `cfg_normalize` rescales the guided prediction to the
+  norm of the conditional one; the reference app and README enable it, diffusers' default is off.
+- **Input.** The RGBA VAE takes 4 channels: RGBA stays RGBA (alpha preserved), RGB gets an opaque
+  alpha (preprocess does it with `ImageSpec(alpha=True)`; a handle caller's RGB array is converted
+  here). Preprocess only applies its long-edge limit (`multiple=1`): the pipeline resizes to the
+  bucket itself, so aligning the sides first would only add a second resample and bend the aspect.
+
+`Generated` for this task: `array` is ONE uint8 array of shape (N, H, W, 4): N straight-alpha RGBA
+layers, bottom first, each H×W = the bucket size. `info` is the input's `PreparedImage`. `params`
+holds the resolved parameters with the prompt actually used, plus `prompt_source`
+(`request`/`caption`), `layer_size` ("WxH") and `task`. `served` holds the replica and the stage
+times in seconds (`timings_s`: caption, encode_prompt, encode_image, denoise, decode, total), which
+vary per run and so are never part of `params`.
+
+Progress (jobs): `generate(..., progress)` reports the stages `encode_prompt` (the caption
+included), `denoise` (with each finished step through `callback_on_step_end`) and `decode`, and
+raises `Cancelled` between steps when `progress.step` says stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
+
+from deployments.errors import Cancelled, InvalidParameter, ModelFailure, OutOfMemory
+from deployments.records import Generated, ImageSpec, Prepared, Progress
+
+#: The buckets `QwenImageLayeredPipeline` accepts (it asserts `resolution in [640, 1024]`).
+RESOLUTIONS: tuple[int, ...] = (640, 1024)
+#: Used as the prompt when the caption comes out blank: the pipeline would caption again otherwise.
+BLANK_CAPTION_PROMPT = "an image"
+_MAX_SEED = 2**32 - 1
+_STAGES = ("caption", "encode_prompt", "encode_image", "denoise", "decode", "total")
+
+
+class LayersParams(BaseModel):
+    """Per-request choices for `layers`; None means "use the configured default"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = None
+    """Description of the whole image; None or blank → the model captions the image itself."""
+    negative_prompt: str | None = None
+    """What the layers should not show; CFG needs one, so a blank one is used when absent."""
+    layers: int | None = None
+    """How many RGBA layers to return (1 … `max_layers`)."""
+    resolution: int | None = None
+    """Resolution bucket, 640 or 1024: the layers have about resolution² pixels at the input's aspect."""
+    steps: int | None = None
+    """Denoising steps."""
+    cfg: float | None = None
+    """true_cfg_scale: > 1 enables classifier-free guidance (two transformer passes per step)."""
+    seed: int | None = None
+    """Random seed; the same seed and input give the same layers. None → a fresh random seed."""
+    cfg_normalize: bool | None = None
+    """Rescale the guided prediction to the conditional prediction's norm."""
+
+
+class LayersModelConfig(BaseModel):
+    """Settings of the LayersModel deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = "tiny"
+    """`tiny`: a tiny random-weight layered pipeline (RGBA VAE) generated into the cache directory
+    (demo, tests); otherwise a local directory in diffusers layout (Qwen-Image-Layered), prepared
+    ahead. Never downloaded at run time."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto`: CUDA when this replica sees a GPU, else CPU (fake GPU resources on a CPU machine)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype; `auto`: bfloat16 on CUDA, float32 on CPU."""
+    resolutions: list[int] = list(RESOLUTIONS)
+    """Resolution buckets a request may ask for: a subset of 640 and 1024 (the only two the
+    pipeline accepts); a memory-tight profile can drop 1024."""
+    default_resolution: int = 640
+    """Bucket used when the request names none (the model's recommended one); one of `resolutions`."""
+    default_layers: int = 4
+    """Layers returned when the request gives no count."""
+    max_layers: int = 10
+    """Most layers a request may ask for (cost grows with layers + 1 frames per step)."""
+    default_steps: int = 50
+    """Denoising steps when the request gives none."""
+    max_steps: int = 100
+    """Largest `steps` a request may ask for."""
+    default_cfg: float = 4.0
+    """true_cfg_scale when the request gives none."""
+    max_cfg: float = 20.0
+    """Largest `cfg` a request may ask for."""
+    default_cfg_normalize: bool = True
+    """`cfg_normalize` when the request does not say (the model's reference app enables it)."""
+    default_negative_prompt: str = " "
+    """Negative prompt used when the request gives none (blank: CFG on, no particular avoidance)."""
+    max_prompt_chars: int = 2000
+    """Longest prompt or negative prompt accepted, in characters."""
+    caption_language: Literal["en", "zh"] = "en"
+    """Language of the automatic caption made when the request has no prompt (the pipeline's
+    `use_en_prompt`: English prompt template for `en`, Chinese for `zh`)."""
+    caption_max_new_tokens: int = 512
+    """Most tokens the automatic caption may have (diffusers hardcodes 512); bounds its latency."""
+    tiny_edge: int | None = None
+    """Tiny models only: shrink the resolution buckets so `resolution=640` gives about
+    tiny_edge² pixels (and 1024 proportionally more) by patching diffusers' layered
+    `calculate_dimensions` around each call (process-wide, `deployments.tiny.small_layered_sizes`).
+    None keeps the real sizes. Never set it for a real model: it changes what the model sees."""
+    num_threads: int | None = None
+    """torch intra-op threads on CPU; None keeps torch's default."""
+
+    @field_validator("default_layers", "max_layers", "default_steps", "max_steps", "max_prompt_chars",
+                     "caption_max_new_tokens")
+    @classmethod
+    def _positive_int(cls, value: int, info: ValidationInfo) -> int:
+        if value < 1:
+            raise ValueError(f"{info.field_name} must be >= 1, got {value}")
+        return value
+
+    @field_validator("default_cfg", "max_cfg")
+    @classmethod
+    def _cfg(cls, value: float, info: ValidationInfo) -> float:
+        if not (value >= 1.0 and value < float("inf")):
+            raise ValueError(f"{info.field_name} must be a finite number >= 1, got {value}")
+        return value
+
+    @field_validator("resolutions")
+    @classmethod
+    def _resolutions(cls, value: list[int]) -> list[int]:
+        if not value or any(r not in RESOLUTIONS for r in value) or len(set(value)) != len(value):
+            raise ValueError(
+                f"resolutions must be a non-empty list of distinct values from {list(RESOLUTIONS)}, got {value}"
+            )
+        return sorted(value)
+
+    @field_validator("tiny_edge", "num_threads")
+    @classmethod
+    def _optional_positive(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"{info.field_name} must be >= 1, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> LayersModelConfig:
+        if self.default_resolution not in self.resolutions:
+            raise ValueError(
+                f"default_resolution must be one of resolutions {self.resolutions}, got {self.default_resolution}"
+            )
+        if self.default_layers > self.max_layers:
+            raise ValueError(f"default_layers must be <= max_layers ({self.max_layers}), got {self.default_layers}")
+        if self.default_steps > self.max_steps:
+            raise ValueError(f"default_steps must be <= max_steps ({self.max_steps}), got {self.default_steps}")
+        if self.default_cfg > self.max_cfg:
+            raise ValueError(f"default_cfg must be <= max_cfg ({self.max_cfg}), got {self.default_cfg}")
+        return self
+
+    def describe(self) -> dict[str, Any]:
+        """Defaults and limits a client may rely on (for `GET /v1/models`); loads nothing."""
+        return {
+            "resolutions": list(self.resolutions),
+            "default_resolution": self.default_resolution,
+            "default_layers": self.default_layers,
+            "max_layers": self.max_layers,
+            "default_steps": self.default_steps,
+            "max_steps": self.max_steps,
+            "default_cfg": self.default_cfg,
+            "max_cfg": self.max_cfg,
+            "default_cfg_normalize": self.default_cfg_normalize,
+            "caption_language": self.caption_language,
+            "max_prompt_chars": self.max_prompt_chars,
+        }
+
+    def resolve(self, params: LayersParams) -> LayersParams:
+        """Fill defaults and check ranges; raises InvalidParameter naming the field.
+
+        A None or blank prompt resolves to "" (= caption the image); the caption itself is made
+        by the model, which records it in `Generated.params["prompt"]`.
+        """
+        layers = self.default_layers if params.layers is None else params.layers
+        resolution = self.default_resolution if params.resolution is None else params.resolution
+        steps = self.default_steps if params.steps is None else params.steps
+        cfg = self.default_cfg if params.cfg is None else params.cfg
+        seed = secrets.randbelow(_MAX_SEED + 1) if params.seed is None else params.seed
+        normalize = self.default_cfg_normalize if params.cfg_normalize is None else params.cfg_normalize
+        prompt = "" if params.prompt is None or not params.prompt.strip() else params.prompt
+        negative = self.default_negative_prompt if params.negative_prompt is None else params.negative_prompt
+        if resolution not in self.resolutions:
+            allowed = " or ".join(str(r) for r in self.resolutions)
+            raise InvalidParameter(f"must be {allowed}, got {resolution}", "resolution")
+        if not 1 <= layers <= self.max_layers:
+            raise InvalidParameter(f"must be between 1 and {self.max_layers}, got {layers}", "layers")
+        if not 1 <= steps <= self.max_steps:
+            raise InvalidParameter(f"must be between 1 and {self.max_steps}, got {steps}", "steps")
+        if not 1.0 <= cfg <= self.max_cfg:  # also false for NaN
+            raise InvalidParameter(f"must be between 1.0 and {self.max_cfg}, got {cfg}", "cfg")
+        if not 0 <= seed <= _MAX_SEED:
+            raise InvalidParameter(f"must be between 0 and {_MAX_SEED}, got {seed}", "seed")
+        for name, text in (("prompt", prompt), ("negative_prompt", negative)):
+            if len(text) > self.max_prompt_chars:
+                raise InvalidParameter(f"longer than {self.max_prompt_chars} characters ({len(text)})", name)
+        return LayersParams(prompt=prompt, negative_prompt=negative or " ", layers=layers, resolution=resolution,
+                            steps=steps, cfg=cfg, seed=seed, cfg_normalize=normalize)
+
+
+class _StageClock:
+    """Seconds spent in each pipeline stage of one call, measured by wrapping the pipeline's own
+    methods on the instance for the duration of the call (the model thread is the only user).
+
+    encode_prompt: `pipe.encode_prompt` (positive and negative prompt); encode_image:
+    `pipe.prepare_latents` (VAE encode of the condition image plus the initial noise); denoise: from
+    the end of `prepare_latents` to the end of the last step (`callback_on_step_end`); decode:
+    `pipe.vae.decode`. On CUDA, kernels run asynchronously, so the split between stages is
+    approximate there; the total is exact.
+
+    With a `progress`, each finished step is reported (the first one also announces `denoise`,
+    the last one `decode`), and a request whose progress says stop raises `Cancelled` between steps.
+    """
+
+    def __init__(self, progress: Progress | None = None, total_steps: int = 0) -> None:
+        self.seconds: dict[str, float] = dict.fromkeys(_STAGES, 0.0)
+        self.progress = progress
+        self.total_steps = total_steps
+        self._latents_ready = 0.0
+        self.last_step_end = 0.0
+        self.steps_done = 0
+
+    def on_step_end(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        self.steps_done = step + 1
+        self.last_step_end = time.perf_counter()
+        if self.progress is not None:
+            if step == 0:
+                self.progress.stage("denoise")
+            if self.progress.step(step + 1, self.total_steps):
+                raise Cancelled(f"cancelled after step {step + 1} of {self.total_steps}")
+            if step + 1 == self.total_steps:
+                self.progress.stage("decode")
+        return {}
+
+    @contextlib.contextmanager
+    def around(self, pipe: Any) -> Iterator[None]:
+        def timed(owner: Any, method: str, stage: str, then: Any = None):
+            original = getattr(owner, method)
+
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                start = time.perf_counter()
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    end = time.perf_counter()
+                    self.seconds[stage] += end - start
+                    if then is not None:
+                        then(end)
+
+            setattr(owner, method, wrapper)
+            return owner, method
+
+        def latents_ready(at: float) -> None:
+            self._latents_ready = at
+
+        patched = [
+            timed(pipe, "encode_prompt", "encode_prompt"),
+            timed(pipe, "prepare_latents", "encode_image", latents_ready),
+            timed(pipe.vae, "decode", "decode"),
+        ]
+        try:
+            yield
+        finally:
+            for owner, method in patched:
+                owner.__dict__.pop(method, None)  # back to the class's method
+            if self.last_step_end and self._latents_ready:
+                self.seconds["denoise"] = self.last_step_end - self._latents_ready
+
+
+class LayersModel:
+    """Qwen-Image-Layered (`QwenImageLayeredPipeline`): Prepared (RGBA) → Generated (N RGBA layers).
+
+    `Generated.array` is a single uint8 array of shape (N, H, W, 4): the N layers, index 0 at the
+    bottom of the stack, at the resolution bucket's size H×W (not the input's size; see the module
+    docstring). `Generated.params["layer_size"]` is "WxH" of the layers; `Generated.info.size` is
+    the input's.
+    """
+
+    input_spec = ImageSpec(multiple=1, alpha=True)
+    task = "layers"
+
+    def __init__(self, config: LayersModelConfig | None = None, cache_dir: Path | str = "~/.cache/imgserve") -> None:
+        self.config = config or LayersModelConfig()
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.pipe: Any = None
+        self.device = "cpu"
+        self.loads = 0
+        """How many times the pipeline was loaded by this instance (a user-visible cost)."""
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"
+        """Names the process serving a request (reported to clients, never embedded)."""
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layers-model")
+
+    # -- loading ---------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Build or read the pipeline and move it to the device; a separate step from construction."""
+        import torch
+
+        from deployments import tiny
+
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        self.device = "cuda" if self.config.device == "cuda" or (
+            self.config.device == "auto" and torch.cuda.is_available()
+        ) else "cpu"
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+            self.config.dtype, torch.bfloat16 if self.device == "cuda" else torch.float32
+        )
+        if self.config.source == "tiny":
+            directory = tiny.ensure_tiny("layered", self.cache_dir)
+        else:
+            directory = Path(self.config.source).expanduser()
+            if not (directory / "model_index.json").is_file():
+                raise FileNotFoundError(
+                    f"layers.source {str(directory)!r} is not a local diffusers directory (no model_index.json); "
+                    "prepare it ahead with `imgserve fetch`"
+                )
+        pipe = tiny.load_pipeline("layered", directory, torch_dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(self.device)
+        self.loads += 1
+
+    def stats(self) -> dict[str, Any]:
+        """Which process serves, on which device, and how often the pipeline was loaded."""
+        return {"pid": os.getpid(), "device": self.device, "loads": self.loads}
+
+    def check_health(self) -> None:
+        """Raises when the pipeline is not usable, so Ray Serve replaces the replica."""
+        if self.pipe is None:
+            raise RuntimeError("LayersModel pipeline is not loaded")
+
+    # -- sizes -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _sizes(self) -> Iterator[None]:
+        """The tiny size patch around one call when `tiny_edge` is set; nothing otherwise."""
+        if self.config.tiny_edge is None:
+            yield
+            return
+        from deployments.tiny import small_layered_sizes
+
+        with small_layered_sizes(self.config.tiny_edge):
+            yield
+
+    def bucket_size(self, width: int, height: int, resolution: int) -> tuple[int, int]:
+        """(width, height) the pipeline resizes a width×height input to, and its layers' size.
+
+        Exactly the pipeline's computation: `calculate_dimensions(resolution², aspect)` (looked up
+        in diffusers' module at call time, so the tiny size patch applies inside `_sizes()`),
+        sides rounded to 32, then floored to the VAE factor × 2 (16).
+        """
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_layered as layered
+
+        bucket_w, bucket_h = layered.calculate_dimensions(resolution * resolution, width / height)
+        multiple = self.pipe.vae_scale_factor * 2 if self.pipe is not None else 16
+        return int(bucket_w) // multiple * multiple, int(bucket_h) // multiple * multiple
+
+    # -- captioning ------------------------------------------------------------------------------
+    def caption(self, image: Any, bucket: tuple[int, int]) -> str:
+        """The pipeline's automatic caption of `image` (PIL RGBA), made explicitly.
+
+        Same steps as `QwenImageLayeredPipeline.get_image_caption`: the image resized to the
+        bucket size, the English or Chinese captioning template, the Qwen2.5-VL processor and
+        text encoder; decoding is greedy and limited to `caption_max_new_tokens`.
+        """
+        import torch
+
+        pipe = self.pipe
+        prompt_image = pipe.image_processor.resize(image, bucket[1], bucket[0])
+        template = pipe.image_caption_prompt_en if self.config.caption_language == "en" else pipe.image_caption_prompt_cn
+        inputs = pipe.vl_processor(text=template, images=prompt_image, padding=True, return_tensors="pt").to(
+            pipe._execution_device
+        )
+        with torch.inference_mode():
+            generated = pipe.text_encoder.generate(
+                **inputs, max_new_tokens=self.config.caption_max_new_tokens, do_sample=False
+            )
+        new_tokens = generated[:, inputs.input_ids.shape[1]:]
+        text = pipe.vl_processor.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)[0]
+        return text.strip()
+
+    # -- serving ---------------------------------------------------------------------------------
+    async def __call__(self, prepared: Prepared, params: LayersParams, progress: Progress | None = None) -> Generated:
+        """Serve entry point: runs `generate` on the model's own thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.generate, prepared, params, progress)
+
+    def generate(self, prepared: Prepared, params: LayersParams, progress: Progress | None = None) -> Generated:
+        """One request: `progress` (optional) hears the stages and steps and can cancel between steps."""
+        import torch
+        from PIL import Image
+
+        started = time.perf_counter()
+        # 1. validate
+        params = self.config.resolve(params)
+        array = prepared.array
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] not in (3, 4) or 0 in array.shape:
+            raise InvalidParameter(f"expected an RGBA (or RGB) uint8 array, got {array.dtype} {array.shape}", "image")
+        if array.shape[2] == 3:  # the RGBA VAE needs 4 channels: RGB is opaque RGBA
+            array = np.dstack([array, np.full(array.shape[:2], 255, np.uint8)])
+        self.check_health()
+        height, width = array.shape[:2]
+        image = Image.fromarray(np.ascontiguousarray(array), "RGBA")
+        clock = _StageClock(progress, params.steps)
+        if progress is not None:
+            progress.stage("encode_prompt")  # the caption, when there is one, is part of it
+        try:
+            with self._sizes():
+                bucket = self.bucket_size(width, height, params.resolution)
+                if min(bucket) < 16:
+                    raise InvalidParameter(
+                        f"aspect ratio {width}x{height} is too extreme for the {params.resolution} bucket "
+                        f"(layers would be {bucket[0]}x{bucket[1]})", "image")
+                # 2. caption (only when the request has no prompt)
+                prompt, source = params.prompt, "request"
+                if not prompt:
+                    start = time.perf_counter()
+                    prompt = self.caption(image, bucket) or BLANK_CAPTION_PROMPT
+                    clock.seconds["caption"] = time.perf_counter() - start
+                    source = "caption"
+                # 3. run
+                generator = torch.Generator(device="cpu").manual_seed(params.seed)
+                with clock.around(self.pipe), torch.inference_mode():
+                    output = self.pipe(
+                        image=image,
+                        prompt=prompt,
+                        # only used with cfg > 1; passing it otherwise just logs a warning
+                        negative_prompt=params.negative_prompt if params.cfg > 1 else None,
+                        true_cfg_scale=params.cfg,
+                        layers=params.layers,
+                        num_inference_steps=params.steps,
+                        resolution=params.resolution,
+                        cfg_normalize=params.cfg_normalize,
+                        use_en_prompt=self.config.caption_language == "en",
+                        generator=generator,
+                        output_type="np",
+                        callback_on_step_end=clock.on_step_end,
+                    )
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise OutOfMemory(
+                f"GPU out of memory at resolution {params.resolution}, {params.layers} layers, "
+                f"{params.steps} steps: {exc}"
+            ) from None
+        except (RuntimeError, ValueError) as exc:
+            raise ModelFailure(f"the model failed on this request: {exc}") from None
+        # 4. package
+        frames = np.asarray(output.images[0])  # (layers, H, W, 4) float in [0, 1]
+        if frames.shape != (params.layers, bucket[1], bucket[0], 4):
+            raise ModelFailure(
+                f"the pipeline returned layers of shape {frames.shape}, expected "
+                f"{(params.layers, bucket[1], bucket[0], 4)}"
+            )
+        result = (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        clock.seconds["total"] = time.perf_counter() - started
+        used = {
+            "task": self.task,
+            **params.model_dump(),
+            "prompt": prompt,
+            "prompt_source": source,
+            "layer_size": f"{bucket[0]}x{bucket[1]}",
+        }
+        served = {"replica": self.replica, "timings_s": {k: round(v, 6) for k, v in clock.seconds.items()}}
+        return Generated(array=result, info=prepared.info, params=used, served=served)
+
+
+__all__ = ["BLANK_CAPTION_PROMPT", "RESOLUTIONS", "LayersModel", "LayersModelConfig", "LayersParams"]
