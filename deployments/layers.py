@@ -265,8 +265,6 @@ class _StageClock:
         self.steps_done = step + 1
         self.last_step_end = time.perf_counter()
         if self.progress is not None:
-            if step == 0:
-                self.progress.stage("denoise")
             if self.progress.step(step + 1, self.total_steps):
                 raise Cancelled(f"cancelled after step {step + 1} of {self.total_steps}")
             if step + 1 == self.total_steps:

@@ -35,15 +35,13 @@ _MAX_SEED = 2**32 - 1
 def step_callback(progress: Progress | None, total: int) -> Callable | None:
     """A diffusers `callback_on_step_end` that reports each step and stops a cancelled request.
 
-    diffusers calls it after each step, so the first call announces the `denoise` stage (with step
-    1 of N) and the last one `decode`.
+    diffusers calls it after each step (a step is the `denoise` stage); the last one announces
+    `decode`.
     """
     if progress is None:
         return None
 
     def callback(pipe: Any, index: int, timestep: Any, tensors: dict) -> dict:
-        if index == 0:
-            progress.stage("denoise")
         if progress.step(index + 1, total):
             raise Cancelled(f"cancelled after step {index + 1} of {total}")
         if index + 1 == total:

@@ -76,4 +76,5 @@ class Progress(Protocol):
         """The request entered a stage: preprocess, encode_prompt, denoise, decode, postprocess."""
 
     def step(self, step: int, total: int) -> bool:
-        """Denoising step `step` of `total` finished; returns True when the request must stop."""
+        """Denoising step `step` of `total` finished (this is the `denoise` stage); returns True when
+        the request must stop."""

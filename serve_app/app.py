@@ -18,6 +18,8 @@ from deployments.preprocess import Preprocess
 from deployments.real import RealModel
 from serve_app.config import AppConfig, DeploymentOptions, load_config
 from serve_app.ingress import Ingress
+from serve_app.jobs import JobRunner
+from serve_app.pipeline import Pipeline
 
 
 def loading(cls: type, max_adapters: int | None = None) -> type:
@@ -35,6 +37,17 @@ def loading(cls: type, max_adapters: int | None = None) -> type:
     if max_adapters is not None:
         namespace["adapter"] = serve.multiplexed(max_num_models_per_replica=max_adapters)(cls.adapter)
     return type(cls.__name__, (cls,), namespace)
+
+
+class ServedJobRunner(JobRunner):
+    """The job runner as a Serve replica: builds its pipeline from handles, reaches itself through
+    its own handle (model replicas report progress there), and starts dispatching."""
+
+    async def __init__(self, config: AppConfig, preprocess: Any, models: dict[str, Any], postprocess: Any) -> None:
+        context = serve.get_replica_context()
+        handle = serve.get_deployment_handle(context.deployment, context.app_name)
+        JobRunner.__init__(self, config.jobs, Pipeline(config, preprocess, models, postprocess), handle)
+        await self.start()
 
 
 def deployment(cls: type, options: DeploymentOptions, name: str | None = None) -> serve.Deployment:
@@ -56,4 +69,5 @@ def build_graph(args: dict[str, Any] | AppConfig | None = None, *, real_cls: typ
     real = deployment(real_cls, config.real.serve, name="RealModel").bind(config.real, config.cache_dir)
     layers = deployment(loading(LayersModel), config.layers.serve, name="LayersModel").bind(config.layers, config.cache_dir)
     models = {"real": real, "layers": layers}
-    return deployment(Ingress, config.ingress.serve).bind(config, preprocess, models, postprocess)
+    jobs = deployment(ServedJobRunner, config.jobs.serve, name="JobRunner").bind(config, preprocess, models, postprocess)
+    return deployment(Ingress, config.ingress.serve).bind(config, preprocess, models, postprocess, jobs)

@@ -16,6 +16,7 @@ from deployments.layers import LayersModelConfig
 from deployments.postprocess import PostprocessConfig
 from deployments.preprocess import PreprocessConfig
 from deployments.real import RealModelConfig
+from serve_app.jobs import JobsConfig
 
 _ACTOR_OPTION_KEYS = {"num_cpus", "num_gpus", "memory", "resources", "runtime_env", "accelerator_type"}
 
@@ -139,6 +140,21 @@ class LayersSection(LayersModelConfig):
     """Ray Serve options of the LayersModel deployment (a GPU replica by default)."""
 
 
+class JobsSection(JobsConfig):
+    """The job runner: its own settings plus Serve options (exactly one replica: it owns the store)."""
+
+    serve: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
+    )
+    """Ray Serve options of the JobRunner deployment; `num_replicas` must stay 1."""
+
+    @model_validator(mode="after")
+    def _single_owner(self) -> JobsSection:
+        if self.serve.num_replicas != 1:
+            raise ValueError(f"jobs.serve.num_replicas must be 1 (one runner owns the store), got {self.serve.num_replicas}")
+        return self
+
+
 class AppConfig(BaseModel):
     """Everything `serve_app.app:build_app` needs; the `args:` of a Serve config YAML."""
 
@@ -158,6 +174,8 @@ class AppConfig(BaseModel):
     """The `layers` task (Qwen-Image-Layered → RGBA layers as ZIP/PSD)."""
     postprocess: PostprocessSection = Field(default_factory=PostprocessSection)
     """Encoding settings and Serve options."""
+    jobs: JobsSection = Field(default_factory=JobsSection)
+    """Asynchronous jobs: queue depth, retries, retention, where the store lives."""
 
     @field_validator("cache_dir")
     @classmethod

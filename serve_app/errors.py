@@ -47,7 +47,19 @@ class MethodNotAllowed(ImgserveError):
     code = "method_not_allowed"
 
 
-STATUS.update({NotFound: 404, MethodNotAllowed: 405})
+class NotReady(ImgserveError):
+    """A job has no result (yet): it is still queued or running, or it failed or was cancelled."""
+
+    code = "not_ready"
+
+
+class QueueFull(ImgserveError):
+    """The job queue is at its configured depth; retry later."""
+
+    code = "queue_full"
+
+
+STATUS.update({NotFound: 404, MethodNotAllowed: 405, NotReady: 409, QueueFull: 503})
 
 
 def error_body(code: str, message: str, field: str | None = None) -> dict:
@@ -61,7 +73,8 @@ def error_response(exc: BaseException, retry_after_s: int) -> JSONResponse:
     """The response for `exc`; unknown exceptions are logged and answered 500 without internals."""
     if isinstance(exc, ImgserveError):
         status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
-        return JSONResponse(error_body(exc.code, exc.message, exc.field), status_code=status)
+        headers = {"Retry-After": str(retry_after_s)} if status == 503 else None
+        return JSONResponse(error_body(exc.code, exc.message, exc.field), status_code=status, headers=headers)
     if isinstance(exc, BackPressureError):
         return JSONResponse(
             error_body("queue_full", "the service is at capacity; retry after the indicated delay"),

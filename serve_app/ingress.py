@@ -6,12 +6,14 @@ Preprocess → model → Postprocess through deployment handles and answers with
 `X-Imgserve-*` headers. Errors from anywhere become the one JSON shape here and only here.
 """
 
+import asyncio
+import json
 import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
@@ -20,8 +22,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deployments.errors import BadImage, ImgserveError, InvalidParameter, TooLarge, UnsupportedFormat
 from deployments.postprocess import Encoded
 from serve_app.config import AppConfig
-from serve_app.errors import MethodNotAllowed, NotFound, error_response
+from serve_app.errors import MethodNotAllowed, NotFound, NotReady, error_response
 from serve_app.pipeline import Pipeline
+from serve_app.store import FINAL_STATES
 
 log = logging.getLogger("imgserve")
 
@@ -107,6 +110,9 @@ def result_headers(encoded: Encoded) -> dict[str, str]:
             for key, value in facts.items()}
 
 
+_EVENT_POLL_S = 0.1
+
+
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     error: ImgserveError
@@ -136,9 +142,11 @@ class Ingress:
         preprocess: DeploymentHandle,
         models: dict[str, DeploymentHandle],
         postprocess: DeploymentHandle,
+        jobs: DeploymentHandle,
     ) -> None:
         self.config = config
         self.pipeline = Pipeline(config, preprocess, models, postprocess)
+        self.jobs = jobs
 
     async def run(self, task: str, image: bytes, fields: dict[str, Any] | None = None) -> Encoded:
         """Run one task on one image (the Python-handle entry point); raises `deployments.errors`."""
@@ -153,6 +161,81 @@ class Ingress:
     async def list_models(self) -> dict[str, Any]:
         return self.pipeline.models_info()
 
+    # -- jobs ----------------------------------------------------------------------------------------
+    def _error(self, exc: BaseException) -> JSONResponse:
+        return error_response(exc, self.config.ingress.retry_after_s)
+
+    @api.post("/v1/jobs", status_code=202)
+    async def submit_job(self, request: Request) -> Response:
+        try:
+            image, fields = await read_upload(request, self.config.preprocess.max_bytes)
+            task = fields.pop("task", None)
+            if task is None:
+                raise InvalidParameter("required: real, anime or layers", "task")
+            status = await self.jobs.submit.remote(task, image, fields)
+        except Exception as exc:
+            return self._error(exc)
+        return JSONResponse(status, status_code=202, headers={"Location": f"/v1/jobs/{status['id']}"})
+
+    @api.get("/v1/jobs/{job_id}")
+    async def job_status(self, job_id: str) -> Response:
+        try:
+            return JSONResponse(await self.jobs.status.remote(job_id))
+        except Exception as exc:
+            return self._error(exc)
+
+    @api.delete("/v1/jobs/{job_id}")
+    async def cancel_job(self, job_id: str) -> Response:
+        try:
+            return JSONResponse(await self.jobs.cancel.remote(job_id))
+        except Exception as exc:
+            return self._error(exc)
+
+    @api.get("/v1/jobs/{job_id}/result")
+    async def job_result(self, job_id: str) -> Response:
+        try:
+            status, data, media_type, metadata, served = await self.jobs.result.remote(job_id)
+            if data is None:
+                error = status.get("error") or {}
+                detail = f": {error.get('code')}: {error.get('message')}" if error else ""
+                raise NotReady(f"job {job_id} is {status['state']}{detail}")
+        except Exception as exc:
+            return self._error(exc)
+        encoded = Encoded(data=data, media_type=media_type, metadata=metadata, served=served)
+        return Response(data, media_type=media_type, headers=result_headers(encoded))
+
+    @api.get("/v1/jobs/{job_id}/events")
+    async def job_events(self, job_id: str) -> Response:
+        """Server-Sent Events: one `progress` event per change of state, stage, denoising step or
+        queue position, ending with the final state."""
+        try:
+            await self.jobs.status.remote(job_id)
+        except Exception as exc:
+            return self._error(exc)
+
+        async def events():
+            seen, position, quiet_final_polls = 0, None, 0
+            while True:
+                new, status = await self.jobs.events.remote(job_id, seen)
+                seen += len(new)
+                if status["state"] == "queued" and status["queue_position"] != position:
+                    position = status["queue_position"]
+                    if not any(event["state"] == "queued" for event in new):  # the queue moved
+                        new = [*new, {"state": "queued", "stage": None, "step": None, "total_steps": None}]
+                if status["state"] in FINAL_STATES and not new:
+                    quiet_final_polls += 1  # the final event is recorded just after the store
+                    if quiet_final_polls > 2:
+                        new = [{key: status[key] for key in ("state", "stage", "step", "total_steps")}]
+                for event in new:
+                    event = {**event, "queue_position": position if event["state"] == "queued" else None}
+                    yield f"event: progress\ndata: {json.dumps(event)}\n\n"
+                    if event["state"] in FINAL_STATES:
+                        return
+                await asyncio.sleep(_EVENT_POLL_S)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # Registered last: FastAPI matches routes in order, and /v1/jobs must win over /v1/{task}.
     @api.post("/v1/{task}")
     async def run_task(self, task: str, request: Request) -> Response:
         try:

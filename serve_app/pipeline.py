@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 from ray.serve.handle import DeploymentHandle
@@ -21,8 +21,10 @@ from deployments.layers import LayersModel, LayersParams
 from deployments.postprocess import IMAGE_FORMATS, LAYER_FORMATS, Encoded
 from deployments.real import RealModel, RealParams
 from deployments.records import Progress
-from serve_app.config import AppConfig
 from serve_app.errors import NotFound
+
+if TYPE_CHECKING:  # config imports the job runner, which imports this module
+    from serve_app.config import AppConfig
 
 
 @dataclass(frozen=True)

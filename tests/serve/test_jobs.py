@@ -1,0 +1,171 @@
+"""Jobs through real Ray Serve: events, queue positions, cancellation, admission, and nothing lost
+when a model replica, the ingress or the job runner dies. Signals (a gate), not sleeps."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+import ray
+
+from tests.conftest import demo_args
+from tests.serve.conftest import Service, run_service
+from tests.serve.gate import GATE_NAME, Gate, GatedRealModel
+from tests.serve.test_real_http import small_png
+
+DEADLINE_S = 180
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def jobs(ray_cluster: int, model_cache, tmp_path_factory) -> Iterator[tuple[Service, object]]:
+    gate = Gate.options(name=GATE_NAME).remote()
+    gate.open.remote()
+    args = demo_args()
+    args["cache_dir"] = str(model_cache)
+    args["jobs"] = {"directory": str(tmp_path_factory.mktemp("jobs")), "max_queued": 2, "concurrency": 1}
+    args["real"]["serve"]["ray_actor_options"] = {"num_cpus": 0.5, "num_gpus": 1}
+    for service in run_service(ray_cluster, args, real_cls=GatedRealModel):
+        yield service, gate
+    ray.kill(gate)
+
+
+def submit(service: Service, fields: dict, task: str = "real", image: bytes | None = None):
+    return service.http.post("/v1/jobs", files={"image": ("a.png", image or small_png(), "image/png")},
+                             data={"task": task, **{k: str(v) for k, v in fields.items()}})
+
+
+def status(service: Service, job_id: str) -> dict:
+    response = service.http.get(f"/v1/jobs/{job_id}")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_for(condition, what: str):
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def wait_state(service: Service, job_id: str, *states: str) -> dict:
+    return wait_for(lambda: (s := status(service, job_id))["state"] in states and s, f"{job_id} to be {states}")
+
+
+def events(service: Service, job_id: str) -> list[dict]:
+    with service.http.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        return [json.loads(line[len("data: "):]) for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def replica_actor(deployment: str):
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith(f"SERVE_REPLICA::imgserve#{deployment}#")]
+    assert len(names) == 1, names
+    return ray.get_actor(names[0], namespace="serve")
+
+
+def test_real_job_events_result_and_sync_equality(jobs) -> None:
+    service, _ = jobs
+    fields = {"steps": STEPS, "seed": 21, "lora": "v2511-0801"}
+    response = submit(service, fields)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    assert response.headers["location"] == f"/v1/jobs/{job_id}"
+    stream = events(service, job_id)
+    stages = [(e["state"], e["stage"], e["step"]) for e in stream]
+    assert stages[0][0] == "queued" and stages[-1] == ("succeeded", "done", None)
+    running = [(stage, step) for state, stage, step in stages if state == "running"]
+    assert [s for s, _ in running if s != "denoise"] == ["queued", "preprocess", "encode_prompt", "decode", "postprocess"]
+    assert [step for s, step in running if s == "denoise"] == list(range(1, STEPS + 1))
+    final = status(service, job_id)
+    assert final["state"] == "succeeded" and final["finished_at"] >= final["created_at"]
+    result = service.http.get(f"/v1/jobs/{job_id}/result")
+    assert result.status_code == 200 and result.headers["x-imgserve-lora"] == "v2511-0801"
+    sync = service.post_image(small_png(), fields, content_type="image/png")
+    assert result.content == sync.content
+
+
+def test_layers_job_events(jobs) -> None:
+    service, _ = jobs
+    response = submit(service, {"layers": 2, "steps": 2, "seed": 1, "prompt": "x", "format": "psd"}, task="layers")
+    assert response.status_code == 202, response.text
+    stream = events(service, response.json()["id"])
+    running = [(e["stage"], e["step"]) for e in stream if e["state"] == "running"]
+    assert ("denoise", 2) in running and running[-1] == ("postprocess", None)
+    assert stream[-1]["state"] == "succeeded"
+    result = service.http.get(f"/v1/jobs/{response.json()['id']}/result")
+    assert result.headers["content-type"] == "image/vnd.adobe.photoshop"
+
+
+def test_bad_submissions_are_refused_before_queueing(jobs) -> None:
+    service, _ = jobs
+    assert submit(service, {"steps": 0}).json()["error"]["field"] == "steps"
+    assert service.http.post("/v1/jobs", files={"image": ("a.png", small_png(), "image/png")}).status_code == 422
+    assert submit(service, {}, task="sketch").status_code == 404
+    assert service.http.get("/v1/jobs/0123456789abcdef0123456789abcdef").status_code == 404
+    assert service.http.get("/v1/jobs/..%2F..%2Fetc%2Fpasswd").status_code == 404
+
+
+def test_queue_positions_admission_and_cancel_while_queued_and_running(jobs) -> None:
+    service, gate = jobs
+    ray.get(gate.close.remote())
+    first = submit(service, {"steps": STEPS, "seed": 1}).json()["id"]
+    wait_for(lambda: ray.get(gate.count.remote()) >= 1, "the first job to reach the model")
+    second = submit(service, {"steps": STEPS, "seed": 2}).json()["id"]
+    third = submit(service, {"steps": STEPS, "seed": 3}).json()["id"]
+    assert status(service, first)["state"] == "running" and status(service, first)["queue_position"] is None
+    assert status(service, second)["queue_position"] == 0
+    assert status(service, third)["queue_position"] == 1
+    # admission: the queue holds 2; the next submission is refused, nothing accepted is dropped
+    refused = submit(service, {"steps": STEPS, "seed": 4})
+    assert refused.status_code == 503 and refused.headers["retry-after"]
+    assert refused.json()["error"]["code"] == "queue_full"
+    # cancel while queued: immediately
+    assert service.http.delete(f"/v1/jobs/{second}").json()["state"] == "cancelled"
+    assert status(service, third)["queue_position"] == 0
+    # cancel while running: stops at the next denoising step, and the next job starts
+    service.http.delete(f"/v1/jobs/{first}")
+    gate.open.remote()
+    cancelled = wait_state(service, first, "cancelled", "succeeded", "failed")
+    assert cancelled["state"] == "cancelled" and cancelled["step"] == 1
+    assert wait_state(service, third, "succeeded", "failed")["state"] == "succeeded"
+    not_ready = service.http.get(f"/v1/jobs/{first}/result")
+    assert not_ready.status_code == 409 and not_ready.json()["error"]["code"] == "not_ready"
+
+
+def test_a_killed_model_replica_is_retried_and_gives_the_same_bytes(jobs) -> None:
+    service, gate = jobs
+    ray.get(gate.close.remote())
+    fields = {"steps": STEPS, "seed": 77, "lora": "none"}
+    job_id = submit(service, fields).json()["id"]
+    wait_for(lambda: ray.get(gate.count.remote()) >= 1, "the job to reach the model")
+    ray.kill(replica_actor("RealModel"), no_restart=False)
+    gate.open.remote()
+    final = wait_state(service, job_id, "succeeded", "failed")
+    assert final["state"] == "succeeded", final
+    again = service.post_image(small_png(), fields, content_type="image/png")
+    assert again.status_code == 200
+    assert service.http.get(f"/v1/jobs/{job_id}/result").content == again.content
+
+
+def test_jobs_survive_restarts_of_the_ingress_and_the_runner(jobs) -> None:
+    service, gate = jobs
+    done = submit(service, {"steps": 2, "seed": 5}).json()["id"]
+    wait_state(service, done, "succeeded")
+    ray.get(gate.close.remote())
+    running = submit(service, {"steps": 2, "seed": 6}).json()["id"]
+    wait_for(lambda: ray.get(gate.count.remote()) >= 1, "the job to reach the model")
+    ray.kill(replica_actor("Ingress"), no_restart=False)
+    ray.kill(replica_actor("JobRunner"), no_restart=False)
+    gate.open.remote()
+    # after the restarts (the proxy answers 503/404 until the new replicas are up)
+    wait_for(lambda: service.http.get(f"/v1/jobs/{done}").status_code == 200, "the ingress and runner to return")
+    assert service.http.get(f"/v1/jobs/{done}/result").status_code == 200
+    final = wait_state(service, running, "succeeded", "failed")
+    assert final["state"] == "succeeded", final  # re-queued by the new runner and run again
