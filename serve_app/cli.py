@@ -1,6 +1,7 @@
 """The `imgserve` command: talk to a running service from a shell.
 
 `imgserve models`, `imgserve health`, `imgserve real IMAGE -o OUT [--steps N --seed S ...]`, and
+`imgserve submit IMAGE --task T -o OUT [--set field=value ...]` (a job, with a progress bar), and
 `imgserve lora inspect FILE [--config YAML | --base DIR]` (offline: reads headers and configs only).
 Starting the service is Ray Serve's own `serve run configs/<profile>.yaml`; this command is a thin
 layer over `serve_app.client` and prints errors as one readable line (exit status 1).
@@ -13,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from serve_app.client import Client, ServiceError
+from serve_app.client import Client, ServiceError, progress_line
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     real.add_argument("--cfg", type=float)
     real.add_argument("--seed", type=int)
     real.add_argument("--format", default="png", choices=["png", "webp", "jpeg"])
+    submit = commands.add_parser("submit", help="queue a job, show its progress, save the result")
+    submit.add_argument("image", help="input image file")
+    submit.add_argument("--task", required=True, choices=["real", "anime", "layers"])
+    submit.add_argument("-o", "--output", required=True, help="where to write the result")
+    submit.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a task field, e.g. --set steps=20 --set lora=v2511-0823 (repeatable)")
     lora = commands.add_parser("lora", help="LoRA files").add_subparsers(dest="lora_command", required=True)
     inspect = lora.add_parser("inspect", help="format, ranks, alpha, targets and fit of a LoRA file")
     inspect.add_argument("file")
@@ -82,6 +89,14 @@ def main(argv: list[str] | None = None) -> int:
             elif args.command == "real":
                 result = client.real(args.image, prompt=args.prompt, negative_prompt=args.negative_prompt,
                                      steps=args.steps, cfg=args.cfg, seed=args.seed, format=args.format)
+                result.save(args.output)
+                print(f"{args.output}: " + ", ".join(f"{k}={v}" for k, v in sorted(result.params.items())))
+            elif args.command == "submit":
+                fields = dict(item.split("=", 1) for item in args.set if "=" in item)
+                job = client.submit(args.task, args.image, **fields)
+                print(f"job {job.id}", file=sys.stderr)
+                result = job.wait(lambda event: print("\r" + progress_line(event).ljust(70), end="", file=sys.stderr))
+                print(file=sys.stderr)
                 result.save(args.output)
                 print(f"{args.output}: " + ", ".join(f"{k}={v}" for k, v in sorted(result.params.items())))
             elif args.command == "lora":

@@ -1,7 +1,8 @@
 """A typed HTTP client for imgserve: the same calls as the Python handle, over the network.
 
 `Client("http://127.0.0.1:8000").real("art.png", steps=20, seed=1)` returns a `Result` (bytes,
-media type, the echoed parameters). Error responses raise `ServiceError` carrying the status and
+media type, the echoed parameters); `client.submit("layers", "poster.png", layers=4).wait(print)`
+queues a job and follows its progress events to the result. Error responses raise `ServiceError` carrying the status and
 the JSON error's code, message and field; 503 also carries the server's Retry-After.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -55,6 +57,12 @@ def _raise_for_error(response: httpx.Response) -> None:
                        error.get("field"), float(retry_after) if retry_after else None)
 
 
+def _result(response: httpx.Response) -> Result:
+    prefix = "x-imgserve-"
+    params = {k[len(prefix):]: v for k, v in response.headers.items() if k.lower().startswith(prefix)}
+    return Result(response.content, response.headers.get("content-type", ""), params)
+
+
 class Client:
     """HTTP client for one imgserve service."""
 
@@ -87,9 +95,15 @@ class Client:
         response = self.http.post(f"/v1/{task}", files={"image": ("image", data, "application/octet-stream")},
                                   data=form)
         _raise_for_error(response)
-        prefix = "x-imgserve-"
-        params = {k[len(prefix):]: v for k, v in response.headers.items() if k.lower().startswith(prefix)}
-        return Result(response.content, response.headers.get("content-type", ""), params)
+        return _result(response)
+
+    def submit(self, task: str, image: bytes | str | Path, **fields: Any) -> Job:
+        """POST /v1/jobs: queue a task; returns the Job to follow (503 QueueFull raises ServiceError)."""
+        data = image if isinstance(image, bytes) else Path(image).read_bytes()
+        form = {"task": task, **{key: str(value) for key, value in fields.items() if value is not None}}
+        response = self.http.post("/v1/jobs", files={"image": ("image", data, "application/octet-stream")}, data=form)
+        _raise_for_error(response)
+        return Job(self, response.json()["id"])
 
     def real(self, image: bytes | str | Path, *, prompt: str | None = None, negative_prompt: str | None = None,
              steps: int | None = None, cfg: float | None = None, seed: int | None = None,
@@ -97,6 +111,59 @@ class Client:
         """2.5D / anime art → photoreal person."""
         return self.run("real", image, prompt=prompt, negative_prompt=negative_prompt, steps=steps, cfg=cfg,
                         seed=seed, format=format)
+
+
+class Job:
+    """A submitted job: its id and the client that can follow it."""
+
+    def __init__(self, client: Client, job_id: str) -> None:
+        self.client = client
+        self.id = job_id
+
+    def status(self) -> dict[str, Any]:
+        response = self.client.http.get(f"/v1/jobs/{self.id}")
+        _raise_for_error(response)
+        return response.json()
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        """The job's progress events (Server-Sent Events), ending with its final state."""
+        with self.client.http.stream("GET", f"/v1/jobs/{self.id}/events") as response:
+            if response.status_code >= 400:
+                response.read()
+                _raise_for_error(response)
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    yield json.loads(line[len("data: "):])
+
+    def cancel(self) -> dict[str, Any]:
+        response = self.client.http.delete(f"/v1/jobs/{self.id}")
+        _raise_for_error(response)
+        return response.json()
+
+    def result(self) -> Result:
+        """The result bytes; raises ServiceError (409 not_ready) until the job succeeded."""
+        response = self.client.http.get(f"/v1/jobs/{self.id}/result")
+        _raise_for_error(response)
+        return _result(response)
+
+    def wait(self, on_event: Callable[[dict[str, Any]], None] | None = None) -> Result:
+        """Follow the events to the end, then return the result (ServiceError if it did not succeed)."""
+        for event in self.events():
+            if on_event is not None:
+                on_event(event)
+        return self.result()
+
+
+def progress_line(event: dict[str, Any], width: int = 30) -> str:
+    """One line of a text progress bar for an event: state, stage, step i/N, queue position."""
+    if event["state"] == "queued":
+        position = event.get("queue_position")
+        return "queued" + (f" (position {position + 1})" if position is not None else "")
+    step, total = event.get("step"), event.get("total_steps")
+    fraction = (step / total) if step and total else (1.0 if event["state"] == "succeeded" else 0.0)
+    filled = int(round(fraction * width))
+    detail = f" step {step}/{total}" if step and total and event.get("stage") == "denoise" else ""
+    return f"[{'#' * filled}{'.' * (width - filled)}] {event['state']}: {event.get('stage') or ''}{detail}"
 
 
 def embedded_metadata(png: bytes) -> dict[str, Any]:

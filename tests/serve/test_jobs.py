@@ -169,3 +169,24 @@ def test_jobs_survive_restarts_of_the_ingress_and_the_runner(jobs) -> None:
     assert service.http.get(f"/v1/jobs/{done}/result").status_code == 200
     final = wait_state(service, running, "succeeded", "failed")
     assert final["state"] == "succeeded", final  # re-queued by the new runner and run again
+
+
+def test_client_and_cli_submit_follow_progress_and_save(jobs, tmp_path, capsys) -> None:
+    from serve_app import cli
+    from serve_app.client import Client
+
+    service, _ = jobs
+    with Client(service.url) as client:
+        job = client.submit("real", small_png(), steps=STEPS, seed=9)
+        seen = []
+        result = job.wait(seen.append)
+        assert seen[-1]["state"] == "succeeded" and any(e["stage"] == "denoise" for e in seen)
+        assert result.data == service.post_image(small_png(), {"steps": STEPS, "seed": 9},
+                                                 content_type="image/png").content
+    source, output = tmp_path / "in.png", tmp_path / "out.zip"
+    source.write_bytes(small_png())
+    code = cli.main(["--url", service.url, "submit", str(source), "--task", "layers", "-o", str(output),
+                     "--set", "layers=2", "--set", "steps=2", "--set", "prompt=x"])
+    assert code == 0 and output.read_bytes()[:2] == b"PK"
+    err = capsys.readouterr().err
+    assert "step 2/2" in err and "succeeded" in err
