@@ -64,6 +64,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
 from deployments.errors import Cancelled, InvalidParameter, ModelFailure, OutOfMemory
+from deployments.real import MIN_STEPS
 from deployments.records import Generated, ImageSpec, Prepared, Progress
 
 #: The buckets `QwenImageLayeredPipeline` accepts (it asserts `resolution in [640, 1024]`).
@@ -226,8 +227,8 @@ class LayersModelConfig(BaseModel):
             raise InvalidParameter(f"must be {allowed}, got {resolution}", "resolution")
         if not 1 <= layers <= self.max_layers:
             raise InvalidParameter(f"must be between 1 and {self.max_layers}, got {layers}", "layers")
-        if not 1 <= steps <= self.max_steps:
-            raise InvalidParameter(f"must be between 1 and {self.max_steps}, got {steps}", "steps")
+        if not MIN_STEPS <= steps <= self.max_steps:
+            raise InvalidParameter(f"must be between {MIN_STEPS} and {self.max_steps}, got {steps}", "steps")
         if not 1.0 <= cfg <= self.max_cfg:  # also false for NaN
             raise InvalidParameter(f"must be between 1.0 and {self.max_cfg}, got {cfg}", "cfg")
         if not 0 <= seed <= _MAX_SEED:

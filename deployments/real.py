@@ -28,6 +28,9 @@ from deployments.errors import Cancelled, InvalidParameter, ModelFailure, OutOfM
 from deployments.lora import NONE, LoraStore, check_name, diffusers_state_dict, ensure_tiny_loras, inspect_lora, linear_shapes
 from deployments.records import Generated, ImageSpec, Prepared, Progress
 
+MIN_STEPS = 2
+"""Fewest denoising steps: with the Qwen-Image scheduler config (shift_terminal) one step divides
+0 by 0 in the sigma stretch and returns NaN pixels, for the real models as for the tiny ones."""
 DEFAULT_PROMPT = "transform the image to realistic photograph, high quality, 4k, natural skin texture"
 _MAX_SEED = 2**32 - 1
 
@@ -164,8 +167,8 @@ class RealModelConfig(BaseModel):
         seed = secrets.randbelow(_MAX_SEED + 1) if params.seed is None else params.seed
         prompt = self.default_prompt if params.prompt is None or not params.prompt.strip() else params.prompt
         negative = self.default_negative_prompt if params.negative_prompt is None else params.negative_prompt
-        if not 1 <= steps <= self.max_steps:
-            raise InvalidParameter(f"must be between 1 and {self.max_steps}, got {steps}", "steps")
+        if not MIN_STEPS <= steps <= self.max_steps:
+            raise InvalidParameter(f"must be between {MIN_STEPS} and {self.max_steps}, got {steps}", "steps")
         if not 1.0 <= cfg <= self.max_cfg:  # also false for NaN
             raise InvalidParameter(f"must be between 1.0 and {self.max_cfg}, got {cfg}", "cfg")
         if not 0 <= seed <= _MAX_SEED:

@@ -240,8 +240,9 @@ def save_tiny(pipe, directory: Path) -> None:
 
     ``save_pretrained`` records the processor's defining module (ours) in ``model_index.json``; it
     is rewritten to ``["transformers", "Qwen2VLProcessor"]`` as in the real checkpoints (and so is
-    ``processor_class`` in ``processor/processor_config.json``), so the directory looks and loads
-    like a real one (see :func:`load_pipeline`).
+    ``processor_class`` in ``processor/processor_config.json``, which also gets the video processor
+    entry that a stock ``Qwen2VLProcessor`` needs), so the directory looks and loads like a real
+    one (see :func:`load_pipeline`).
     """
     directory = Path(directory)
     pipe.save_pretrained(directory)
@@ -253,6 +254,19 @@ def save_tiny(pipe, directory: Path) -> None:
     if processor_config_path.is_file():
         processor_config = json.loads(processor_config_path.read_text())
         processor_config["processor_class"] = "Qwen2VLProcessor"
+        # A stock Qwen2VLProcessor (where torchvision exists) also wants a video processor config.
+        image_config = processor_config.get("image_processor", {})
+        processor_config.setdefault(
+            "video_processor",
+            {
+                "video_processor_type": "Qwen2VLVideoProcessor",
+                **{
+                    key: image_config[key]
+                    for key in ("image_mean", "image_std", "patch_size", "temporal_patch_size", "merge_size")
+                    if key in image_config
+                },
+            },
+        )
         processor_config_path.write_text(json.dumps(processor_config, indent=2, sort_keys=True) + "\n")
 
 

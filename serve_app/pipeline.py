@@ -19,7 +19,7 @@ from deployments.errors import InvalidParameter
 from deployments.lora import NONE
 from deployments.layers import LayersModel, LayersParams
 from deployments.postprocess import IMAGE_FORMATS, LAYER_FORMATS, Encoded
-from deployments.real import RealModel, RealParams
+from deployments.real import MIN_STEPS, RealModel, RealParams
 from deployments.records import Progress
 from serve_app.errors import NotFound
 
@@ -124,7 +124,7 @@ class Pipeline:
                         "steps": real.default_steps,
                         "cfg": real.default_cfg,
                     },
-                    "limits": {"steps": [1, real.max_steps], "cfg": [1.0, real.max_cfg]},
+                    "limits": {"steps": [MIN_STEPS, real.max_steps], "cfg": [1.0, real.max_cfg]},
                     "lora": {
                         "versions": [NONE, *versions],
                         "default": real.default_lora or (versions[-1] if versions else NONE),

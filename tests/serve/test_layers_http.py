@@ -73,7 +73,7 @@ def test_zip_and_psd_hold_the_same_n_rgba_layers(service: Service, sample_photo:
 def test_layers_resolution_1024_is_a_larger_bucket(service: Service) -> None:
     sizes = {}
     for resolution in (640, 1024):
-        response = service.post_image(small_png((96, 64)), {"layers": 1, "steps": 1, "seed": 1, "prompt": "x",
+        response = service.post_image(small_png((96, 64)), {"layers": 1, "steps": 2, "seed": 1, "prompt": "x",
                                                             "resolution": resolution}, task="layers",
                                       content_type="image/png")
         assert response.status_code == 200, response.text
@@ -87,6 +87,7 @@ def test_layers_resolution_1024_is_a_larger_bucket(service: Service) -> None:
         ({"resolution": 800}, "resolution", "640 or 1024"),
         ({"layers": 0}, "layers", "between 1 and"),
         ({"layers": 99}, "layers", "between 1 and"),
+        ({"steps": 1}, "steps", "between 2 and"),
         ({"format": "png"}, "format", "zip, psd"),
         ({"cfg_normalize": "maybe"}, "cfg_normalize", ""),
     ],
@@ -102,6 +103,6 @@ def test_bad_images_are_4xx_and_the_service_answers_afterwards(service: Service)
     assert_error(service.post_image(b"GIF89a-broken", task="layers", content_type="image/gif"), 400, "bad_image")
     models = service.http.get("/v1/models").json()["tasks"]["layers"]
     assert models["resolutions"] == [640, 1024] and models["max_layers"] >= 4
-    ok = service.post_image(small_png(), {"layers": 2, "steps": 1, "prompt": "x"}, task="layers",
+    ok = service.post_image(small_png(), {"layers": 2, "steps": 2, "prompt": "x"}, task="layers",
                             content_type="image/png")
     assert ok.status_code == 200

@@ -141,7 +141,7 @@ def test_models_and_health(service: Service) -> None:
     models = service.http.get("/v1/models").json()
     real = models["tasks"]["real"]
     assert real["defaults"]["steps"] == 30 and real["defaults"]["cfg"] == 7.0
-    assert real["limits"]["steps"] == [1, 100]
+    assert real["limits"]["steps"] == [2, 100]
     assert real["formats"] == ["png", "webp", "jpeg"]
     assert models["max_long_edge"] == MAX_LONG_EDGE
 
@@ -180,6 +180,7 @@ def test_truncated_photo_and_png(service: Service, sample_photo: bytes) -> None:
     "fields,field",
     [
         ({"steps": 0}, "steps"),
+        ({"steps": 1}, "steps"),
         ({"steps": 101}, "steps"),
         ({"steps": "many"}, "steps"),
         ({"cfg": "nan"}, "cfg"),

@@ -77,6 +77,10 @@ def test_ensure_tiny_creates_a_loadable_diffusers_directory(cache_dir, edit_pipe
     index = json.loads((directory / "model_index.json").read_text())
     assert index["_class_name"] == "QwenImageEditPlusPipeline"
     assert index["processor"] == ["transformers", "Qwen2VLProcessor"]
+    # what a stock Qwen2VLProcessor needs on a host with torchvision (not loadable here)
+    processor_config = json.loads((directory / "processor" / "processor_config.json").read_text())
+    assert processor_config["processor_class"] == "Qwen2VLProcessor"
+    assert processor_config["video_processor"]["video_processor_type"] == "Qwen2VLVideoProcessor"
     assert {"transformer", "vae", "text_encoder", "tokenizer", "processor", "scheduler"} <= {
         p.name for p in directory.iterdir()
     }
