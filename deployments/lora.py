@@ -12,14 +12,12 @@ not fit. Knows nothing about Ray, HTTP or pipelines.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deployments.cachedir import build_once
 from deployments.errors import InvalidParameter
 
 NONE = "none"
@@ -298,25 +296,17 @@ def ensure_tiny_loras(cache_dir: Path | str, rank: int = 4) -> Path:
     import numpy as np
     from safetensors.numpy import save_file
 
-    final = Path(cache_dir).expanduser() / f"tiny-lora-{TINY_LORA_VERSION}"
-    if all((final / f"{v}.safetensors").is_file() for v in TINY_VERSIONS):
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        os.chmod(tmp, 0o755)
+    def build(directory: Path) -> None:
         for index, version in enumerate(TINY_VERSIONS):
             rng = np.random.default_rng(1000 + index)
             tensors = {}
             for module in _TINY_TARGETS:
                 tensors[f"transformer.{module}.lora_A.weight"] = rng.normal(0, 0.5, (rank, _TINY_WIDTH)).astype(np.float32)
                 tensors[f"transformer.{module}.lora_B.weight"] = rng.normal(0, 0.5, (_TINY_WIDTH, rank)).astype(np.float32)
-            save_file(tensors, str(tmp / f"{version}.safetensors"))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not all((final / f"{v}.safetensors").is_file() for v in TINY_VERSIONS):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+            save_file(tensors, str(directory / f"{version}.safetensors"))
+
+    return build_once(
+        Path(cache_dir).expanduser() / f"tiny-lora-{TINY_LORA_VERSION}",
+        build,
+        lambda final: all((final / f"{v}.safetensors").is_file() for v in TINY_VERSIONS),
+    )

@@ -12,15 +12,13 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Iterator, Literal
 
 import torch
 from transformers import Qwen2VLProcessor
+
+from deployments.cachedir import build_once
 
 Kind = Literal["edit", "layered"]
 
@@ -59,9 +57,6 @@ QWEN_IMAGE_SCHEDULER_CONFIG = {
     "use_exponential_sigmas": False,
     "use_beta_sigmas": False,
 }
-
-# Stale temporary build directories (from a process killed mid-build) older than this are removed.
-_STALE_TMP_SECONDS = 3600
 
 
 class NoVideoProcessor(Qwen2VLProcessor):
@@ -279,43 +274,13 @@ def tiny_dir(kind: Kind, cache_dir: Path) -> Path:
 def ensure_tiny(kind: Kind, cache_dir: Path) -> Path:
     """Return ``cache_dir / f"tiny-qwen-{kind}-v1"``, building and saving it first if missing.
 
-    Safe when several processes call it at once (Ray replicas starting together): each builds into
-    its own temporary directory inside ``cache_dir`` and renames it into place; a directory rename
-    onto an existing, non-empty directory fails atomically, so the loser discards its copy. A
-    half-written directory is never visible under the final name. Temporary directories left by a
-    process killed mid-build are removed once they are an hour old.
+    Safe when several processes call it at once (``deployments.cachedir.build_once``).
     """
-    cache_dir = Path(cache_dir)
-    final = tiny_dir(kind, cache_dir)
-    if (final / "model_index.json").is_file():
-        return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    prefix = f".{final.name}.tmp-"
-    _remove_stale_tmp(cache_dir, prefix)
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=cache_dir))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the final directory is a shared cache
-        save_tiny(_build(kind, seed=0), tmp)
-        try:
-            os.rename(tmp, final)  # atomic; fails if `final` exists and is not empty
-        except OSError as exc:
-            if not (final / "model_index.json").is_file():  # not a lost race
-                raise RuntimeError(
-                    f"cannot create {final}: {exc}; if it exists but is incomplete, delete it"
-                ) from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # no-op after a successful rename
-    return final
-
-
-def _remove_stale_tmp(cache_dir: Path, prefix: str) -> None:
-    now = time.time()
-    for entry in cache_dir.glob(prefix + "*"):
-        try:
-            if now - entry.stat().st_mtime > _STALE_TMP_SECONDS:
-                shutil.rmtree(entry, ignore_errors=True)
-        except FileNotFoundError:
-            pass
+    return build_once(
+        tiny_dir(kind, Path(cache_dir)),
+        lambda tmp: save_tiny(_build(kind, seed=0), tmp),
+        lambda final: (final / "model_index.json").is_file(),
+    )
 
 
 # --------------------------------------------------------------------------------------------
