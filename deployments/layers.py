@@ -53,7 +53,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -61,56 +60,36 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
+from pydantic import ValidationInfo, field_validator, model_validator
 
 from deployments.errors import Cancelled, InvalidParameter, ModelFailure, OutOfMemory
-from deployments.real import MIN_STEPS
+from deployments.diffusion import DiffusionConfig, DiffusionParams
 from deployments.records import Generated, ImageSpec, Prepared, Progress
 
 #: The buckets `QwenImageLayeredPipeline` accepts (it asserts `resolution in [640, 1024]`).
 RESOLUTIONS: tuple[int, ...] = (640, 1024)
 #: Used as the prompt when the caption comes out blank: the pipeline would caption again otherwise.
 BLANK_CAPTION_PROMPT = "an image"
-_MAX_SEED = 2**32 - 1
 _STAGES = ("caption", "encode_prompt", "encode_image", "denoise", "decode", "total")
 
 
-class LayersParams(BaseModel):
-    """Per-request choices for `layers`; None means "use the configured default"."""
+class LayersParams(DiffusionParams):
+    """Per-request choices for `layers`; None means "use the configured default". A None or blank
+    `prompt` makes the model caption the image itself."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str | None = None
-    """Description of the whole image; None or blank → the model captions the image itself."""
-    negative_prompt: str | None = None
-    """What the layers should not show; CFG needs one, so a blank one is used when absent."""
     layers: int | None = None
     """How many RGBA layers to return (1 … `max_layers`)."""
     resolution: int | None = None
     """Resolution bucket, 640 or 1024: the layers have about resolution² pixels at the input's aspect."""
-    steps: int | None = None
-    """Denoising steps."""
-    cfg: float | None = None
-    """true_cfg_scale: > 1 enables classifier-free guidance (two transformer passes per step)."""
-    seed: int | None = None
-    """Random seed; the same seed and input give the same layers. None → a fresh random seed."""
     cfg_normalize: bool | None = None
     """Rescale the guided prediction to the conditional prediction's norm."""
 
 
-class LayersModelConfig(BaseModel):
-    """Settings of the LayersModel deployment."""
+class LayersModelConfig(DiffusionConfig):
+    """Settings of the LayersModel deployment (the shared ones are documented on DiffusionConfig)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    source: str = "tiny"
-    """`tiny`: a tiny random-weight layered pipeline (RGBA VAE) generated into the cache directory
-    (demo, tests); otherwise a local directory in diffusers layout (Qwen-Image-Layered), prepared
-    ahead. Never downloaded at run time."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """`auto`: CUDA when this replica sees a GPU, else CPU (fake GPU resources on a CPU machine)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weight dtype; `auto`: bfloat16 on CUDA, float32 on CPU."""
+    default_steps: int = 50
+    """Denoising steps when the request gives none."""
     resolutions: list[int] = list(RESOLUTIONS)
     """Resolution buckets a request may ask for: a subset of 640 and 1024 (the only two the
     pipeline accepts); a memory-tight profile can drop 1024."""
@@ -120,20 +99,8 @@ class LayersModelConfig(BaseModel):
     """Layers returned when the request gives no count."""
     max_layers: int = 10
     """Most layers a request may ask for (cost grows with layers + 1 frames per step)."""
-    default_steps: int = 50
-    """Denoising steps when the request gives none."""
-    max_steps: int = 100
-    """Largest `steps` a request may ask for."""
-    default_cfg: float = 4.0
-    """true_cfg_scale when the request gives none."""
-    max_cfg: float = 20.0
-    """Largest `cfg` a request may ask for."""
     default_cfg_normalize: bool = True
     """`cfg_normalize` when the request does not say (the model's reference app enables it)."""
-    default_negative_prompt: str = " "
-    """Negative prompt used when the request gives none (blank: CFG on, no particular avoidance)."""
-    max_prompt_chars: int = 2000
-    """Longest prompt or negative prompt accepted, in characters."""
     caption_language: Literal["en", "zh"] = "en"
     """Language of the automatic caption made when the request has no prompt (the pipeline's
     `use_en_prompt`: English prompt template for `en`, Chinese for `zh`)."""
@@ -144,22 +111,12 @@ class LayersModelConfig(BaseModel):
     tiny_edge² pixels (and 1024 proportionally more) by patching diffusers' layered
     `calculate_dimensions` around each call (process-wide, `deployments.tiny.small_layered_sizes`).
     None keeps the real sizes. Never set it for a real model: it changes what the model sees."""
-    num_threads: int | None = None
-    """torch intra-op threads on CPU; None keeps torch's default."""
 
-    @field_validator("default_layers", "max_layers", "default_steps", "max_steps", "max_prompt_chars",
-                     "caption_max_new_tokens")
+    @field_validator("default_layers", "max_layers", "caption_max_new_tokens")
     @classmethod
     def _positive_int(cls, value: int, info: ValidationInfo) -> int:
         if value < 1:
             raise ValueError(f"{info.field_name} must be >= 1, got {value}")
-        return value
-
-    @field_validator("default_cfg", "max_cfg")
-    @classmethod
-    def _cfg(cls, value: float, info: ValidationInfo) -> float:
-        if not (value >= 1.0 and value < float("inf")):
-            raise ValueError(f"{info.field_name} must be a finite number >= 1, got {value}")
         return value
 
     @field_validator("resolutions")
@@ -171,7 +128,7 @@ class LayersModelConfig(BaseModel):
             )
         return sorted(value)
 
-    @field_validator("tiny_edge", "num_threads")
+    @field_validator("tiny_edge")
     @classmethod
     def _optional_positive(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value is not None and value < 1:
@@ -179,17 +136,13 @@ class LayersModelConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _defaults_within_limits(self) -> LayersModelConfig:
+    def _layer_defaults_within_limits(self) -> LayersModelConfig:
         if self.default_resolution not in self.resolutions:
             raise ValueError(
                 f"default_resolution must be one of resolutions {self.resolutions}, got {self.default_resolution}"
             )
         if self.default_layers > self.max_layers:
             raise ValueError(f"default_layers must be <= max_layers ({self.max_layers}), got {self.default_layers}")
-        if self.default_steps > self.max_steps:
-            raise ValueError(f"default_steps must be <= max_steps ({self.max_steps}), got {self.default_steps}")
-        if self.default_cfg > self.max_cfg:
-            raise ValueError(f"default_cfg must be <= max_cfg ({self.max_cfg}), got {self.default_cfg}")
         return self
 
     def describe(self) -> dict[str, Any]:
@@ -216,28 +169,15 @@ class LayersModelConfig(BaseModel):
         """
         layers = self.default_layers if params.layers is None else params.layers
         resolution = self.default_resolution if params.resolution is None else params.resolution
-        steps = self.default_steps if params.steps is None else params.steps
-        cfg = self.default_cfg if params.cfg is None else params.cfg
-        seed = secrets.randbelow(_MAX_SEED + 1) if params.seed is None else params.seed
         normalize = self.default_cfg_normalize if params.cfg_normalize is None else params.cfg_normalize
         prompt = "" if params.prompt is None or not params.prompt.strip() else params.prompt
-        negative = self.default_negative_prompt if params.negative_prompt is None else params.negative_prompt
         if resolution not in self.resolutions:
             allowed = " or ".join(str(r) for r in self.resolutions)
             raise InvalidParameter(f"must be {allowed}, got {resolution}", "resolution")
         if not 1 <= layers <= self.max_layers:
             raise InvalidParameter(f"must be between 1 and {self.max_layers}, got {layers}", "layers")
-        if not MIN_STEPS <= steps <= self.max_steps:
-            raise InvalidParameter(f"must be between {MIN_STEPS} and {self.max_steps}, got {steps}", "steps")
-        if not 1.0 <= cfg <= self.max_cfg:  # also false for NaN
-            raise InvalidParameter(f"must be between 1.0 and {self.max_cfg}, got {cfg}", "cfg")
-        if not 0 <= seed <= _MAX_SEED:
-            raise InvalidParameter(f"must be between 0 and {_MAX_SEED}, got {seed}", "seed")
-        for name, text in (("prompt", prompt), ("negative_prompt", negative)):
-            if len(text) > self.max_prompt_chars:
-                raise InvalidParameter(f"longer than {self.max_prompt_chars} characters ({len(text)})", name)
-        return LayersParams(prompt=prompt, negative_prompt=negative or " ", layers=layers, resolution=resolution,
-                            steps=steps, cfg=cfg, seed=seed, cfg_normalize=normalize)
+        common = self.resolve_common(params, prompt)
+        return LayersParams(**common, layers=layers, resolution=resolution, cfg_normalize=normalize)
 
 
 class _StageClock:
@@ -333,30 +273,7 @@ class LayersModel:
     # -- loading ---------------------------------------------------------------------------------
     def load(self) -> None:
         """Build or read the pipeline and move it to the device; a separate step from construction."""
-        import torch
-
-        from deployments import tiny
-
-        if self.config.num_threads:
-            torch.set_num_threads(self.config.num_threads)
-        self.device = "cuda" if self.config.device == "cuda" or (
-            self.config.device == "auto" and torch.cuda.is_available()
-        ) else "cpu"
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-            self.config.dtype, torch.bfloat16 if self.device == "cuda" else torch.float32
-        )
-        if self.config.source == "tiny":
-            directory = tiny.ensure_tiny("layered", self.cache_dir)
-        else:
-            directory = Path(self.config.source).expanduser()
-            if not (directory / "model_index.json").is_file():
-                raise FileNotFoundError(
-                    f"layers.source {str(directory)!r} is not a local diffusers directory (no model_index.json); "
-                    "prepare it ahead with `imgserve fetch`"
-                )
-        pipe = tiny.load_pipeline("layered", directory, torch_dtype=dtype)
-        pipe.set_progress_bar_config(disable=True)
-        self.pipe = pipe.to(self.device)
+        self.pipe, self.device = self.config.open_pipeline("layered", self.cache_dir, "layers")
         self.loads += 1
 
     def stats(self) -> dict[str, Any]:

@@ -12,27 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import socket
 import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import ValidationInfo, field_validator
 
+from deployments.diffusion import DiffusionConfig, DiffusionParams
 from deployments.errors import Cancelled, InvalidParameter, ModelFailure, OutOfMemory
 from deployments.lora import NONE, LoraStore, check_name, diffusers_state_dict, ensure_tiny_loras, inspect_lora, linear_shapes
 from deployments.records import Generated, ImageSpec, Prepared, Progress
 
-MIN_STEPS = 2
-"""Fewest denoising steps: with the Qwen-Image scheduler config (shift_terminal) one step divides
-0 by 0 in the sigma stretch and returns NaN pixels, for the real models as for the tiny ones."""
 DEFAULT_PROMPT = "transform the image to realistic photograph, high quality, 4k, natural skin texture"
-_MAX_SEED = 2**32 - 1
 
 
 def step_callback(progress: Progress | None, total: int) -> Callable | None:
@@ -54,57 +50,26 @@ def step_callback(progress: Progress | None, total: int) -> Callable | None:
     return callback
 
 
-class RealParams(BaseModel):
+class RealParams(DiffusionParams):
     """Per-request choices for `real`; None means "use the configured default"."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str | None = None
-    """What the result should look like."""
-    negative_prompt: str | None = None
-    """What it should not look like; CFG needs one, so a blank one is used when absent."""
-    steps: int | None = None
-    """Denoising steps."""
-    cfg: float | None = None
-    """true_cfg_scale: > 1 enables classifier-free guidance (two transformer passes per step)."""
-    seed: int | None = None
-    """Random seed; the same seed and input give the same bytes. None → a fresh random seed."""
     lora: str | None = None
     """LoRA version (a file stem in the LoRA directory) or `none` for the base alone;
     None → the configured default (the newest version unless `default_lora` says otherwise)."""
 
 
-class RealModelConfig(BaseModel):
-    """Settings of the RealModel deployment."""
+class RealModelConfig(DiffusionConfig):
+    """Settings of the RealModel deployment (the shared ones are documented on DiffusionConfig)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    source: str = "tiny"
-    """`tiny`: a tiny random-weight pipeline generated into the cache directory (demo, tests);
-    otherwise a local directory in diffusers layout, prepared ahead. Never downloaded at run time."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """`auto`: CUDA when this replica sees a GPU, else CPU (fake GPU resources on a CPU machine)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weight dtype; `auto`: bfloat16 on CUDA, float32 on CPU."""
     default_prompt: str = DEFAULT_PROMPT
     """Prompt used when the request gives none."""
-    default_negative_prompt: str = " "
-    """Negative prompt used when the request gives none (blank: CFG on, no particular avoidance)."""
     default_steps: int = 30
     """Denoising steps when the request gives none."""
-    max_steps: int = 100
-    """Largest `steps` a request may ask for."""
     default_cfg: float = 7.0
     """true_cfg_scale when the request gives none."""
-    max_cfg: float = 20.0
-    """Largest `cfg` a request may ask for."""
-    max_prompt_chars: int = 2000
-    """Longest prompt or negative prompt accepted, in characters."""
     condition_area: int | None = None
     """Tiny models only: the pixel area diffusers resizes the condition image to (module constants
     VAE_IMAGE_SIZE and CONDITION_IMAGE_SIZE, process-wide). None keeps diffusers' real-model values."""
-    num_threads: int | None = None
-    """torch intra-op threads on CPU; None keeps torch's default."""
     lora_dir: str | None = None
     """Directory of LoRA versions (`*.safetensors`, named by their stems); `tiny`: three tiny
     random adapters generated into the cache directory (demo, tests); None: the base model only."""
@@ -114,20 +79,6 @@ class RealModelConfig(BaseModel):
     """LoRA versions a replica keeps loaded (LRU beyond this); also Serve's multiplexing limit."""
     lora_rescan_s: float = 10.0
     """Seconds a directory listing is trusted; unknown names always trigger a rescan."""
-
-    @field_validator("default_steps", "max_steps", "max_prompt_chars")
-    @classmethod
-    def _positive_int(cls, value: int, info: ValidationInfo) -> int:
-        if value < 1:
-            raise ValueError(f"{info.field_name} must be >= 1, got {value}")
-        return value
-
-    @field_validator("default_cfg", "max_cfg")
-    @classmethod
-    def _cfg(cls, value: float, info: ValidationInfo) -> float:
-        if not (value >= 1.0 and value < float("inf")):
-            raise ValueError(f"{info.field_name} must be a finite number >= 1, got {value}")
-        return value
 
     @field_validator("max_adapters_per_replica")
     @classmethod
@@ -146,7 +97,7 @@ class RealModelConfig(BaseModel):
                 raise ValueError(f"default_lora: {exc.message}") from None
         return value
 
-    @field_validator("condition_area", "num_threads")
+    @field_validator("condition_area")
     @classmethod
     def _optional_positive(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value is not None and value < 1:
@@ -162,26 +113,14 @@ class RealModelConfig(BaseModel):
 
     def resolve(self, params: RealParams, store: LoraStore | None = None) -> RealParams:
         """Fill defaults and check ranges; raises InvalidParameter naming the field."""
-        steps = self.default_steps if params.steps is None else params.steps
-        cfg = self.default_cfg if params.cfg is None else params.cfg
-        seed = secrets.randbelow(_MAX_SEED + 1) if params.seed is None else params.seed
         prompt = self.default_prompt if params.prompt is None or not params.prompt.strip() else params.prompt
-        negative = self.default_negative_prompt if params.negative_prompt is None else params.negative_prompt
-        if not MIN_STEPS <= steps <= self.max_steps:
-            raise InvalidParameter(f"must be between {MIN_STEPS} and {self.max_steps}, got {steps}", "steps")
-        if not 1.0 <= cfg <= self.max_cfg:  # also false for NaN
-            raise InvalidParameter(f"must be between 1.0 and {self.max_cfg}, got {cfg}", "cfg")
-        if not 0 <= seed <= _MAX_SEED:
-            raise InvalidParameter(f"must be between 0 and {_MAX_SEED}, got {seed}", "seed")
-        for name, text in (("prompt", prompt), ("negative_prompt", negative)):
-            if len(text) > self.max_prompt_chars:
-                raise InvalidParameter(f"longer than {self.max_prompt_chars} characters ({len(text)})", name)
+        common = self.resolve_common(params, prompt)
         lora = params.lora or self.default_lora or (store.newest() if store else None) or NONE
         if lora != NONE:
             if store is None:
                 raise InvalidParameter(f"no LoRA directory is configured; only {NONE!r} is available", "lora")
             store.path(lora)  # refuses paths and unknown versions, listing the valid ones
-        return RealParams(prompt=prompt, negative_prompt=negative or " ", steps=steps, cfg=cfg, seed=seed, lora=lora)
+        return RealParams(**common, lora=lora)
 
 
 class RealModel:
@@ -209,35 +148,14 @@ class RealModel:
     # -- loading ---------------------------------------------------------------------------------
     def load(self) -> None:
         """Build or read the pipeline and move it to the device; a separate step from construction."""
-        import torch
-
         from deployments import tiny
 
-        if self.config.num_threads:
-            torch.set_num_threads(self.config.num_threads)
         # Several named adapters on one transformer is exactly what hot swapping means here.
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        self.device = "cuda" if self.config.device == "cuda" or (
-            self.config.device == "auto" and torch.cuda.is_available()
-        ) else "cpu"
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-            self.config.dtype, torch.bfloat16 if self.device == "cuda" else torch.float32
-        )
         self.store = self.config.lora_store(self.cache_dir)
-        if self.config.source == "tiny":
-            directory = tiny.ensure_tiny("edit", self.cache_dir)
-        else:
-            directory = Path(self.config.source).expanduser()
-            if not (directory / "model_index.json").is_file():
-                raise FileNotFoundError(
-                    f"real.source {str(directory)!r} is not a local diffusers directory (no model_index.json); "
-                    "prepare it ahead with `imgserve fetch`"
-                )
         if self.config.condition_area:
             tiny.set_condition_areas(self.config.condition_area, self.config.condition_area)
-        pipe = tiny.load_pipeline("edit", directory, torch_dtype=dtype)
-        pipe.set_progress_bar_config(disable=True)
-        self.pipe = pipe.to(self.device)
+        self.pipe, self.device = self.config.open_pipeline("edit", self.cache_dir, "real")
         self._linear_shapes = linear_shapes(self.pipe.transformer)
         self.loads += 1
 

@@ -19,7 +19,8 @@ from deployments.errors import InvalidParameter
 from deployments.lora import NONE
 from deployments.layers import LayersModel, LayersParams
 from deployments.postprocess import IMAGE_FORMATS, LAYER_FORMATS, Encoded
-from deployments.real import MIN_STEPS, RealModel, RealParams
+from deployments.diffusion import MIN_STEPS
+from deployments.real import RealModel, RealParams
 from deployments.records import Progress
 from serve_app.errors import NotFound
 
