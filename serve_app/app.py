@@ -12,6 +12,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from deployments.anime import AnimeModel
 from deployments.layers import LayersModel
 from deployments.postprocess import Postprocess
 from deployments.preprocess import Preprocess
@@ -68,6 +69,7 @@ def build_graph(args: dict[str, Any] | AppConfig | None = None, *, real_cls: typ
     real_cls = loading(real_cls, max_adapters=config.real.max_adapters_per_replica)
     real = deployment(real_cls, config.real.serve, name="RealModel").bind(config.real, config.cache_dir)
     layers = deployment(loading(LayersModel), config.layers.serve, name="LayersModel").bind(config.layers, config.cache_dir)
-    models = {"real": real, "layers": layers}
+    anime = deployment(loading(AnimeModel), config.anime.serve, name="AnimeModel").bind(config.anime, config.cache_dir)
+    models = {"real": real, "anime": anime, "layers": layers}
     jobs = deployment(ServedJobRunner, config.jobs.serve, name="JobRunner").bind(config, preprocess, models, postprocess)
     return deployment(Ingress, config.ingress.serve).bind(config, preprocess, models, postprocess, jobs)

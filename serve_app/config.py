@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from deployments.anime import AnimeModelConfig
 from deployments.layers import LayersModelConfig
 from deployments.postprocess import PostprocessConfig
 from deployments.preprocess import PreprocessConfig
@@ -133,6 +134,14 @@ class RealSection(RealModelConfig):
     """Ray Serve options of the RealModel deployment (a GPU replica by default)."""
 
 
+class AnimeSection(AnimeModelConfig):
+    """The `anime` task's model deployment: its own settings plus Serve options."""
+
+    serve: DeploymentOptions = Field(default_factory=lambda: _model_defaults(num_cpus=1))
+    """Ray Serve options of the AnimeModel deployment (a CPU replica by default; the model is
+    small enough for CPUs, or a GPU fraction such as num_gpus: 0.25)."""
+
+
 class LayersSection(LayersModelConfig):
     """The `layers` task's model deployment: its own settings plus Serve options."""
 
@@ -170,6 +179,8 @@ class AppConfig(BaseModel):
     """Decode/validate/resize settings and Serve options."""
     real: RealSection = Field(default_factory=RealSection)
     """The `real` task (Qwen-Image-Edit-2511 + LoRA)."""
+    anime: AnimeSection = Field(default_factory=AnimeSection)
+    """The `anime` task (AnimeGANv2 styles)."""
     layers: LayersSection = Field(default_factory=LayersSection)
     """The `layers` task (Qwen-Image-Layered → RGBA layers as ZIP/PSD)."""
     postprocess: PostprocessSection = Field(default_factory=PostprocessSection)

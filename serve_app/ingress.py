@@ -34,7 +34,7 @@ log = logging.getLogger("imgserve")
 # Multipart framing and the text fields ride on top of the image itself.
 _FORM_OVERHEAD_BYTES = 256 * 1024
 # Response headers echo these result-metadata keys (ASCII only: prompts stay in the PNG chunk).
-_HEADER_KEYS = ("task", "size", "steps", "cfg", "seed", "scale", "lora", "layers", "resolution", "layer_size")
+_HEADER_KEYS = ("task", "size", "steps", "cfg", "seed", "scale", "lora", "style", "layers", "resolution", "layer_size")
 
 api = FastAPI(
     title="imgserve",

@@ -19,6 +19,7 @@ from deployments.errors import InvalidParameter
 from deployments.lora import NONE
 from deployments.layers import LayersModel, LayersParams
 from deployments.postprocess import IMAGE_FORMATS, LAYER_FORMATS, Encoded
+from deployments.anime import AnimeModel, AnimeParams
 from deployments.diffusion import MIN_STEPS
 from deployments.real import RealModel, RealParams
 from deployments.records import Progress
@@ -39,6 +40,7 @@ class TaskSpec:
 
 TASKS: dict[str, TaskSpec] = {
     "real": TaskSpec(RealModel, RealParams),
+    "anime": TaskSpec(AnimeModel, AnimeParams),
     "layers": TaskSpec(LayersModel, LayersParams, LAYER_FORMATS),
 }
 
@@ -79,6 +81,7 @@ class Pipeline:
         self.lora_store = config.real.lora_store(config.cache_dir)
         self._resolvers: dict[str, Callable[[BaseModel], BaseModel]] = {
             "real": lambda params: config.real.resolve(params, self.lora_store),
+            "anime": config.anime.resolve,
             "layers": config.layers.resolve,
         }
 
@@ -131,6 +134,11 @@ class Pipeline:
                         "default": real.default_lora or (versions[-1] if versions else NONE),
                     },
                     "formats": list(TASKS["real"].formats),
+                },
+                "anime": {
+                    "styles": self.config.anime.styles(),
+                    "default_style": self.config.anime.default_style,
+                    "formats": list(TASKS["anime"].formats),
                 },
                 "layers": {**self.config.layers.describe(), "formats": list(TASKS["layers"].formats)},
             },

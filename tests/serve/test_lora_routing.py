@@ -33,7 +33,7 @@ def routed(ray_cluster: int, model_cache):
     args["cache_dir"] = str(model_cache)
     args["real"].update(max_adapters_per_replica=1)
     args["real"]["serve"].update(num_replicas=2, max_queued_requests=32,
-                                 ray_actor_options={"num_cpus": 0.5, "num_gpus": 1})
+                                 ray_actor_options={"num_cpus": 0.3, "num_gpus": 1})
     for service in run_service(ray_cluster, args, real_cls=GatedRealModel):
         yield service, gate
     ray.kill(gate)

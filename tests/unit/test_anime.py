@@ -157,11 +157,13 @@ def test_odd_exif_rotated_upload_keeps_size_and_aspect(model: AnimeModel) -> Non
     assert result.info is ready.info
 
 
-def test_output_matches_the_published_module_and_is_deterministic(model: AnimeModel) -> None:
-    image = prepared(70, 45, seed=1)
+@pytest.mark.parametrize("size", [(70, 45), (200, 170)])  # plain forward below ~160², lean above
+def test_output_matches_the_published_module_and_is_deterministic(model: AnimeModel, size) -> None:
+    image = prepared(*size, seed=1)
     first = model.generate(image, AnimeParams(style="paprika")).array
     again = model.generate(image, AnimeParams(style="paprika")).array
     other = model.generate(image, AnimeParams(style="celeba_distill")).array
+    assert first.shape == image.array.shape
     assert np.array_equal(first, again)
     assert max_diff(first, other) > 10  # styles are different weights
     net = load_generator(model.styles_path / "paprika.safetensors")
@@ -224,6 +226,16 @@ def test_resolve_fills_the_default_style_and_lists_the_styles() -> None:
     assert config.styles() == sorted(TINY_STYLES)
     with pytest.raises(InvalidParameter, match="available: celeba_distill, face_paint_512_v1"):
         config.resolve(AnimeParams(style="hayao"))
+
+
+def test_resolve_where_the_styles_directory_is_not_visible_checks_only_the_name(tmp_path: Path) -> None:
+    config = AnimeModelConfig(styles_dir=str(tmp_path / "on-the-gpu-nodes-only"), default_style="hayao")
+    assert config.resolve(AnimeParams()).style == "hayao"  # the replica checks that it exists
+    with pytest.raises(InvalidParameter) as error:
+        config.resolve(AnimeParams(style="../etc/passwd"))
+    assert error.value.field == "style"
+    with pytest.raises(FileNotFoundError):
+        AnimeModel(config, tmp_path).load()  # a replica cannot start without it
 
 
 def test_a_style_file_dropped_into_the_directory_is_listed_and_served(tmp_path: Path, model_cache: Path) -> None:

@@ -1,0 +1,521 @@
+"""AnimeModel deployment: photo → anime with the AnimeGANv2 generator (`deployments.animegan`).
+
+Receives a `Prepared` array and resolved `AnimeParams` (the style), returns a `Generated` array of
+exactly the input's size. Knows nothing about HTTP, jobs or encoding. Construction only stores the
+config; `load()` reads (or, for `styles_dir: tiny`, generates) every style of the styles directory
+and keeps them all resident (8.6 MB each in float32). A style file dropped into the directory later
+is listed at once and loaded on its first request.
+
+Sizes: pad and crop, not resize. The generator is fully convolutional and its checkpoints were
+trained and released for sides that are multiples of 32, so each image is reflect-padded (split
+between both sides) to the next multiple of 32 inside the model and the output is cropped back.
+The original area then gets exact network pixels at the original geometry; resizing to a multiple
+of 32 instead would distort the aspect (up to 3 % at 1024 px) and add a second lossy resample.
+Preprocess therefore only applies the long-edge limit (`input_spec.multiple == 1`), and the
+returned array has the input's size, so postprocess resizes nothing. Images with a side of 16 px
+or less, where a reflection cannot reach that far, are padded by edge replication instead.
+
+Speed and memory on CPU (bench/anime.py, bench/results/anime.json): the CPU path runs
+channels-last float32 under `inference_mode` through `Generator.forward_lean`, which never
+materialises a reflect-padded copy of an activation and releases each layer's input before its
+normalisation (images under ~160² use the plain forward: there the extra border convolutions cost
+more than they save). Outputs equal the plain forward to ~1e-5 (≤ 1/255 after rounding). Fewer
+activation-sized allocations matter twice on a VM: every fresh allocation is page-faulted in, and
+at 1024² the plain forward spent ~6.5 s of kernel time per call on that here, `forward_lean` ~2.8 s.
+(torch's `THP_MEM_ALLOC_ENABLE=1`, set in the replica's environment before torch is imported,
+cut that to ~0.7 s in one measurement; it is a deployment setting, not done here.)
+Alternatives measured on this 2-core machine: `torch.compile` (inductor, freezing) and TorchScript
+freeze + `optimize_for_inference` were no faster than eager and cost 50–110 s of warm-up per
+shape; NNPACK matched this path; bfloat16 (AVX512-BF16) was ~3.9x faster but only 94.5 % of pixels
+stayed within 2/255; ONNX Runtime was ~20 % faster than this path but peaked at 3.9 GB RSS at 1024²
+with its arena allocator (1.6 GB and only ~8 % faster without it) and needs `onnx` +
+`onnxruntime` and a per-style export — so the service stays on PyTorch alone. Batching several
+images into one tensor did not raise CPU throughput (per-image time grew 7–14 %), so CPU profiles
+keep `max_batch_size: 1`; GPU replicas (float16, standard forward) batch same-size requests.
+
+Batching: inside a Serve replica with `max_batch_size > 1`, `__call__` goes through `serve.batch`
+(the decorator is applied per instance at construction, so its limits come from the config). The
+batch handler `handle_batch` groups requests by (padded height, padded width, style), runs each
+group as one tensor batch (split by `max_batch_pixels`), and returns each caller its own result or
+its own error. `serve.batch` cannot run outside a replica in Ray 2.60 (its queue asks for the
+replica context), so there `__call__` calls `handle_batch` with one request; tests call
+`handle_batch` directly with mixed batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
+
+from deployments.errors import InvalidParameter, ModelFailure, OutOfMemory
+from deployments.records import Progress, Generated, ImageSpec, Prepared
+
+#: The released styles of the published PyTorch port; `styles_dir: tiny` makes random-weight ones.
+TINY_STYLES = ("celeba_distill", "face_paint_512_v1", "face_paint_512_v2", "paprika")
+DEFAULT_STYLE = "face_paint_512_v2"
+#: Sides are padded to a multiple of this inside the model (the checkpoints' training geometry).
+PAD_MULTIPLE = 32
+#: Bump when the tiny styles' generation changes, so cached files are rebuilt.
+TINY_DIR = "anime-styles-v1"
+_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")  # preference order when one name has several
+_STYLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+_STALE_TMP_SECONDS = 3600
+# Below about this many (padded) pixels the lean forward's extra border convolutions cost more than
+# the padded copies they avoid (measured on 2 cores: 0.8x at 64², even at ~160²); above it it wins.
+_LEAN_MIN_PIXELS = 160 * 160
+
+
+class AnimeParams(BaseModel):
+    """Per-request choices for `anime`; None means "use the configured default"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    style: str | None = None
+    """Style name: a file stem in the styles directory (e.g. `face_paint_512_v2`, `paprika`)."""
+
+
+class AnimeModelConfig(BaseModel):
+    """Settings of the AnimeModel deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    styles_dir: str = "tiny"
+    """`tiny`: the four published style names with seeded random weights, generated into
+    `cache_dir/anime-styles-v1` (demo, tests; outputs look like noise). Otherwise a local directory
+    of `<style>.safetensors` or `<style>.pt` files (the published state dicts load unchanged);
+    every file in it is a style, and one added later is served without a restart. Use an absolute
+    path: it is read by the model replicas and listed by `resolve` wherever that runs (on a node
+    that cannot see it, `resolve` checks only the name's form and the replica checks the rest).
+    Never downloaded at run time."""
+    default_style: str = DEFAULT_STYLE
+    """Style used when the request names none; must exist in the styles directory."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto`: CUDA when this replica sees a GPU, else CPU."""
+    dtype: Literal["auto", "float32", "float16"] = "auto"
+    """Compute dtype; `auto`: float16 on CUDA, float32 on CPU (float16 on CPU is slow)."""
+    align_corners: bool = True
+    """Upsampling mode of the generator: True is the published module's default (and its
+    torch.hub `face2paint`); False doubles with half-pixel centres (its `test.py` default)."""
+    max_long_edge: int = 1024
+    """Largest side accepted from preprocess; larger arrays are refused (field `image`). Keep it
+    equal to the long-edge limit preprocess applies for this task."""
+    max_batch_size: int = 1
+    """Requests gathered into one call by `serve.batch` inside a replica; 1 = no batching and no
+    wait. CPU batching measured no throughput gain, so CPU profiles keep 1; GPU profiles use 4–8
+    (then `max_ongoing_requests` must be at least this, or batches never fill)."""
+    batch_wait_timeout_s: float = 0.01
+    """How long a batch waits for more requests before running (only when max_batch_size > 1)."""
+    max_batch_pixels: int = 1024 * 1024
+    """Most padded pixels run as one tensor batch; a larger group of same-size requests runs in
+    chunks. Bounds peak memory: about 1 GB per 1024² image on CPU in float32. Raise it on GPUs."""
+    num_threads: int | None = None
+    """torch intra-op threads on CPU; None keeps torch's default (the machine's cores)."""
+
+    @field_validator("max_long_edge", "max_batch_size", "max_batch_pixels")
+    @classmethod
+    def _positive_int(cls, value: int, info: ValidationInfo) -> int:
+        if value < 1:
+            raise ValueError(f"{info.field_name} must be >= 1, got {value}")
+        return value
+
+    @field_validator("num_threads")
+    @classmethod
+    def _optional_positive(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"{info.field_name} must be >= 1, got {value}")
+        return value
+
+    @field_validator("batch_wait_timeout_s")
+    @classmethod
+    def _timeout(cls, value: float, info: ValidationInfo) -> float:
+        if not 0.0 <= value <= 10.0:  # also false for NaN
+            raise ValueError(f"{info.field_name} must be between 0 and 10 seconds, got {value}")
+        return value
+
+    @field_validator("styles_dir")
+    @classmethod
+    def _styles_dir(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError(f"styles_dir must be `tiny` or a directory, got {value!r}")
+        return value
+
+    @field_validator("default_style")
+    @classmethod
+    def _style_name(cls, value: str) -> str:
+        if not _STYLE_NAME.fullmatch(value) or ".." in value:
+            raise ValueError(f"default_style must be a plain style name (no path), got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _tiny_default(self) -> AnimeModelConfig:
+        if self.styles_dir == "tiny" and self.default_style not in TINY_STYLES:
+            raise ValueError(f"default_style {self.default_style!r} is not a tiny style; tiny styles: {list(TINY_STYLES)}")
+        return self
+
+    # -- styles, without loading weights ---------------------------------------------------------
+    def style_files(self) -> dict[str, Path]:
+        """{style name: weights file} of a local styles directory (one cheap directory listing).
+
+        Raises FileNotFoundError for a missing directory; `tiny` has no files before `load()`.
+        """
+        if self.styles_dir == "tiny":
+            return {}
+        return style_files(Path(self.styles_dir).expanduser())
+
+    def styles(self) -> list[str]:
+        """The style names a request may ask for, sorted; lists the directory, loads nothing."""
+        if self.styles_dir == "tiny":
+            return list(TINY_STYLES)
+        return sorted(self.style_files())
+
+    def resolve(self, params: AnimeParams) -> AnimeParams:
+        """Fill the default style and check it exists; raises InvalidParameter naming `style`.
+
+        Loads nothing: the check is one listing of the styles directory (tiny: the fixed names).
+        """
+        style = self.default_style if params.style is None or not params.style.strip() else params.style.strip()
+        if not _STYLE_NAME.fullmatch(style) or ".." in style:
+            raise InvalidParameter(f"not a style name: {style!r} (plain names only, no paths)", "style")
+        try:
+            available = self.styles()
+        except FileNotFoundError:
+            # Not visible in this process (an ingress on a node without the directory): the model
+            # replica, which cannot start without it, resolves again and refuses unknown styles.
+            return AnimeParams(style=style)
+        if style not in available:
+            raise InvalidParameter(f"unknown style {style!r}; available: {', '.join(available) or 'none'}", "style")
+        return AnimeParams(style=style)
+
+
+def style_files(directory: Path) -> dict[str, Path]:
+    """{style: file} for `<style>.safetensors|.pt|.pth` in ``directory`` (safetensors preferred)."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"styles directory {str(directory)!r} does not exist")
+    found: dict[str, Path] = {}
+    for entry in os.scandir(directory):
+        path = Path(entry.path)
+        if path.suffix not in _WEIGHT_SUFFIXES or not _STYLE_NAME.fullmatch(path.stem) or not entry.is_file():
+            continue
+        known = found.get(path.stem)
+        if known is None or _WEIGHT_SUFFIXES.index(path.suffix) < _WEIGHT_SUFFIXES.index(known.suffix):
+            found[path.stem] = path
+    return found
+
+
+def style_seed(name: str) -> int:
+    """Stable per-name seed for the tiny styles (``hash()`` differs between processes)."""
+    return zlib.crc32(name.encode())
+
+
+def ensure_tiny_styles(cache_dir: Path | str) -> Path:
+    """Return ``cache_dir / "anime-styles-v1"`` holding the tiny styles, generating it first if missing.
+
+    Safe when several replicas start together: each writes into its own temporary directory
+    inside ``cache_dir`` and renames it into place; renaming onto an existing non-empty directory
+    fails, so the loser discards its copy. A half-written directory is never visible under the
+    final name; temporary directories older than an hour (a killed process) are removed.
+    """
+    from safetensors.torch import save_file
+
+    from deployments.animegan import random_generator
+
+    cache_dir = Path(cache_dir).expanduser()
+    final = cache_dir / TINY_DIR
+    if all((final / f"{name}.safetensors").is_file() for name in TINY_STYLES):
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    prefix = f".{TINY_DIR}.tmp-"
+    now = time.time()
+    for entry in cache_dir.glob(prefix + "*"):
+        try:
+            if now - entry.stat().st_mtime > _STALE_TMP_SECONDS:
+                shutil.rmtree(entry, ignore_errors=True)
+        except FileNotFoundError:
+            pass
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=cache_dir))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache is shared
+        for name in TINY_STYLES:
+            state = {k: v.contiguous() for k, v in random_generator(style_seed(name)).state_dict().items()}
+            save_file(state, str(tmp / f"{name}.safetensors"), metadata={"style": name, "weights": "random"})
+        try:
+            os.replace(tmp, final)  # atomic; fails if `final` exists and is not empty
+        except OSError as exc:
+            if not all((final / f"{name}.safetensors").is_file() for name in TINY_STYLES):
+                raise RuntimeError(f"cannot create {final}: {exc}; if it exists but is incomplete, delete it") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # no-op after a successful rename
+    return final
+
+
+def padding_for(height: int, width: int) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) reflect padding that brings both sides to a multiple of 32."""
+    pad_h = -height % PAD_MULTIPLE
+    pad_w = -width % PAD_MULTIPLE
+    return pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2
+
+
+class AnimeModel:
+    """AnimeGANv2 generator, all styles resident: Prepared → Generated of the same size."""
+
+    input_spec = ImageSpec(multiple=1, alpha=False)
+    task = "anime"
+
+    def __init__(self, config: AnimeModelConfig | None = None, cache_dir: Path | str = "~/.cache/imgserve") -> None:
+        self.config = config or AnimeModelConfig()
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.nets: dict[str, Any] = {}
+        """Resident generators by style name (torch modules on `device`, in `dtype`)."""
+        self.device = "cpu"
+        self.dtype: Any = None
+        self.styles_path: Path | None = None
+        self.loads = 0
+        """How many times load() read the styles (a user-visible cost)."""
+        self.batches = 0
+        self.items = 0
+        self.largest_batch = 0
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anime-model")
+        self._batched = None
+        if self.config.max_batch_size > 1 and _in_serve_replica():
+            from ray import serve
+
+            # Applied per instance so the limits come from the config (a class-level decorator
+            # would share one queue between all instances).
+            self._batched = serve.batch(
+                max_batch_size=self.config.max_batch_size,
+                batch_wait_timeout_s=self.config.batch_wait_timeout_s,
+            )(self.handle_batch)
+
+    # -- loading ---------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Read every style of the styles directory onto the device; a separate step from construction."""
+        import torch
+
+        cfg = self.config
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+            self._executor.submit(torch.set_num_threads, cfg.num_threads).result()
+        self.device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+        if cfg.dtype == "auto":
+            self.dtype = torch.float16 if self.device == "cuda" else torch.float32
+        else:
+            self.dtype = {"float32": torch.float32, "float16": torch.float16}[cfg.dtype]
+        if cfg.styles_dir == "tiny":
+            self.styles_path = ensure_tiny_styles(self.cache_dir)
+        else:
+            self.styles_path = Path(cfg.styles_dir).expanduser()
+        files = style_files(self.styles_path)
+        if cfg.default_style not in files:
+            raise FileNotFoundError(
+                f"default_style {cfg.default_style!r} has no file in {str(self.styles_path)!r}; "
+                f"styles there: {sorted(files) or 'none'}"
+            )
+        nets = {name: self._read(path) for name, path in sorted(files.items())}
+        with self._lock:
+            self.nets = nets
+        self.loads += 1
+
+    def _read(self, path: Path) -> Any:
+        import torch
+
+        from deployments.animegan import load_generator
+
+        net = load_generator(path)  # strict key and shape check, weights_only for .pt
+        return net.to(device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
+
+    def _net(self, style: str) -> Any:
+        """The resident generator of ``style``; a file added to the directory since load() is read now."""
+        net = self.nets.get(style)
+        if net is not None:
+            return net
+        with self._lock:
+            if style not in self.nets:
+                path = style_files(self.styles_path).get(style) if self.styles_path else None
+                if path is None:
+                    raise InvalidParameter(f"unknown style {style!r}; available: {', '.join(self.styles())}", "style")
+                self.nets = {**self.nets, style: self._read(path)}
+            return self.nets[style]
+
+    def styles(self) -> list[str]:
+        """Style names a request may ask for (the styles directory's listing; loads nothing)."""
+        if self.styles_path is not None:
+            return sorted(style_files(self.styles_path))
+        return self.config.styles()
+
+    def stats(self) -> dict[str, Any]:
+        """Which process serves, on which device, what is resident, how often styles were loaded."""
+        return {
+            "pid": os.getpid(),
+            "device": self.device,
+            "dtype": str(self.dtype).removeprefix("torch.") if self.dtype is not None else None,
+            "loads": self.loads,
+            "styles": sorted(self.nets),
+            "batches": self.batches,
+            "items": self.items,
+            "largest_batch": self.largest_batch,
+        }
+
+    def check_health(self) -> None:
+        """Raises when the generators are not usable, so Ray Serve replaces the replica."""
+        if not self.nets:
+            raise RuntimeError("AnimeModel styles are not loaded")
+
+    # -- serving ---------------------------------------------------------------------------------
+    async def __call__(self, prepared: Prepared, params: AnimeParams, progress: Progress | None = None) -> Generated:
+        """Serve entry point: batched by `serve.batch` in a replica when configured, else alone.
+        One forward pass, no steps: `progress` only hears the `stylize` stage."""
+        if progress is not None:
+            progress.stage("stylize")
+        if self._batched is not None:
+            result = await self._batched(prepared, params)
+        else:
+            result = (await self.handle_batch([prepared], [params]))[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def handle_batch(
+        self, prepared: list[Prepared], params: list[AnimeParams]
+    ) -> list[Generated | BaseException]:
+        """The batch handler: one result or one error per request, in order, on the model's thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.generate_batch, prepared, params)
+
+    def generate(self, prepared: Prepared, params: AnimeParams) -> Generated:
+        """One request, synchronously (tests, benchmarks): the batch path with a batch of one."""
+        result = self.generate_batch([prepared], [params])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def generate_batch(
+        self, prepared: list[Prepared], params: list[AnimeParams]
+    ) -> list[Generated | BaseException]:
+        """Requests of any sizes and styles → each its own result or error (never another's)."""
+        if len(prepared) != len(params):
+            raise ValueError(f"{len(prepared)} images but {len(params)} parameter sets")
+        results: list[Generated | BaseException | None] = [None] * len(prepared)
+        groups: dict[tuple[int, int, str], list[int]] = {}
+        resolved: list[AnimeParams | None] = [None] * len(prepared)
+        # 1. validate each request on its own: one bad request fails alone
+        for i, (item, param) in enumerate(zip(prepared, params)):
+            try:
+                resolved[i] = self.config.resolve(param)
+                height, width = self._check_array(item.array)
+                self.check_health()
+                left, right, top, bottom = padding_for(height, width)
+                groups.setdefault((height + top + bottom, width + left + right, resolved[i].style), []).append(i)
+            except Exception as exc:  # InvalidParameter, ModelFailure, ...
+                results[i] = exc
+        # 2. run: one tensor batch per (padded size, style), chunked to bound memory
+        for (height, width, style), members in groups.items():
+            chunk = max(1, self.config.max_batch_pixels // (height * width))
+            for start in range(0, len(members), chunk):
+                indices = members[start : start + chunk]
+                arrays = [prepared[i].array for i in indices]
+                for i, output in zip(indices, self._run_safely(style, arrays, (height, width))):
+                    results[i] = output
+        self.batches += 1
+        self.items += len(prepared)
+        self.largest_batch = max(self.largest_batch, len(prepared))
+        # 3. package
+        out: list[Generated | BaseException] = []
+        for i, result in enumerate(results):
+            if isinstance(result, np.ndarray):
+                result = Generated(
+                    array=result,
+                    info=prepared[i].info,
+                    params={"task": self.task, "style": resolved[i].style},
+                )
+            out.append(result)
+        return out
+
+    def _check_array(self, array: Any) -> tuple[int, int]:
+        if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+            got = f"{array.dtype} {array.shape}" if isinstance(array, np.ndarray) else type(array).__name__
+            raise InvalidParameter(f"expected an RGB uint8 array, got {got}", "image")
+        height, width = array.shape[:2]
+        if min(height, width) < 1 or max(height, width) > self.config.max_long_edge:
+            raise InvalidParameter(
+                f"sides must be 1..{self.config.max_long_edge} pixels, got {width}x{height}", "image"
+            )
+        return height, width
+
+    def _run_safely(self, style: str, arrays: list[np.ndarray], size: tuple[int, int]) -> list[Any]:
+        """`_run`, with errors turned into per-request results; after a GPU OOM, retries one by one."""
+        import torch
+
+        try:
+            return self._run(self._net(style), arrays, size)
+        except InvalidParameter as exc:
+            return [exc] * len(arrays)
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            if len(arrays) > 1:
+                return [out for array in arrays for out in self._run_safely(style, [array], size)]
+            height, width = arrays[0].shape[:2]
+            return [OutOfMemory(f"GPU out of memory at {width}x{height} ({style}): {exc}")]
+        except (RuntimeError, ValueError) as exc:
+            return [ModelFailure(f"the model failed on this request: {exc}")] * len(arrays)
+
+    def _run(self, net: Any, arrays: list[np.ndarray], size: tuple[int, int]) -> list[np.ndarray]:
+        """Pad each array to ``size`` (both sides multiples of 32), run one batch, crop each back."""
+        import torch
+        import torch.nn.functional as F
+
+        height, width = size
+        with torch.inference_mode():
+            batch = torch.empty(
+                (len(arrays), 3, height, width), dtype=self.dtype, device=self.device, memory_format=torch.channels_last
+            )
+            pads = []
+            for i, array in enumerate(arrays):
+                h, w = array.shape[:2]
+                pad = padding_for(h, w)  # the group's size is every member's own padded size
+                pads.append(pad)
+                # arrays from preprocess may be read-only (a view of a PIL buffer): torch warns on those
+                source = array if array.flags.writeable else array.copy()
+                x = torch.from_numpy(source).to(self.device).permute(2, 0, 1).unsqueeze(0).to(self.dtype)
+                x = x.mul_(1 / 127.5).sub_(1.0)
+                if any(pad):
+                    mode = "reflect" if max(pad[2:]) < h and max(pad[:2]) < w else "replicate"
+                    x = F.pad(x, pad, mode=mode)
+                batch[i] = x[0]
+            if self.device == "cpu" and height * width >= _LEAN_MIN_PIXELS:
+                out = net.forward_lean(batch, self.config.align_corners)
+            else:
+                out = net(batch, self.config.align_corners)
+            del batch
+            # [-1, 1] → [0, 255], rounded (the published test.py truncates; rounding is the closer)
+            out = out.add_(1.0).mul_(127.5).clamp_(0.0, 255.0).round_().to(torch.uint8)
+            out = out.permute(0, 2, 3, 1).cpu()  # NHWC; contiguous when `out` was channels-last
+            results = []
+            for i, array in enumerate(arrays):
+                h, w = array.shape[:2]
+                left, _, top, _ = pads[i]
+                results.append(np.ascontiguousarray(out[i, top : top + h, left : left + w].numpy()))
+            return results
+
+
+def _in_serve_replica() -> bool:
+    """True inside a Ray Serve replica, where `serve.batch` can build its queue."""
+    try:
+        from ray import serve
+
+        serve.get_replica_context()
+        return True
+    except Exception:  # RayServeException outside a replica; ImportError without Ray
+        return False
