@@ -16,19 +16,20 @@ returned array has the input's size, so postprocess resizes nothing. Images with
 or less, where a reflection cannot reach that far, are padded by edge replication instead.
 
 Speed and memory on CPU (bench/anime.py, bench/results/anime.json): the CPU path runs
-channels-last float32 under `inference_mode` through `Generator.forward_lean`, which never
-materialises a reflect-padded copy of an activation and releases each layer's input before its
-normalisation (images under ~160² use the plain forward: there the extra border convolutions cost
-more than they save). Outputs equal the plain forward to ~1e-5 (≤ 1/255 after rounding). Fewer
-activation-sized allocations matter twice on a VM: every fresh allocation is page-faulted in, and
-at 1024² the plain forward spent ~6.5 s of kernel time per call on that here, `forward_lean` ~2.8 s.
-(torch's `THP_MEM_ALLOC_ENABLE=1`, set in the replica's environment before torch is imported,
-cut that to ~0.7 s in one measurement; it is a deployment setting, not done here.)
-Alternatives measured on this 2-core machine: `torch.compile` (inductor, freezing) and TorchScript
-freeze + `optimize_for_inference` were no faster than eager and cost 50–110 s of warm-up per
-shape; NNPACK matched this path; bfloat16 (AVX512-BF16) was ~3.9x faster but only 94.5 % of pixels
-stayed within 2/255; ONNX Runtime was ~20 % faster than this path but peaked at 3.9 GB RSS at 1024²
-with its arena allocator (1.6 GB and only ~8 % faster without it) and needs `onnx` +
+channels-last float32 under `inference_mode` through `Generator.forward_lean` (images under ~160²
+use the plain forward: there its extra border convolutions cost more than they save). It never
+materialises a reflect-padded copy of an activation, normalises in place, and writes activations
+into a `Workspace` kept between calls (`workspace_mb`). The reason is the page faults: every fresh
+activation-sized tensor is faulted in by the kernel on first touch and handed back to the OS on
+free, and on this VM that cost more than the normalisations and upsamplings together (at 1024² the
+plain forward spent ~6.5 s of kernel time per call on it, `forward_lean` without workspace ~1.7 s,
+with workspace ~0.01 s). Outputs equal the plain forward to ~1e-5 (≤ 1/255 after rounding).
+Alternatives measured on this 2-core machine, before the in-place normalisation and the workspace
+were added: `torch.compile` (inductor, freezing) and TorchScript freeze + `optimize_for_inference`
+were no faster than eager and cost 50–110 s of warm-up per shape; NNPACK convolutions matched
+oneDNN's; bfloat16 (AVX512-BF16) was ~3.9x faster than eager but only 94.5 % of pixels stayed
+within 2/255; ONNX Runtime was ~20 % faster than the lean forward of then, but peaked at 3.9 GB RSS
+at 1024² with its arena allocator (1.6 GB and ~8 % faster without it) and needs `onnx` +
 `onnxruntime` and a per-style export — so the service stays on PyTorch alone. Batching several
 images into one tensor did not raise CPU throughput (per-image time grew 7–14 %), so CPU profiles
 keep `max_batch_size: 1`; GPU replicas (float16, standard forward) batch same-size requests.
@@ -122,12 +123,23 @@ class AnimeModelConfig(BaseModel):
     chunks. Bounds peak memory: about 1 GB per 1024² image on CPU in float32. Raise it on GPUs."""
     num_threads: int | None = None
     """torch intra-op threads on CPU; None keeps torch's default (the machine's cores)."""
+    workspace_mb: int = 1024
+    """CPU only: activation memory kept between calls (MiB), so a call does not page-fault its
+    activations in afresh (the largest single saving on CPU). One 1024² image needs ~960 MiB; the
+    kept memory stays resident. 0 turns it off (plain allocations)."""
 
     @field_validator("max_long_edge", "max_batch_size", "max_batch_pixels")
     @classmethod
     def _positive_int(cls, value: int, info: ValidationInfo) -> int:
         if value < 1:
             raise ValueError(f"{info.field_name} must be >= 1, got {value}")
+        return value
+
+    @field_validator("workspace_mb")
+    @classmethod
+    def _non_negative(cls, value: int, info: ValidationInfo) -> int:
+        if value < 0:
+            raise ValueError(f"{info.field_name} must be >= 0, got {value}")
         return value
 
     @field_validator("num_threads")
@@ -287,6 +299,8 @@ class AnimeModel:
         self.items = 0
         self.largest_batch = 0
         self._lock = threading.Lock()
+        self._workspace: Any = None
+        self._forward_lock = threading.Lock()  # one forward at a time owns the workspace
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anime-model")
         self._batched = None
         if self.config.max_batch_size > 1 and _in_serve_replica():
@@ -323,6 +337,10 @@ class AnimeModel:
                 f"default_style {cfg.default_style!r} has no file in {str(self.styles_path)!r}; "
                 f"styles there: {sorted(files) or 'none'}"
             )
+        if self.device == "cpu" and cfg.workspace_mb > 0:
+            from deployments.animegan import Workspace
+
+            self._workspace = Workspace(cfg.workspace_mb << 20) if Workspace.supported() else None
         nets = {name: self._read(path) for name, path in sorted(files.items())}
         with self._lock:
             self.nets = nets
@@ -366,6 +384,7 @@ class AnimeModel:
             "batches": self.batches,
             "items": self.items,
             "largest_batch": self.largest_batch,
+            "workspace_mb": round(self._workspace.kept_bytes / 2**20, 1) if self._workspace is not None else 0,
         }
 
     def check_health(self) -> None:
@@ -495,7 +514,17 @@ class AnimeModel:
                     x = F.pad(x, pad, mode=mode)
                 batch[i] = x[0]
             if self.device == "cpu" and height * width >= _LEAN_MIN_PIXELS:
-                out = net.forward_lean(batch, self.config.align_corners)
+                with self._forward_lock:
+                    workspace = self._workspace
+                    try:
+                        out = net.forward_lean(batch, self.config.align_corners, workspace)
+                    except BaseException:
+                        if workspace is not None:
+                            workspace.reset()  # blocks taken by the failed call were never given back
+                        raise
+                    finally:
+                        if workspace is not None:
+                            workspace.trim()
             else:
                 out = net(batch, self.config.align_corners)
             del batch

@@ -24,7 +24,14 @@ from deployments.anime import (
     ensure_tiny_styles,
     padding_for,
 )
-from deployments.animegan import PARAMETER_COUNT, Generator, WeightsMismatch, load_generator, random_generator
+from deployments.animegan import (
+    PARAMETER_COUNT,
+    Generator,
+    WeightsMismatch,
+    Workspace,
+    load_generator,
+    random_generator,
+)
 from deployments.errors import InvalidParameter
 from deployments.preprocess import Preprocess, PreprocessConfig
 from deployments.records import Prepared, PreparedImage
@@ -101,11 +108,18 @@ def test_state_dict_files_in_published_layout_load_strictly(tmp_path: Path) -> N
 
 def test_lean_forward_equals_the_published_forward() -> None:
     net = random_generator(3)
-    x = torch.rand(2, 3, 40, 72) * 2 - 1
-    with torch.inference_mode():
-        plain = net(x)
-        lean = net.forward_lean(x.contiguous(memory_format=torch.channels_last))
-    assert (lean - plain).abs().max().item() < 1e-4
+    workspace = Workspace()
+    # the workspace is reused across calls and sizes: a stale or aliased block would show here
+    for shape, align_corners in [((2, 3, 40, 72), True), ((1, 3, 64, 96), False), ((2, 3, 40, 72), True)]:
+        x = torch.rand(*shape) * 2 - 1
+        with torch.inference_mode():
+            plain = net(x, align_corners)
+            lean = net.forward_lean(x.contiguous(memory_format=torch.channels_last), align_corners)
+            kept = net.forward_lean(x.contiguous(memory_format=torch.channels_last), align_corners, workspace)
+            workspace.trim()
+        assert (lean - plain).abs().max().item() < 1e-4
+        assert (kept - plain).abs().max().item() < 1e-4
+    assert 0 < workspace.kept_bytes <= workspace.max_bytes
 
 
 def test_wrong_keys_or_shapes_are_named(tmp_path: Path) -> None:
@@ -155,6 +169,7 @@ def test_odd_exif_rotated_upload_keeps_size_and_aspect(model: AnimeModel) -> Non
     assert result.array.std() > 5  # not a constant image
     assert result.params == {"task": "anime", "style": "face_paint_512_v2"}
     assert result.info is ready.info
+    assert model.stats()["loads"] == 1 and model.stats()["device"] == "cpu"
 
 
 @pytest.mark.parametrize("size", [(70, 45), (200, 170)])  # plain forward below ~160², lean above
@@ -282,6 +297,7 @@ def test_check_health_fails_before_load(model_cache: Path) -> None:
         ({"default_style": "hayao"}, "default_style"),  # not a tiny style
         ({"default_style": "../x", "styles_dir": "/srv/styles"}, "default_style"),
         ({"num_threads": 0}, "num_threads"),
+        ({"workspace_mb": -1}, "workspace_mb"),
     ],
 )
 def test_bad_config_values_name_the_field(fields: dict, name: str) -> None:
