@@ -48,10 +48,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
-import tempfile
 import threading
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -60,6 +57,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
+from deployments.cachedir import build_once
 from deployments.errors import InvalidParameter, ModelFailure, OutOfMemory
 from deployments.records import Progress, Generated, ImageSpec, Prepared
 
@@ -72,7 +70,6 @@ PAD_MULTIPLE = 32
 TINY_DIR = "anime-styles-v1"
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")  # preference order when one name has several
 _STYLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
-_STALE_TMP_SECONDS = 3600
 # Below about this many (padded) pixels the lean forward's extra border convolutions cost more than
 # the padded copies they avoid (measured on 2 cores: 0.8x at 64², even at ~160²); above it it wins.
 _LEAN_MIN_PIXELS = 160 * 160
@@ -232,44 +229,22 @@ def style_seed(name: str) -> int:
 
 
 def ensure_tiny_styles(cache_dir: Path | str) -> Path:
-    """Return ``cache_dir / "anime-styles-v1"`` holding the tiny styles, generating it first if missing.
-
-    Safe when several replicas start together: each writes into its own temporary directory
-    inside ``cache_dir`` and renames it into place; renaming onto an existing non-empty directory
-    fails, so the loser discards its copy. A half-written directory is never visible under the
-    final name; temporary directories older than an hour (a killed process) are removed.
-    """
+    """Return ``cache_dir / "anime-styles-v1"`` holding the tiny styles, generating it first if missing
+    (safe when several replicas start together: ``deployments.cachedir.build_once``)."""
     from safetensors.torch import save_file
 
     from deployments.animegan import random_generator
 
-    cache_dir = Path(cache_dir).expanduser()
-    final = cache_dir / TINY_DIR
-    if all((final / f"{name}.safetensors").is_file() for name in TINY_STYLES):
-        return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    prefix = f".{TINY_DIR}.tmp-"
-    now = time.time()
-    for entry in cache_dir.glob(prefix + "*"):
-        try:
-            if now - entry.stat().st_mtime > _STALE_TMP_SECONDS:
-                shutil.rmtree(entry, ignore_errors=True)
-        except FileNotFoundError:
-            pass
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=cache_dir))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache is shared
+    def build(directory: Path) -> None:
         for name in TINY_STYLES:
             state = {k: v.contiguous() for k, v in random_generator(style_seed(name)).state_dict().items()}
-            save_file(state, str(tmp / f"{name}.safetensors"), metadata={"style": name, "weights": "random"})
-        try:
-            os.replace(tmp, final)  # atomic; fails if `final` exists and is not empty
-        except OSError as exc:
-            if not all((final / f"{name}.safetensors").is_file() for name in TINY_STYLES):
-                raise RuntimeError(f"cannot create {final}: {exc}; if it exists but is incomplete, delete it") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # no-op after a successful rename
-    return final
+            save_file(state, str(directory / f"{name}.safetensors"), metadata={"style": name, "weights": "random"})
+
+    return build_once(
+        Path(cache_dir).expanduser() / TINY_DIR,
+        build,
+        lambda final: all((final / f"{name}.safetensors").is_file() for name in TINY_STYLES),
+    )
 
 
 def padding_for(height: int, width: int) -> tuple[int, int, int, int]:
