@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from deployments import packaging
 from deployments.errors import InvalidParameter
-from deployments.records import Generated, Progress
+from deployments.records import Generated
 
 ImageFormat = Literal["png", "webp", "jpeg"]
 IMAGE_FORMATS: tuple[str, ...] = ("png", "webp", "jpeg")
@@ -86,9 +86,7 @@ class Postprocess:
     def __init__(self, config: PostprocessConfig | None = None) -> None:
         self.config = config or PostprocessConfig()
 
-    def encode(self, generated: Generated, fmt: str = "png", progress: Progress | None = None) -> Encoded:
-        if progress is not None:
-            progress.stage("postprocess")
+    def encode(self, generated: Generated, fmt: str = "png") -> Encoded:
         if generated.array.ndim == 4:
             return self.package_layers(generated, fmt)
         # 1. validate

@@ -62,21 +62,6 @@ class QueueFull(ImgserveError):
 STATUS.update({NotFound: 404, MethodNotAllowed: 405, NotReady: 409, QueueFull: 503})
 
 
-_REPLICA_LOST = (ray_exceptions.RayActorError, DeploymentUnavailableError)
-
-
-def replica_lost(exc: BaseException) -> bool:
-    """True when a replica died under the request: directly, or as the failed input of a later hop
-    (Serve then raises "an upstream actor died", caused by a RayTaskError whose cause it is)."""
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, _REPLICA_LOST):
-            return True
-        exc = getattr(exc, "cause", None) or exc.__cause__
-        seen += 1
-    return False
-
-
 def error_body(code: str, message: str, field: str | None = None) -> dict:
     error = {"code": code, "message": message}
     if field is not None:
@@ -96,7 +81,7 @@ def error_response(exc: BaseException, retry_after_s: int) -> JSONResponse:
             status_code=503,
             headers={"Retry-After": str(retry_after_s)},
         )
-    if replica_lost(exc):
+    if isinstance(exc, (ray_exceptions.ActorDiedError, ray_exceptions.ActorUnavailableError, DeploymentUnavailableError)):
         log.warning("replica unavailable: %s", exc)
         return JSONResponse(
             error_body("unavailable", "a model replica became unavailable; retry the request"),

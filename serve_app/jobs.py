@@ -19,16 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
+from ray import exceptions as ray_exceptions
 from ray.serve.exceptions import BackPressureError
 
 from deployments.errors import Cancelled, ImgserveError
-from serve_app.errors import NotFound, QueueFull, replica_lost
+from serve_app.errors import NotFound, QueueFull
 from serve_app.pipeline import Pipeline
 from serve_app.store import Job, SqliteJobStore
 
 log = logging.getLogger("imgserve.jobs")
 
 _EVENT_LOGS_KEPT = 1000  # memory stays bounded: older jobs' streams start from their status
+_REPLICA_LOST = (ray_exceptions.ActorDiedError, ray_exceptions.ActorUnavailableError, ray_exceptions.RayActorError)
 
 
 class JobsConfig(BaseModel):
@@ -222,14 +224,7 @@ class JobRunner:
             await asyncio.sleep(self.config.backpressure_retry_s)
             self.store.update(job.id, state="queued", attempts=job.attempts - 1, stage=None)
             self._record(job.id, state="queued")
-        except ImgserveError as exc:
-            error = {"code": exc.code, "message": exc.message}
-            if exc.field is not None:
-                error["field"] = exc.field
-            self._finish(job.id, "failed", error=error)
-        except Exception as exc:
-            if not replica_lost(exc):
-                raise
+        except _REPLICA_LOST as exc:
             if job.attempts < self.config.max_attempts:
                 log.warning("job %s lost its replica (%s); retrying", job.id, type(exc).__name__)
                 self.store.update(job.id, state="queued", stage=None, step=None)
@@ -239,6 +234,11 @@ class JobRunner:
                     "code": "replica_lost",
                     "message": f"the model replica died during this job {job.attempts} times; last: {type(exc).__name__}",
                 })
+        except ImgserveError as exc:
+            error = {"code": exc.code, "message": exc.message}
+            if exc.field is not None:
+                error["field"] = exc.field
+            self._finish(job.id, "failed", error=error)
         else:
             if self.store.get(job.id).cancel_requested:
                 self._finish(job.id, "cancelled", error={"code": "cancelled", "message": "cancelled by the client"})

@@ -97,28 +97,23 @@ class Pipeline:
         return Resolved(task, self._resolvers[task](parse_params(spec.params, fields)), fmt)
 
     async def run(self, request: Resolved, image: bytes, progress: Progress | None = None) -> Encoded:
-        """Run a resolved request; raises the `deployments.errors` classes on bad input.
-
-        Each hop is awaited only until Serve has admitted it to a replica (`_to_object_ref`), so
-        every queue limit holds (a BackPressureError surfaces here), while the arrays go from
-        replica to replica as object references without passing through this process. (Passing
-        the `DeploymentResponse` itself on would bypass `max_queued_requests` in Ray Serve 2.60.)
-        An error in an earlier hop reaches the caller as that error (RayTaskError(<cause>)).
-        """
-        # 1. preprocess on CPU replicas
+        """Run a resolved request; raises the `deployments.errors` classes on bad input."""
+        # 1. preprocess on CPU replicas; awaited so the model's queue limit is enforced (a
+        #    DeploymentResponse passed straight on bypasses max_queued_requests in Ray Serve 2.60)
         if progress is not None:
             progress.stage("preprocess")
-        spec = TASKS[request.task].model.input_spec
-        prepared = await self.preprocess.prepare.remote(image, spec)._to_object_ref()
+        prepared = await self.preprocess.prepare.remote(image, TASKS[request.task].model.input_spec)
         # 2. the model
         handle = self.models[request.task]
         lora = getattr(request.params, "lora", NONE)
         if lora != NONE:
             # routes to a replica that already holds this version, when one is free
             handle = handle.options(multiplexed_model_id=lora)
-        generated = await handle.remote(prepared, request.params, progress)._to_object_ref()
-        # 3. encode on CPU replicas (it reports the `postprocess` stage when it starts)
-        return await self.postprocess.encode.remote(generated, request.format, progress)
+        generated = await handle.remote(prepared, request.params, progress)
+        # 3. encode on CPU replicas
+        if progress is not None:
+            progress.stage("postprocess")
+        return await self.postprocess.encode.remote(generated, request.format)
 
     def models_info(self) -> dict[str, Any]:
         """GET /v1/models: tasks, their defaults, limits, choices and formats."""
