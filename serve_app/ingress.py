@@ -177,19 +177,20 @@ class Ingress:
             return self._error(exc)
         return JSONResponse(status, status_code=202, headers={"Location": f"/v1/jobs/{status['id']}"})
 
-    @api.get("/v1/jobs/{job_id}")
-    async def job_status(self, job_id: str) -> Response:
+    async def _json(self, response: Any) -> Response:
+        """A runner call's answer as JSON, or its error in the one JSON shape."""
         try:
-            return JSONResponse(await self.jobs.status.remote(job_id))
+            return JSONResponse(await response)
         except Exception as exc:
             return self._error(exc)
 
+    @api.get("/v1/jobs/{job_id}")
+    async def job_status(self, job_id: str) -> Response:
+        return await self._json(self.jobs.status.remote(job_id))
+
     @api.delete("/v1/jobs/{job_id}")
     async def cancel_job(self, job_id: str) -> Response:
-        try:
-            return JSONResponse(await self.jobs.cancel.remote(job_id))
-        except Exception as exc:
-            return self._error(exc)
+        return await self._json(self.jobs.cancel.remote(job_id))
 
     @api.get("/v1/jobs/{job_id}/result")
     async def job_result(self, job_id: str) -> Response:
@@ -244,5 +245,5 @@ class Ingress:
             image, fields = await read_upload(request, self.config.preprocess.max_bytes)
             encoded = await self.run(task, image, fields)
         except Exception as exc:
-            return error_response(exc, self.config.ingress.retry_after_s)
+            return self._error(exc)
         return Response(encoded.data, media_type=encoded.media_type, headers=result_headers(encoded))
