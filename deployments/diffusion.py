@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
 from deployments.errors import InvalidParameter
+from deployments.placement import PlacementConfig, Plan
 
 MIN_STEPS = 2
 """Fewest denoising steps: with the Qwen-Image scheduler config (shift_terminal) one step divides
@@ -66,6 +67,10 @@ class DiffusionConfig(BaseModel):
     """Longest prompt or negative prompt accepted, in characters."""
     num_threads: int | None = None
     """torch intra-op threads on CPU; None keeps torch's default."""
+    placement: PlacementConfig | None = None
+    """How a replica spreads the pipeline over the GPUs it owns (`deployments.placement`): the
+    builder asks Ray for the GPUs the plan needs, and `open_pipeline` applies the plan when CUDA is
+    present. None: the whole pipeline on one device (CUDA when visible, else CPU), as in the demo."""
 
     @field_validator("default_steps", "max_steps")
     @classmethod
@@ -121,11 +126,23 @@ class DiffusionConfig(BaseModel):
                 raise InvalidParameter(f"longer than {self.max_prompt_chars} characters ({len(text)})", name)
         return {"prompt": prompt, "negative_prompt": negative or " ", "steps": steps, "cfg": cfg, "seed": seed}
 
+    def plan(self, task: Literal["real", "layers"]) -> Plan | None:
+        """The placement plan for this model, from the configs of `source` when that directory is
+        here, else from the published configs stored in the package (what `tiny` stands in for)."""
+        if self.placement is None:
+            return None
+        from deployments import placement
+
+        directory = None if self.source == "tiny" else Path(self.source).expanduser()
+        sizes = placement.component_sizes(directory) if directory and (directory / "model_index.json").is_file() else None
+        return placement.plan(task, self.placement, sizes)
+
     def open_pipeline(self, kind: Literal["edit", "layered"], cache_dir: Path, section: str) -> tuple[Any, str]:
-        """(pipeline on its device, device name) from `source`; applies `num_threads`."""
+        """(pipeline on its device, device name) from `source`; applies `num_threads`, and the
+        placement plan when CUDA is present (on fake GPUs the plan is computed but not applied)."""
         import torch
 
-        from deployments import tiny
+        from deployments import placement, tiny
 
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
@@ -144,4 +161,26 @@ class DiffusionConfig(BaseModel):
                 )
         pipe = tiny.load_pipeline(kind, directory, torch_dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
+        plan = self.plan("real" if kind == "edit" else "layers")
+        if device == "cuda" and plan is not None:
+            # loaded on CPU first: the plan may cast to fp8 or offload before anything reaches a GPU
+            placement.place_pipeline(pipe, plan)
+            return pipe, device
         return pipe.to(device), device
+
+
+def replica_location() -> dict[str, Any]:
+    """Where this process runs: pid, and under Ray the node id and the GPU ids Ray assigned (fake
+    GPUs included). Lets operators and tests see which node and cards a replica landed on."""
+    import os
+
+    location: dict[str, Any] = {"pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            location["node_id"] = ray.get_runtime_context().get_node_id()
+            location["gpu_ids"] = [str(gpu) for gpu in ray.get_gpu_ids()]
+    except ImportError:  # plain use without Ray (tests, GPU benchmarks)
+        pass
+    return location

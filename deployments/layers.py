@@ -63,7 +63,8 @@ import numpy as np
 from pydantic import ValidationInfo, field_validator, model_validator
 
 from deployments.errors import Cancelled, InvalidParameter, ModelFailure, OutOfMemory
-from deployments.diffusion import DiffusionConfig, DiffusionParams
+from deployments.diffusion import DiffusionConfig, DiffusionParams, replica_location
+from deployments.placement import Plan
 from deployments.records import Generated, ImageSpec, Prepared, Progress
 
 #: The buckets `QwenImageLayeredPipeline` accepts (it asserts `resolution in [640, 1024]`).
@@ -264,6 +265,8 @@ class LayersModel:
         self.cache_dir = Path(cache_dir).expanduser()
         self.pipe: Any = None
         self.device = "cpu"
+        self.plan: Plan | None = None
+        """The placement plan this replica was loaded with (None: one device, no planning)."""
         self.loads = 0
         """How many times the pipeline was loaded by this instance (a user-visible cost)."""
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
@@ -274,11 +277,13 @@ class LayersModel:
     def load(self) -> None:
         """Build or read the pipeline and move it to the device; a separate step from construction."""
         self.pipe, self.device = self.config.open_pipeline("layered", self.cache_dir, "layers")
+        self.plan = self.config.plan("layers")
         self.loads += 1
 
     def stats(self) -> dict[str, Any]:
         """Which process serves, on which device, and how often the pipeline was loaded."""
-        return {"pid": os.getpid(), "device": self.device, "loads": self.loads}
+        return {**replica_location(), "device": self.device, "loads": self.loads,
+                "plan": self.plan.to_dict() if self.plan else None}
 
     def check_health(self) -> None:
         """Raises when the pipeline is not usable, so Ray Serve replaces the replica."""

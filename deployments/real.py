@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationInfo, field_validator
 
-from deployments.diffusion import DiffusionConfig, DiffusionParams
+from deployments.diffusion import DiffusionConfig, DiffusionParams, replica_location
 from deployments.errors import Cancelled, InvalidParameter, ModelFailure, OutOfMemory
+from deployments.placement import Plan
 from deployments.lora import NONE, LoraStore, check_name, diffusers_state_dict, ensure_tiny_loras, inspect_lora, linear_shapes
 from deployments.records import Generated, ImageSpec, Prepared, Progress
 
@@ -134,6 +135,8 @@ class RealModel:
         self.cache_dir = Path(cache_dir).expanduser()
         self.pipe: Any = None
         self.device = "cpu"
+        self.plan: Plan | None = None
+        """The placement plan this replica was loaded with (None: one device, no planning)."""
         self.loads = 0
         """How many times the base pipeline was loaded by this instance (a user-visible cost)."""
         self.store: LoraStore | None = None
@@ -156,14 +159,16 @@ class RealModel:
         if self.config.condition_area:
             tiny.set_condition_areas(self.config.condition_area, self.config.condition_area)
         self.pipe, self.device = self.config.open_pipeline("edit", self.cache_dir, "real")
+        self.plan = self.config.plan("real")
         self._linear_shapes = linear_shapes(self.pipe.transformer)
         self.loads += 1
 
     def stats(self) -> dict[str, Any]:
         """Which process serves, on which device, and how often the base pipeline was loaded."""
         return {
-            "pid": os.getpid(),
+            **replica_location(),
             "device": self.device,
+            "plan": self.plan.to_dict() if self.plan else None,
             "loads": self.loads,
             "adapters": list(self._resident),
             "adapter_loads": dict(self.adapter_loads),

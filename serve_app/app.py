@@ -12,12 +12,13 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from deployments import placement
 from deployments.anime import AnimeModel
 from deployments.layers import LayersModel
 from deployments.postprocess import Postprocess
 from deployments.preprocess import Preprocess
 from deployments.real import RealModel
-from serve_app.config import AppConfig, DeploymentOptions, load_config
+from serve_app.config import AppConfig, DeploymentOptions, LayersSection, RealSection, load_config
 from serve_app.ingress import Ingress
 from serve_app.jobs import JobRunner
 from serve_app.pipeline import Pipeline
@@ -51,9 +52,28 @@ class ServedJobRunner(JobRunner):
         await self.start()
 
 
-def deployment(cls: type, options: DeploymentOptions, name: str | None = None) -> serve.Deployment:
+def deployment(cls: type, options: DeploymentOptions | dict[str, Any], name: str | None = None) -> serve.Deployment:
     """`cls` as a Serve deployment with the options from config."""
-    return serve.deployment(cls, name=name or cls.__name__).options(**options.serve_options())
+    if isinstance(options, DeploymentOptions):
+        options = options.serve_options()
+    return serve.deployment(cls, name=name or cls.__name__).options(**options)
+
+
+def model_options(section: RealSection | LayersSection, task: str) -> dict[str, Any]:
+    """Serve options of a diffusion model deployment: from config, and with `placement` the GPUs,
+    custom resources and placement-group bundle its plan needs (exactly those, no more)."""
+    options = section.serve.serve_options()
+    plan = section.plan(task)
+    if plan is None:
+        return options
+    actor = dict(options["ray_actor_options"])
+    planned = placement.ray_options(plan, section.placement, num_cpus=actor.get("num_cpus", 1))
+    resources = {**actor.get("resources", {}), **planned["ray_actor_options"].get("resources", {})}
+    options["ray_actor_options"] = {**actor, **planned["ray_actor_options"], **({"resources": resources} if resources else {})}
+    for key in ("placement_group_bundles", "placement_group_strategy"):
+        if key in planned:
+            options[key] = planned[key]
+    return options
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -67,8 +87,9 @@ def build_graph(args: dict[str, Any] | AppConfig | None = None, *, real_cls: typ
     preprocess = deployment(Preprocess, config.preprocess.serve).bind(config.preprocess)
     postprocess = deployment(Postprocess, config.postprocess.serve).bind(config.postprocess)
     real_cls = loading(real_cls, max_adapters=config.real.max_adapters_per_replica)
-    real = deployment(real_cls, config.real.serve, name="RealModel").bind(config.real, config.cache_dir)
-    layers = deployment(loading(LayersModel), config.layers.serve, name="LayersModel").bind(config.layers, config.cache_dir)
+    real = deployment(real_cls, model_options(config.real, "real"), name="RealModel").bind(config.real, config.cache_dir)
+    layers = deployment(loading(LayersModel), model_options(config.layers, "layers"), name="LayersModel").bind(
+        config.layers, config.cache_dir)
     anime = deployment(loading(AnimeModel), config.anime.serve, name="AnimeModel").bind(config.anime, config.cache_dir)
     models = {"real": real, "anime": anime, "layers": layers}
     jobs = deployment(ServedJobRunner, config.jobs.serve, name="JobRunner").bind(config, preprocess, models, postprocess)

@@ -2,7 +2,10 @@
 
 `imgserve models`, `imgserve health`, `imgserve real IMAGE -o OUT [--steps N --seed S ...]`, and
 `imgserve submit IMAGE --task T -o OUT [--set field=value ...]` (a job, with a progress bar), and
-`imgserve lora inspect FILE [--config YAML | --base DIR]` (offline: reads headers and configs only).
+`imgserve lora inspect FILE [--config YAML | --base DIR]` (offline: reads headers and configs only),
+and `imgserve plan --task real|layers --gpus 2x24 [...]` (offline: the memory placement a replica
+would use on those GPUs; exit status 2 when nothing fits), and `imgserve kuberay CONFIG` (offline:
+the KubeRay RayService manifest whose serveConfigV2 is that config file).
 Starting the service is Ray Serve's own `serve run configs/<profile>.yaml`; this command is a thin
 layer over `serve_app.client` and prints errors as one readable line (exit status 1).
 """
@@ -44,7 +47,48 @@ def _parser() -> argparse.ArgumentParser:
     base = inspect.add_mutually_exclusive_group()
     base.add_argument("--config", help="a Serve config YAML: check against its real.source")
     base.add_argument("--base", help="a local Qwen-Image-Edit directory (diffusers layout)")
+    plan = commands.add_parser("plan", help="memory placement of a diffusion replica on given GPUs (offline)")
+    plan.add_argument("--task", required=True, choices=["real", "layers"])
+    plan.add_argument("--gpus", required=True, help="GPUs one replica owns, COUNTxGB (e.g. 1x24, 2x24, 1x80)")
+    plan.add_argument("--resolution", type=int, default=1024, help="longest pixel edge to plan for")
+    plan.add_argument("--layers", type=int, default=8, help="layers task: layer count to plan for")
+    plan.add_argument("--no-fp8", action="store_true", help="keep every weight in bf16")
+    plan.add_argument("--no-offload", action="store_true", help="never stream weights from CPU")
+    plan.add_argument("--model", help="a local diffusers directory to size instead of the published configs")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    kuberay = commands.add_parser("kuberay", help="a KubeRay RayService manifest from a Serve config (offline)")
+    kuberay.add_argument("config", help="a Serve config YAML, e.g. configs/rtx4090-cluster.yaml")
+    kuberay.add_argument("--image", default="imgserve:latest", help="container image with imgserve installed")
+    kuberay.add_argument("--gpus-per-node", type=int, default=4)
+    kuberay.add_argument("--min-workers", type=int, default=1)
+    kuberay.add_argument("--max-workers", type=int, default=4)
     return parser
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    """`imgserve plan`: print the plan (exit 0) or why nothing fits (exit 2); needs no service."""
+    from pydantic import ValidationError
+
+    from deployments import placement
+
+    try:
+        count, memory = placement.parse_gpus(args.gpus)
+        config = placement.PlacementConfig(gpus=count, gpu_memory_gb=memory, resolution=args.resolution,
+                                           layers=args.layers, allow_fp8=not args.no_fp8,
+                                           allow_offload=not args.no_offload)
+        sizes = placement.component_sizes(args.model) if args.model else None
+        result = placement.plan(args.task, config, sizes)
+    except placement.DoesNotFit as error:
+        print(f"imgserve: {error.reason}", file=sys.stderr)
+        return 2
+    except ValidationError as error:
+        print("imgserve: " + "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in error.errors()), file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as error:
+        print(f"imgserve: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.describe())
+    return 0
 
 
 def _transformer_dir(config_path: str | None, base: str | None) -> Path | None:
@@ -80,6 +124,20 @@ def lora_inspect(file: str, config_path: str | None, base: str | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "plan":  # offline: no service, no client
+        return plan_command(args)
+    if args.command == "kuberay":
+        from pydantic import ValidationError
+
+        from serve_app.kuberay import render
+
+        try:
+            print(render(args.config, image=args.image, gpus_per_node=args.gpus_per_node,
+                         min_workers=args.min_workers, max_workers=args.max_workers), end="")
+        except (ValidationError, ValueError, OSError) as error:
+            print(f"imgserve: {error}", file=sys.stderr)
+            return 1
+        return 0
     try:
         with Client(args.url) as client:
             if args.command == "health":

@@ -13,6 +13,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.anime import AnimeModelConfig
+from deployments.diffusion import DiffusionConfig
+from deployments.placement import DoesNotFit
 from deployments.layers import LayersModelConfig
 from deployments.postprocess import PostprocessConfig
 from deployments.preprocess import PreprocessConfig
@@ -127,11 +129,33 @@ class PostprocessSection(PostprocessConfig):
     """Ray Serve options of the postprocess deployment (CPU replicas)."""
 
 
+def _check_placement(section: str, task: Literal["real", "layers"], config: DiffusionConfig,
+                     serve: DeploymentOptions) -> None:
+    """A placement plan owns the GPU request, and must fit the cards it is given."""
+    if config.placement is None:
+        return
+    if "num_gpus" in serve.ray_actor_options:
+        raise ValueError(
+            f"{section}.serve.ray_actor_options.num_gpus ({serve.ray_actor_options['num_gpus']}) conflicts with "
+            f"{section}.placement: the plan decides how many GPUs a replica asks for; remove num_gpus"
+        )
+    try:
+        config.plan(task)
+    except DoesNotFit as error:
+        raise ValueError(f"{section}.placement does not fit: {error}") from None
+
+
 class RealSection(RealModelConfig):
     """The `real` task's model deployment: its own settings plus Serve options."""
 
     serve: DeploymentOptions = Field(default_factory=lambda: _model_defaults(num_cpus=1, num_gpus=1))
-    """Ray Serve options of the RealModel deployment (a GPU replica by default)."""
+    """Ray Serve options of the RealModel deployment (a GPU replica by default). With `placement`,
+    leave out `num_gpus`: the builder asks for the GPUs (and `placement_group_bundles`) the plan needs."""
+
+    @model_validator(mode="after")
+    def _placement(self) -> RealSection:
+        _check_placement("real", "real", self, self.serve)
+        return self
 
 
 class AnimeSection(AnimeModelConfig):
@@ -146,7 +170,21 @@ class LayersSection(LayersModelConfig):
     """The `layers` task's model deployment: its own settings plus Serve options."""
 
     serve: DeploymentOptions = Field(default_factory=lambda: _model_defaults(num_cpus=1, num_gpus=1))
-    """Ray Serve options of the LayersModel deployment (a GPU replica by default)."""
+    """Ray Serve options of the LayersModel deployment (a GPU replica by default); with
+    `placement`, leave out `num_gpus` as for `real`."""
+
+    @model_validator(mode="after")
+    def _placement(self) -> LayersSection:
+        if self.placement is not None:
+            # the plan must hold the largest request this section admits
+            if self.placement.layers < self.max_layers:
+                raise ValueError(f"layers.placement.layers ({self.placement.layers}) must be >= layers.max_layers "
+                                 f"({self.max_layers}): a request may ask for that many")
+            if self.placement.resolution < max(self.resolutions):
+                raise ValueError(f"layers.placement.resolution ({self.placement.resolution}) must be >= the largest "
+                                 f"of layers.resolutions ({max(self.resolutions)})")
+        _check_placement("layers", "layers", self, self.serve)
+        return self
 
 
 class JobsSection(JobsConfig):
@@ -192,6 +230,14 @@ class AppConfig(BaseModel):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @model_validator(mode="after")
+    def _plan_holds_largest_input(self) -> AppConfig:
+        placement = self.real.placement
+        if placement is not None and placement.resolution < self.preprocess.max_long_edge:
+            raise ValueError(f"real.placement.resolution ({placement.resolution}) must be >= "
+                             f"preprocess.max_long_edge ({self.preprocess.max_long_edge}): inputs reach the model that large")
+        return self
 
 
 def load_config(args: dict[str, Any] | AppConfig | None) -> AppConfig:

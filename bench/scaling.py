@@ -1,0 +1,306 @@
+"""Throughput of the `real` graph with 1, 2 and 4 GPU replicas on the local multi-node cluster.
+
+The model is a stand-in whose service time is fixed (`FixedTimeRealModel`: it sleeps, then returns
+its input), so only the serving system is measured: HTTP proxy, ingress, preprocess, routing to
+replicas on other nodes, postprocess. Everything else is the real graph from
+configs/rtx4090-cluster.yaml (placement 1x24 per replica, rtx4090 resources, queue limits), on
+`cluster/local.sh` (head + 2 workers × 2 fake GPUs, loopback).
+
+Measured in one run:
+- saturation throughput for n = 1, 2, 4 replicas (closed loop, 2n clients), and the scaling
+  efficiency X(n) / (n · X(1)); goal >= 90 % at n = 4;
+- latency under a steady load at 80 % of the 4-replica capacity (evenly spaced arrivals, open
+  loop); goal p99 <= 2 x the service time. Poisson arrivals at the same rate are recorded too: their
+  p99 includes queueing that no serving system avoids (an M/D/4 queue at 80 % load).
+
+Run: .venv/bin/python bench/scaling.py   (about 6 minutes; writes bench/results/scaling.json + .png)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import os
+import platform
+import random
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+import yaml  # noqa: E402
+from PIL import Image  # noqa: E402
+from ray import serve  # noqa: E402
+from ray.util.state import list_actors  # noqa: E402
+
+from deployments.real import RealModel  # noqa: E402
+from deployments.records import Generated  # noqa: E402
+from serve_app.app import build_graph  # noqa: E402
+
+PORT = 6392
+ENV = {**os.environ, "IMGSERVE_CLUSTER_PORT": str(PORT), "IMGSERVE_DASHBOARD": "1", "IMGSERVE_DASHBOARD_PORT": "8267",
+       "IMGSERVE_WORKER_GPUS": "2", "IMGSERVE_WORKER_CPUS": "1"}
+SERVICE_TIME_S = 1.0
+
+
+class FixedTimeRealModel(RealModel):
+    """The `real` model with a fixed service time and no diffusion: measures the serving system only.
+
+    Validation, parameter resolution and the result's shape are the real model's; the pipeline is
+    replaced by a sleep of `SERVICE_TIME_S` that returns the input array.
+    """
+
+    def load(self) -> None:
+        self.store = self.config.lora_store(self.cache_dir)
+        self.plan = self.config.plan("real")
+        self.loads += 1
+
+    def check_health(self) -> None:
+        pass
+
+    def generate(self, prepared: Any, params: Any, progress: Any = None) -> Generated:
+        params = self.config.resolve(params, self.store)
+        time.sleep(SERVICE_TIME_S)
+        return Generated(array=prepared.array, info=prepared.info,
+                         params={"task": self.task, **params.model_dump()}, served={"replica": self.replica})
+
+
+def local_sh(*args: str) -> None:
+    subprocess.run([str(REPO / "cluster" / "local.sh"), *args], env=ENV, check=True, capture_output=True, timeout=300)
+
+
+def bench_args(replicas: int, cache_dir: Path) -> dict[str, Any]:
+    document = yaml.safe_load((REPO / "configs" / "rtx4090-cluster.yaml").read_text())
+    args = copy.deepcopy(document["applications"][0]["args"])
+    args["cache_dir"] = str(cache_dir)
+    args["jobs"]["directory"] = str(cache_dir / "jobs")
+    args["jobs"]["serve"]["ray_actor_options"]["num_cpus"] = 0.05
+    for name in ("ingress", "preprocess", "postprocess", "anime"):
+        options = args[name]["serve"]
+        options["ray_actor_options"]["num_cpus"] = 0.1
+        # enough CPU replicas that they never limit a 4-replica GPU tier on this machine
+        count = 1 if name in ("ingress", "anime") else 2
+        options["autoscaling_config"].update(min_replicas=count, max_replicas=count)
+    real = args["real"]
+    real.update(source="tiny", lora_dir=None)
+    real["placement"]["gpus"] = 1
+    real["serve"].update(num_replicas=replicas, autoscaling_config=None, max_queued_requests=64)
+    real["serve"]["ray_actor_options"]["num_cpus"] = 0.1
+    layers = args["layers"]
+    layers.update(source="tiny", placement=None, max_layers=4)
+    layers["serve"].update(num_replicas=1, autoscaling_config=None)
+    layers["serve"]["ray_actor_options"] = {"num_cpus": 0.05}
+    return args
+
+
+def upload(size: int) -> bytes:
+    """A sample photo (../shared/samples) scaled to `size` long edge, as JPEG."""
+    samples = sorted((REPO.parent / "shared" / "samples").glob("*.jpg"))
+    image = Image.open(samples[0]).convert("RGB") if samples else Image.fromarray(
+        np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8))
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+class Load:
+    """Sends requests to the service and records (start, latency, status) of each."""
+
+    def __init__(self, url: str, body: bytes) -> None:
+        self.url = url
+        self.body = body
+        self.records: list[tuple[float, float, int]] = []
+        self.lock = threading.Lock()
+        self.local = threading.local()
+
+    def one(self) -> None:
+        client = getattr(self.local, "client", None)
+        if client is None:
+            client = self.local.client = httpx.Client(base_url=self.url, timeout=300)
+        start = time.monotonic()
+        response = client.post("/v1/real", files={"image": ("in.jpg", self.body, "image/jpeg")},
+                               data={"steps": "2", "seed": "1"})
+        with self.lock:
+            self.records.append((start, time.monotonic() - start, response.status_code))
+
+    def closed_loop(self, clients: int, duration_s: float) -> dict[str, Any]:
+        """`clients` callers each sending back to back; completions per second over the window."""
+        self.records = []
+        deadline = time.monotonic() + duration_s
+
+        def caller() -> None:
+            while time.monotonic() < deadline:
+                self.one()
+
+        begin = time.monotonic()
+        threads = [threading.Thread(target=caller) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.monotonic() - begin
+        ok = [r for r in self.records if r[2] == 200]
+        return {"clients": clients, "window_s": round(elapsed, 2), "completed": len(ok),
+                "errors": len(self.records) - len(ok), "throughput_rps": len(ok) / elapsed,
+                "latency_ms": summary([r[1] for r in ok])}
+
+    def open_loop(self, rate: float, duration_s: float, poisson: bool, seed: int = 0) -> dict[str, Any]:
+        """Arrivals at `rate` per second (evenly spaced, or Poisson), each on its own thread."""
+        self.records = []
+        rng = random.Random(seed)
+        arrivals, t = [], 0.0
+        while t < duration_s:
+            arrivals.append(t)
+            t += rng.expovariate(rate) if poisson else 1.0 / rate
+        begin = time.monotonic()
+        with ThreadPoolExecutor(max_workers=64) as pool:
+            for offset in arrivals:
+                delay = begin + offset - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                pool.submit(self.one)
+        ok = [r for r in self.records if r[2] == 200]
+        return {"rate_rps": rate, "arrivals": "poisson" if poisson else "evenly spaced", "sent": len(arrivals),
+                "completed": len(ok), "statuses": sorted({r[2] for r in self.records}),
+                "latency_ms": summary([r[1] for r in ok])}
+
+
+def summary(seconds: list[float]) -> dict[str, float]:
+    if not seconds:
+        return {}
+    ordered = sorted(seconds)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]  # noqa: E731
+    return {"n": len(ordered), "p50": round(pick(0.5) * 1000, 1), "p99": round(pick(0.99) * 1000, 1),
+            "mean": round(statistics.fmean(ordered) * 1000, 1), "max": round(ordered[-1] * 1000, 1)}
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = result["saturation"]
+    n = [row["replicas"] for row in rows]
+    x = [row["throughput_rps"] for row in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(n, x, "o-", label="measured")
+    left.plot(n, [x[0] * k for k in n], "--", label="linear from 1 replica")
+    left.plot(n, [k / SERVICE_TIME_S for k in n], ":", label="ideal (n / service time)")
+    left.set_xlabel("GPU replicas")
+    left.set_ylabel("requests / s")
+    left.set_title("saturation throughput")
+    left.legend()
+    for name, run in result["steady_80pct"].items():
+        latencies = sorted(run["samples_ms"])
+        right.plot(latencies, np.linspace(0, 1, len(latencies)), label=run["arrivals"])
+    right.axvline(2000 * SERVICE_TIME_S, color="red", linestyle=":", label="goal: p99 <= 2 x service")
+    right.set_xlabel("latency (ms)")
+    right.set_ylabel("fraction of requests")
+    right.set_title("4 replicas at 80 % of capacity")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--window", type=float, default=25.0, help="seconds per saturation measurement")
+    parser.add_argument("--steady", type=float, default=60.0, help="seconds of steady load at 80 %%")
+    parser.add_argument("--edge", type=int, default=512, help="long edge of the uploaded photo")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "scaling.json"))
+    options = parser.parse_args()
+    started = time.monotonic()
+    cache = Path(os.environ.get("TMPDIR", "/tmp")) / "imgserve-bench-scaling"
+    cache.mkdir(parents=True, exist_ok=True)
+    local_sh("down")
+    local_sh("up")
+    result: dict[str, Any] = {}
+    try:
+        ray.init(address=f"127.0.0.2:{PORT}", log_to_driver=False)
+        http_port = 8124
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port}, proxy_location="HeadOnly")
+        load = Load(f"http://127.0.0.1:{http_port}", upload(options.edge))
+        rows = []
+        for replicas in (1, 2, 4):
+            serve.run(build_graph(bench_args(replicas, cache), real_cls=FixedTimeRealModel),
+                      name="imgserve", route_prefix="/")
+            load.closed_loop(replicas, 4.0)  # warm-up: connections, first-call costs
+            row = {"replicas": replicas, **load.closed_loop(2 * replicas, options.window)}
+            nodes = {actor.node_id for actor in list_actors(address=f"127.0.0.2:{PORT}", filters=[("state", "=", "ALIVE")])
+                     if "RealModel" in actor.class_name}
+            row["real_replica_nodes"] = len(nodes)
+            rows.append(row)
+            print(f"{replicas} replica(s): {row['throughput_rps']:.2f} req/s, p50 {row['latency_ms']['p50']} ms",
+                  flush=True)
+            if replicas == 4:
+                capacity = row["throughput_rps"]
+                steady = {}
+                for poisson in (False, True):
+                    run = load.open_loop(0.8 * capacity, options.steady, poisson)
+                    run["samples_ms"] = [round(r[1] * 1000, 1) for r in load.records if r[2] == 200]
+                    steady["poisson" if poisson else "even"] = run
+                    print(f"80 % load ({run['arrivals']}): p99 {run['latency_ms'].get('p99')} ms", flush=True)
+            serve.delete("imgserve")
+        x1 = rows[0]["throughput_rps"]
+        for row in rows:
+            row["efficiency"] = round(row["throughput_rps"] / (row["replicas"] * x1), 3)
+            row["throughput_rps"] = round(row["throughput_rps"], 3)
+        p99 = steady["even"]["latency_ms"]["p99"]
+        result = {
+            "benchmark": "scaling",
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/scaling.py", *sys.argv[1:]]),
+            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                        "loadavg_after": list(os.getloadavg())},
+            "versions": {"python": platform.python_version(), "ray": ray.__version__, "httpx": httpx.__version__},
+            "settings": {
+                "cluster": "cluster/local.sh: head (1 CPU, no GPU) + 2 workers (1 CPU, 2 fake GPUs, rtx4090: 2 each), "
+                           "loopback 127.0.0.2; Serve proxy HeadOnly on 127.0.0.1",
+                "config": "configs/rtx4090-cluster.yaml args; real.placement.gpus=1 (1x24 plan, 1 GPU per replica), "
+                          "num_replicas fixed per step, tiny stand-ins elsewhere, CPU shares scaled to 2 cores",
+                "model": f"FixedTimeRealModel: sleeps {SERVICE_TIME_S} s, returns its input",
+                "upload": f"sample photo scaled to {options.edge} px long edge, JPEG; steps=2, output PNG",
+                "saturation": f"closed loop, 2n clients, {options.window} s window after a 4 s warm-up",
+                "steady": f"{options.steady} s at 80 % of the measured 4-replica throughput",
+            },
+            "goal": {
+                "efficiency_at_4": rows[-1]["efficiency"], "efficiency_pass": rows[-1]["efficiency"] >= 0.9,
+                "steady_p99_ms": p99, "limit_ms": 2000 * SERVICE_TIME_S, "p99_pass": p99 <= 2000 * SERVICE_TIME_S,
+            },
+            "saturation": rows,
+            "steady_80pct": steady,
+            "wall_s": round(time.monotonic() - started, 1),
+        }
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            local_sh("down")
+    out = Path(options.out)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    plotted = plot(result, out.with_suffix(".png"))
+    print(json.dumps(result["goal"]), "plot:" if plotted else "", out.with_suffix(".png") if plotted else "")
+
+
+if __name__ == "__main__":
+    main()

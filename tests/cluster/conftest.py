@@ -1,0 +1,97 @@
+"""A real multi-node Ray cluster on this machine (`cluster/local.sh`), with imgserve deployed on it
+from `configs/rtx4090-cluster.yaml` (tiny models, CPU, shortened autoscaling delays)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import ray
+import yaml
+from ray import serve
+
+from serve_app.app import build_graph
+from tests.conftest import REPO
+from tests.serve.conftest import free_port
+from tests.serve.gate import GATE_NAME, Gate, GatedRealModel
+
+pytestmark = pytest.mark.cluster
+
+PORT = int(os.environ.get("IMGSERVE_TEST_CLUSTER_PORT", "6391"))
+# the dashboard serves Ray's state API, which tells on which node each actor lives
+ENV = {**os.environ, "IMGSERVE_CLUSTER_PORT": str(PORT), "IMGSERVE_DASHBOARD": "1", "IMGSERVE_DASHBOARD_PORT": "8266",
+       "IMGSERVE_WORKER_GPUS": "4", "IMGSERVE_WORKER_CPUS": "1"}
+
+
+def local_sh(*args: str) -> str:
+    done = subprocess.run([str(REPO / "cluster" / "local.sh"), *args], env=ENV, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, f"cluster/local.sh {' '.join(args)} failed: {done.stderr[-2000:]}"
+    return done.stdout
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
+    """Poll until `condition()` is truthy; a deadline, not a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def cluster_args(cache_dir: Any) -> dict[str, Any]:
+    """configs/rtx4090-cluster.yaml's args, kept as they are for placement (GPUs per replica, the
+    rtx4090 and imgserve_head resources, autoscaling on queue depth, queue limits), with tiny local
+    models, CPU shares that fit this 2-core machine, and autoscaling delays of seconds."""
+    document = yaml.safe_load((REPO / "configs" / "rtx4090-cluster.yaml").read_text())
+    args = copy.deepcopy(document["applications"][0]["args"])
+    args["cache_dir"] = str(cache_dir)
+    args["jobs"]["directory"] = str(cache_dir / "jobs")
+    for name in ("ingress", "preprocess", "anime", "postprocess"):
+        serve_options = args[name]["serve"]
+        serve_options["ray_actor_options"]["num_cpus"] = 0.1
+        serve_options["autoscaling_config"].update(min_replicas=1, max_replicas=1)
+    args["jobs"]["serve"]["ray_actor_options"]["num_cpus"] = 0.05
+    args["real"].update(source="tiny", lora_dir="tiny", condition_area=4096, num_threads=1)
+    args["real"]["serve"]["ray_actor_options"]["num_cpus"] = 0.2
+    args["real"]["serve"]["autoscaling_config"].update(
+        min_replicas=1, max_replicas=2, upscale_delay_s=0.5, downscale_delay_s=3, look_back_period_s=2, metrics_interval_s=0.5,
+    )
+    args["layers"].update(source="tiny", tiny_edge=64, caption_max_new_tokens=8, num_threads=1)
+    args["layers"]["serve"]["ray_actor_options"]["num_cpus"] = 0.2
+    args["layers"]["serve"]["autoscaling_config"].update(min_replicas=1, max_replicas=1)
+    args["anime"].update(styles_dir="tiny", num_threads=1)
+    return args
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Head (no GPUs) + two workers (4 fake GPUs and rtx4090 each); imgserve deployed on it."""
+    if ray.is_initialized():
+        pytest.skip("this process is already connected to another Ray; run tests/cluster first or alone")
+    local_sh("down")
+    local_sh("up")
+    try:
+        ray.init(address=f"127.0.0.2:{PORT}", log_to_driver=False)
+        http_port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port}, proxy_location="HeadOnly")
+        gate = Gate.options(name=GATE_NAME, resources={"imgserve_head": 0.01}).remote()
+        gate.open.remote()
+        cache = tmp_path_factory.mktemp("imgserve-cluster-cache")
+        serve.run(build_graph(cluster_args(cache), real_cls=GatedRealModel), name="imgserve", route_prefix="/")
+        with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=120) as http:
+            yield {"http": http, "gate": gate, "port": http_port}
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            local_sh("down")

@@ -1,0 +1,145 @@
+"""imgserve on a real multi-node Ray cluster (head + 2 workers on this machine, fake GPUs).
+
+The cluster config deploys; GPU replicas land on worker nodes with the GPUs their plan asks for and
+never on the head; the real model scales out under a burst and back in when idle; losing a worker
+node mid-traffic fails only what it held, with a clear error, while the service keeps answering and
+the replica comes back on the remaining node.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import ray
+from PIL import Image
+from ray import serve
+from ray.util.state import list_actors
+
+from tests.cluster.conftest import PORT, local_sh, wait_until
+
+pytestmark = pytest.mark.cluster
+
+
+def small_jpeg(seed: int = 0, size: tuple[int, int] = (96, 64)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def post_real(http: httpx.Client, seed: int = 0) -> httpx.Response:
+    return http.post("/v1/real", files={"image": ("in.jpg", small_jpeg(seed), "image/jpeg")},
+                     data={"steps": "2", "seed": str(seed)})
+
+
+def nodes() -> dict[str, dict[str, Any]]:
+    return {node["NodeID"]: node for node in ray.nodes() if node["Alive"]}
+
+
+def head_id() -> str:
+    return next(node_id for node_id, node in nodes().items() if "imgserve_head" in node["Resources"])
+
+
+def running(deployment: str) -> int:
+    status = serve.status().applications["imgserve"].deployments[deployment]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def alive_actors(class_part: str) -> list[Any]:
+    """Alive actors whose class name contains `class_part` (Ray's state API, through the dashboard)."""
+    return [actor for actor in list_actors(address=f"127.0.0.2:{PORT}", filters=[("state", "=", "ALIVE")])
+            if class_part in actor.class_name]
+
+
+def replica_stats(deployment: str) -> dict[str, Any]:
+    return serve.get_deployment_handle(deployment, "imgserve").stats.remote().result(timeout_s=60)
+
+
+def test_cluster_config_deploys_with_gpu_replicas_on_workers_only(cluster) -> None:
+    http = cluster["http"]
+    response = post_real(http)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(response.content)).size == (96, 64)
+
+    head = head_id()
+    for deployment in ("RealModel", "LayersModel"):
+        stats = replica_stats(deployment)
+        node = nodes()[stats["node_id"]]
+        assert stats["node_id"] != head, f"{deployment} landed on the head node"
+        assert node["Resources"].get("rtx4090") == 4.0
+        # the 2x24 plan: two cards per replica, both visible to the one process
+        assert stats["plan"]["gpus_used"] == 2
+        assert len(stats["gpu_ids"]) == 2
+        assert sorted(stats["cuda_visible_devices"].split(",")) == sorted(stats["gpu_ids"])
+    # the job runner asked for the head's marker resource: jobs outlive a worker
+    jobs = alive_actors("JobRunner")
+    assert jobs and all(actor.node_id == head for actor in jobs)
+
+
+def test_real_scales_out_under_a_burst_and_back_in_when_idle(cluster) -> None:
+    http, gate = cluster["http"], cluster["gate"]
+    assert running("RealModel") == 1
+    ray.get(gate.close.remote())
+    with ThreadPoolExecutor(4) as pool:
+        try:
+            futures = [pool.submit(post_real, http, seed) for seed in range(4)]
+            # held requests count as ongoing: 4 against target_ongoing_requests 1, max_replicas 2
+            wait_until(lambda: running("RealModel") == 2, "a second RealModel replica")
+        finally:
+            ray.get(gate.open.remote())
+        statuses = [future.result().status_code for future in futures]
+    assert statuses == [200] * 4
+    # the new replica sits on a worker too, with its own two cards
+    placements = {actor.node_id for actor in alive_actors("RealModel")}
+    assert head_id() not in placements
+    wait_until(lambda: running("RealModel") == 1, "RealModel to scale back to 1 replica when idle")
+
+
+def test_losing_a_worker_mid_traffic(cluster) -> None:
+    http, gate = cluster["http"], cluster["gate"]
+    real_node = replica_stats("RealModel")["node_id"]
+    worker = nodes()[real_node]["NodeManagerPort"] - PORT - 10  # local.sh numbers node ports this way
+    results: list[httpx.Response | Exception] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        seed = 100
+        while not stop.is_set():
+            try:
+                results.append(post_real(http, seed))
+            except httpx.HTTPError as error:  # a hang or a dropped connection would land here
+                results.append(error)
+            seed += 1
+
+    # one request is held inside the model on the doomed node when the node goes
+    ray.get(gate.close.remote())
+    threads = [threading.Thread(target=traffic) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: ray.get(gate.count.remote()) >= 1, "a request inside the model")
+        local_sh("stop-worker", str(worker))
+    finally:
+        ray.get(gate.open.remote())
+    # the service keeps answering, and a replica comes back on the remaining capacity
+    wait_until(lambda: real_node not in nodes(), "the cluster to notice the lost node", timeout=120)
+    wait_until(lambda: post_real(http, 7).status_code == 200, "a request to succeed after the loss", timeout=180)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=180)
+    stats = replica_stats("RealModel")
+    assert stats["node_id"] != real_node and stats["node_id"] in nodes() and stats["node_id"] != head_id()
+    # every request answered: a result, or a clear JSON error (no hang, no dropped connection)
+    assert results and not [r for r in results if isinstance(r, Exception)]
+    for response in results:
+        assert response.status_code == 200 or (
+            response.status_code in (500, 503) and response.json()["error"]["code"]
+        ), (response.status_code, response.text[:300])
+    assert any(response.status_code == 200 for response in results)
