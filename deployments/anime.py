@@ -49,6 +49,7 @@ import asyncio
 import os
 import re
 import threading
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -57,6 +58,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
+from deployments import metrics
 from deployments.cachedir import build_once
 from deployments.errors import InvalidParameter, ModelFailure, OutOfMemory
 from deployments.records import Progress, Generated, ImageSpec, Prepared
@@ -372,7 +374,8 @@ class AnimeModel:
         """Serve entry point: batched by `serve.batch` in a replica when configured, else alone.
         One forward pass, no steps: `progress` only hears the `stylize` stage."""
         if progress is not None:
-            progress.stage("stylize")
+            # a job's progress waits for the runner's answer: never block this replica's event loop
+            await asyncio.to_thread(progress.stage, "stylize")
         if self._batched is not None:
             result = await self._batched(prepared, params)
         else:
@@ -420,8 +423,13 @@ class AnimeModel:
             for start in range(0, len(members), chunk):
                 indices = members[start : start + chunk]
                 arrays = [prepared[i].array for i in indices]
-                for i, output in zip(indices, self._run_safely(style, arrays, (height, width))):
+                started = time.perf_counter()
+                outputs = self._run_safely(style, arrays, (height, width))
+                seconds = time.perf_counter() - started  # every member of the batch waited for all of it
+                for i, output in zip(indices, outputs):
                     results[i] = output
+                    if isinstance(output, np.ndarray):
+                        metrics.stage_seconds.observe(seconds, tags={"task": self.task, "stage": "stylize"})
         self.batches += 1
         self.items += len(prepared)
         self.largest_batch = max(self.largest_batch, len(prepared))

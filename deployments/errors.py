@@ -62,3 +62,9 @@ class Cancelled(ImgserveError):
     """The request was cancelled by its client; the model stopped at the next step."""
 
     code = "cancelled"
+
+
+class TimedOut(ImgserveError):
+    """The request took longer than the configured limit; the model stopped at the next step."""
+
+    code = "timeout"

@@ -62,6 +62,7 @@ from typing import Any, Iterator, Literal
 import numpy as np
 from pydantic import ValidationInfo, field_validator, model_validator
 
+from deployments import metrics
 from deployments.errors import Cancelled, InvalidParameter, ModelFailure, OutOfMemory
 from deployments.diffusion import DiffusionConfig, DiffusionParams, replica_location
 from deployments.placement import Plan
@@ -188,8 +189,8 @@ class _StageClock:
     encode_prompt: `pipe.encode_prompt` (positive and negative prompt); encode_image:
     `pipe.prepare_latents` (VAE encode of the condition image plus the initial noise); denoise: from
     the end of `prepare_latents` to the end of the last step (`callback_on_step_end`); decode:
-    `pipe.vae.decode`. On CUDA, kernels run asynchronously, so the split between stages is
-    approximate there; the total is exact.
+    `pipe.vae.decode`. On CUDA each wrapped method and the last step synchronise the devices, so
+    kernels count in the stage that queued them (`deployments.metrics.sync_cuda`).
 
     With a `progress`, each finished step is reported (the first one also announces `denoise`,
     the last one `decode`), and a request whose progress says stop raises `Cancelled` between steps.
@@ -205,6 +206,8 @@ class _StageClock:
 
     def on_step_end(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
         self.steps_done = step + 1
+        if step + 1 == self.total_steps:
+            metrics.sync_cuda()
         self.last_step_end = time.perf_counter()
         if self.progress is not None:
             if self.progress.step(step + 1, self.total_steps):
@@ -219,10 +222,12 @@ class _StageClock:
             original = getattr(owner, method)
 
             def wrapper(*args: Any, **kwargs: Any) -> Any:
+                metrics.sync_cuda()
                 start = time.perf_counter()
                 try:
                     return original(*args, **kwargs)
                 finally:
+                    metrics.sync_cuda()
                     end = time.perf_counter()
                     self.seconds[stage] += end - start
                     if then is not None:
@@ -351,6 +356,7 @@ class LayersModel:
         from PIL import Image
 
         started = time.perf_counter()
+        metrics.reset_gpu_peak()
         # 1. validate
         params = self.config.resolve(params)
         array = prepared.array
@@ -413,6 +419,8 @@ class LayersModel:
             )
         result = (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
         clock.seconds["total"] = time.perf_counter() - started
+        metrics.record_stages(self.task, clock.seconds)
+        metrics.record_gpu_peak(self.task)
         used = {
             "task": self.task,
             **params.model_dump(),

@@ -23,7 +23,7 @@ from deployments.errors import InvalidParameter
 NONE = "none"
 """The version name that means "the base model alone"."""
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._+-]{0,127}\Z")  # \Z: "$" would admit a trailing newline
 _NUMBER = re.compile(r"\d+")
 
 # key suffix → (role, how it names the pair); role A = down projection (r, in), B = up (out, r)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

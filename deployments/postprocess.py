@@ -10,6 +10,7 @@ it returns bytes, a media type and a metadata dict; the ingress turns those into
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any, Literal
@@ -18,7 +19,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from deployments import packaging
+from deployments import metrics, packaging
 from deployments.errors import InvalidParameter
 from deployments.records import Generated
 
@@ -87,6 +88,14 @@ class Postprocess:
         self.config = config or PostprocessConfig()
 
     def encode(self, generated: Generated, fmt: str = "png") -> Encoded:
+        """Encode (or package layers); the time is the `postprocess` stage in the metrics."""
+        started = time.perf_counter()
+        encoded = self._encode(generated, fmt)
+        metrics.stage_seconds.observe(time.perf_counter() - started,
+                                      tags={"task": generated.params.get("task", "unknown"), "stage": "postprocess"})
+        return encoded
+
+    def _encode(self, generated: Generated, fmt: str) -> Encoded:
         if generated.array.ndim == 4:
             return self.package_layers(generated, fmt)
         # 1. validate

@@ -9,6 +9,7 @@ mode, warnings about lossy conversions). Every problem with the upload is raised
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
+from deployments import metrics
 from deployments.errors import BadImage, ImgserveError, TooLarge, UnsupportedFormat
 from deployments.records import ImageSpec, Prepared, PreparedImage
 
@@ -38,6 +40,20 @@ _SWAPS_AXES = {5, 6, 7, 8}
 _REDUCING_GAP = 2.0
 _HIGH_BIT_DEPTH = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+
+
+def _tiff_orients_itself() -> bool:
+    """Whether this Pillow's TIFF plugin applies the EXIF orientation itself (Pillow 13 does: it
+    reports the oriented size at open and transposes while loading), so it must not be applied twice."""
+    exif = Image.Exif()
+    exif[_ORIENTATION_TAG] = 6
+    buffer = BytesIO()
+    Image.new("L", (2, 1)).save(buffer, "TIFF", exif=exif.tobytes())
+    return Image.open(buffer).size == (1, 2)
+
+
+# Formats whose Pillow plugin orients the image itself: their orientation tag is left to Pillow.
+_SELF_ORIENTING = {"TIFF"} if _tiff_orients_itself() else set()
 
 
 class PreprocessConfig(BaseModel):
@@ -139,7 +155,15 @@ class Preprocess:
     def __init__(self, config: PreprocessConfig | None = None) -> None:
         self.config = config or PreprocessConfig()
 
-    def prepare(self, data: bytes, spec: ImageSpec = ImageSpec()) -> Prepared:
+    def prepare(self, data: bytes, spec: ImageSpec = ImageSpec(), task: str = "any") -> Prepared:
+        """One upload → a `Prepared` for a model described by `spec`. `task` only labels the
+        `preprocess` stage time in the metrics (successful calls only)."""
+        started = time.perf_counter()
+        prepared = self._prepare(data, spec)
+        metrics.stage_seconds.observe(time.perf_counter() - started, tags={"task": task, "stage": "preprocess"})
+        return prepared
+
+    def _prepare(self, data: bytes, spec: ImageSpec) -> Prepared:
         cfg = self.config
         notes: list[str] = []
 
@@ -170,7 +194,7 @@ class Preprocess:
             # 4. Plan the sizes before decoding, on the oriented image: the long-edge limit gives `size`,
             # alignment gives `model_size`, and JPEG DCT scaling can then skip the pixels not needed.
             orientation = im.getexif().get(_ORIENTATION_TAG, 1)  # PNG/TIFF may decode here; JPEG does not
-            orientation = orientation if isinstance(orientation, int) else 1
+            orientation = orientation if isinstance(orientation, int) and fmt not in _SELF_ORIENTING else 1
             swap = orientation in _SWAPS_AXES
             original = (raw_h, raw_w) if swap else (raw_w, raw_h)
             size = _fit(original, cfg.max_long_edge)

@@ -11,6 +11,7 @@ request costs tens of milliseconds.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
 import warnings
@@ -23,8 +24,9 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationInfo, field_validator
 
+from deployments import metrics
 from deployments.diffusion import DiffusionConfig, DiffusionParams, replica_location
-from deployments.errors import Cancelled, InvalidParameter, ModelFailure, OutOfMemory
+from deployments.errors import Cancelled, InvalidParameter, ModelFailure, OutOfMemory, TimedOut
 from deployments.placement import Plan
 from deployments.lora import NONE, LoraStore, check_name, diffusers_state_dict, ensure_tiny_loras, inspect_lora, linear_shapes
 from deployments.records import Generated, ImageSpec, Prepared, Progress
@@ -32,16 +34,20 @@ from deployments.records import Generated, ImageSpec, Prepared, Progress
 DEFAULT_PROMPT = "transform the image to realistic photograph, high quality, 4k, natural skin texture"
 
 
-def step_callback(progress: Progress | None, total: int) -> Callable | None:
+def step_callback(progress: Progress | None, total: int, fault: Callable[[], None] | None = None) -> Callable | None:
     """A diffusers `callback_on_step_end` that reports each step and stops a cancelled request.
 
     diffusers calls it after each step (a step is the `denoise` stage); the last one announces
-    `decode`.
+    `decode`. `fault` (test-only) runs first at every step and may raise, as a failing GPU would.
     """
-    if progress is None:
+    if progress is None and fault is None:
         return None
 
     def callback(pipe: Any, index: int, timestep: Any, tensors: dict) -> dict:
+        if fault is not None:
+            fault()
+        if progress is None:
+            return tensors
         if progress.step(index + 1, total):
             raise Cancelled(f"cancelled after step {index + 1} of {total}")
         if index + 1 == total:
@@ -147,6 +153,10 @@ class RealModel:
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         """Names the process serving a request (reported to clients, never embedded)."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="real-model")
+        self.stops: Counter[str] = Counter()
+        """Requests stopped before their last step, by reason (cancelled, timeout, out_of_memory)."""
+        self.last_stop: dict[str, Any] | None = None
+        self._faults: list[str] = []
 
     # -- loading ---------------------------------------------------------------------------------
     def load(self) -> None:
@@ -172,7 +182,24 @@ class RealModel:
             "loads": self.loads,
             "adapters": list(self._resident),
             "adapter_loads": dict(self.adapter_loads),
+            "stops": dict(self.stops),
+            "last_stop": self.last_stop,
         }
+
+    def inject_fault(self, kind: str = "oom") -> None:
+        """Test-only fault hook: the next request fails at its first denoising step as if the GPU
+        ran out of memory (a real `torch.cuda.OutOfMemoryError`), to show what a client and the
+        replica see. Never called by the service itself."""
+        if kind != "oom":
+            raise ValueError(f"unknown fault {kind!r}; known: oom")
+        self._faults.append(kind)
+
+    def _fault(self) -> None:
+        import torch
+
+        if self._faults:
+            self._faults.pop(0)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by the test-only fault hook)")
 
     # -- LoRA ------------------------------------------------------------------------------------
     def ensure_adapter(self, version: str) -> str:
@@ -194,6 +221,7 @@ class RealModel:
         while len(self._resident) >= self.config.max_adapters_per_replica:
             evicted, _ = self._resident.popitem(last=False)
             self.pipe.delete_adapters([evicted])
+            metrics.lora_events.inc(tags={"event": "evict", "version": evicted})
         try:
             self.pipe.load_lora_weights(diffusers_state_dict(path, report), adapter_name=version)
             loaded = self.pipe.get_list_adapters().get("transformer", [])
@@ -205,6 +233,7 @@ class RealModel:
             raise InvalidParameter(f"LoRA {version!r} could not be loaded: {exc}"[:500], "lora") from None
         self._resident[version] = None
         self.adapter_loads[version] += 1
+        metrics.lora_events.inc(tags={"event": "load", "version": version})
         return version
 
     async def adapter(self, version: str) -> str:
@@ -237,7 +266,13 @@ class RealModel:
         generated = await loop.run_in_executor(self._executor, self.generate, prepared, params, progress)
         if params.lora != NONE:
             generated.served["lora_load"] = "cold" if self.adapter_loads.total() > loads_before else "warm"
+            if generated.served["lora_load"] == "warm":  # loads are counted where they happen
+                metrics.lora_events.inc(tags={"event": "hit", "version": params.lora})
         return generated
+
+    def _stopped(self, reason: str, message: str) -> None:
+        self.stops[reason] += 1
+        self.last_stop = {"reason": reason, "message": message}
 
     def generate(self, prepared: Prepared, params: RealParams, progress: Progress | None = None) -> Generated:
         import torch
@@ -251,6 +286,16 @@ class RealModel:
         multiple = self.input_spec.multiple
         if height % multiple or width % multiple:
             raise InvalidParameter(f"sides must be multiples of {multiple}, got {width}x{height}", "image")
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
+
+        # diffusers resizes the input to about CONDITION_IMAGE_SIZE and VAE_IMAGE_SIZE pixels at its
+        # aspect, each side rounded to 32: a side rounded to 0 fails inside the pipeline (a 500), so
+        # an aspect that extreme (e.g. 1x10000 with the demo's small condition areas) is refused here
+        conditions = [edit_plus.calculate_dimensions(area, width / height)
+                      for area in (edit_plus.CONDITION_IMAGE_SIZE, edit_plus.VAE_IMAGE_SIZE)]
+        if min(min(sides) for sides in conditions) < 32:
+            raise InvalidParameter(f"aspect ratio {width}x{height} is too extreme for this model (its condition "
+                                   f"images would be {' and '.join(f'{w}x{h}' for w, h in conditions)})", "image")
         self.check_health()
         # 2. resolve adapter
         loads_before = self.adapter_loads.total()
@@ -262,7 +307,7 @@ class RealModel:
         if progress is not None:
             progress.stage("encode_prompt")
         try:
-            with torch.inference_mode():
+            with metrics.diffusion_request(self.pipe, self.task), torch.inference_mode():
                 output = self.pipe(
                     image=[Image.fromarray(array)],
                     prompt=params.prompt,
@@ -273,12 +318,18 @@ class RealModel:
                     width=width,
                     generator=generator,
                     output_type="np",
-                    callback_on_step_end=step_callback(progress, params.steps),
+                    callback_on_step_end=step_callback(progress, params.steps, self._fault if self._faults else None),
                 )
-        except Cancelled:
+        except (Cancelled, TimedOut) as exc:
+            self._stopped(exc.code, str(exc))
             raise
         except torch.cuda.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
+            # the failed request's tensors are garbage now: give their cached blocks back to the
+            # card so the next request starts from the same free memory as the one before
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self._stopped(OutOfMemory.code, str(exc))
             raise OutOfMemory(f"GPU out of memory at {width}x{height}, {params.steps} steps: {exc}") from None
         except (RuntimeError, ValueError) as exc:
             raise ModelFailure(f"the model failed on this request: {exc}") from None

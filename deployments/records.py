@@ -6,10 +6,13 @@ No PIL objects, tensors or files cross a deployment boundary; everything here pi
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+
+from deployments.errors import TimedOut
 
 
 @dataclass(frozen=True)
@@ -78,3 +81,30 @@ class Progress(Protocol):
     def step(self, step: int, total: int) -> bool:
         """Denoising step `step` of `total` finished (this is the `denoise` stage); returns True when
         the request must stop."""
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """A `Progress` for a request with a time limit: at the first stage or step boundary past
+    `until` (wall clock, `time.time()`, shared by the nodes) it raises `TimedOut`, so a model stops
+    at its next denoising step instead of running on for a client that was already answered.
+    Forwards everything to `inner` (a job's progress) when there is one."""
+
+    until: float
+    limit_s: float
+    inner: Progress | None = None
+
+    def _check(self, where: str) -> None:
+        if time.time() > self.until:
+            raise TimedOut(f"took longer than the limit of {self.limit_s:g} s; stopped {where}")
+
+    def stage(self, name: str) -> None:
+        self._check(f"before {name}")
+        if self.inner is not None:
+            self.inner.stage(name)
+
+    def step(self, step: int, total: int) -> bool:
+        if self.inner is not None and self.inner.step(step, total):
+            return True
+        self._check(f"after step {step} of {total}")
+        return False

@@ -15,6 +15,26 @@ if ! "$py" -c "import torch" 2>/dev/null; then
 fi
 if [ "$extra" = "test" ]; then
   "$py" -m pip install -q -e ".[test]"
+  # tests/web drives the page in Debian's Chromium through Playwright (never `playwright install`);
+  # without it those tests skip and say why, so a failed install here warns instead of stopping.
+  if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+    apt=($sudo env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300)
+    log="$(mktemp)"
+    for attempt in 1 2 3; do  # a mirror hiccup should not cost the browser tests
+      if { "${apt[@]}" update -qq &&
+           "${apt[@]}" install -y -qq --no-install-recommends chromium fonts-dejavu-core; } >"$log" 2>&1; then
+        break
+      fi
+      sleep $((attempt * 5))
+    done
+    if [ ! -x /usr/bin/chromium ]; then
+      tail -n 20 "$log" >&2
+      echo "setup.sh: could not install chromium; the browser tests (tests/web) will be skipped" >&2
+    fi
+    rm -f "$log"
+  fi
 else
   "$py" -m pip install -q -e .
 fi

@@ -5,7 +5,10 @@
 `imgserve lora inspect FILE [--config YAML | --base DIR]` (offline: reads headers and configs only),
 and `imgserve plan --task real|layers --gpus 2x24 [...]` (offline: the memory placement a replica
 would use on those GPUs; exit status 2 when nothing fits), and `imgserve kuberay CONFIG` (offline:
-the KubeRay RayService manifest whose serveConfigV2 is that config file).
+the KubeRay RayService manifest whose serveConfigV2 is that config file), and `imgserve fetch
+MANIFEST [--lock | --verify]` (downloads model files ahead of time, checking every sha256), and
+`imgserve key new` / `imgserve key hash` (offline: an API key and the SHA-256 digest that goes into
+the config; `--api-key` or $IMGSERVE_API_KEY sends a key with every request).
 Starting the service is Ray Serve's own `serve run configs/<profile>.yaml`; this command is a thin
 layer over `serve_app.client` and prints errors as one readable line (exit status 1).
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +27,8 @@ from serve_app.client import Client, ServiceError, progress_line
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgserve", description=__doc__.split("\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="service base URL")
+    parser.add_argument("--api-key", default=os.environ.get("IMGSERVE_API_KEY"),
+                        help="API key sent as `Authorization: Bearer` (default: $IMGSERVE_API_KEY)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("health", help="is the service up")
     commands.add_parser("models", help="tasks and their choices")
@@ -56,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--no-offload", action="store_true", help="never stream weights from CPU")
     plan.add_argument("--model", help="a local diffusers directory to size instead of the published configs")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    fetch = commands.add_parser("fetch", help="download model files ahead of time, verifying each sha256")
+    fetch.add_argument("manifest", help="a models manifest, e.g. models.yaml")
+    mode = fetch.add_mutually_exclusive_group()
+    mode.add_argument("--lock", action="store_true", help="pin the revision and record every file's sha256 (once)")
+    mode.add_argument("--verify", action="store_true", help="only check the files already on disk (offline)")
+    key = commands.add_parser("key", help="API keys (offline)").add_subparsers(dest="key_command", required=True)
+    key.add_parser("new", help="print a new random key and its SHA-256 digest (the digest goes into the config)")
+    key.add_parser("hash", help="read a key from stdin, print its SHA-256 digest")
     kuberay = commands.add_parser("kuberay", help="a KubeRay RayService manifest from a Serve config (offline)")
     kuberay.add_argument("config", help="a Serve config YAML, e.g. configs/rtx4090-cluster.yaml")
     kuberay.add_argument("--image", default="imgserve:latest", help="container image with imgserve installed")
@@ -122,10 +136,42 @@ def lora_inspect(file: str, config_path: str | None, base: str | None) -> int:
     return 0 if report.ok else 2
 
 
+def key_command(command: str) -> int:
+    """`imgserve key new`: a key (give it to the client) and its digest (put it into
+    `ingress.api_keys_sha256` or $IMGSERVE_API_KEYS_SHA256); `imgserve key hash`: the digest of a
+    key read from stdin (one line; surrounding whitespace ignored)."""
+    from serve_app.access import hash_key, key_id, new_key
+
+    if command == "new":
+        key, digest = new_key()
+        print(f"key:    {key}\nsha256: {digest}\nid:     {key_id(digest)}")
+        return 0
+    key = sys.stdin.readline().strip()
+    if not key:
+        print("imgserve: no key on stdin", file=sys.stderr)
+        return 1
+    print(hash_key(key))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "plan":  # offline: no service, no client
         return plan_command(args)
+    if args.command == "key":
+        return key_command(args.key_command)
+    if args.command == "fetch":
+        from serve_app.fetch import FetchError, fetch
+
+        try:
+            fetch(args.manifest, lock=args.lock, verify_only=args.verify)
+        except FetchError as error:
+            print(f"imgserve: {error}", file=sys.stderr)
+            return 2
+        except OSError as error:  # the hub unreachable, a disk full, ...
+            print(f"imgserve: {error}", file=sys.stderr)
+            return 1
+        return 0
     if args.command == "kuberay":
         from pydantic import ValidationError
 
@@ -139,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     try:
-        with Client(args.url) as client:
+        with Client(args.url, api_key=args.api_key) as client:
             if args.command == "health":
                 print(json.dumps(client.health()))
             elif args.command == "models":

@@ -66,8 +66,11 @@ def _result(response: httpx.Response) -> Result:
 class Client:
     """HTTP client for one imgserve service."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 600.0) -> None:
-        self.http = httpx.Client(base_url=base_url, timeout=timeout)
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 600.0,
+                 api_key: str | None = None) -> None:
+        """`api_key`: sent as `Authorization: Bearer <key>` when the service needs one."""
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self.http = httpx.Client(base_url=base_url, timeout=timeout, headers=headers)
 
     def __enter__(self) -> Client:
         return self

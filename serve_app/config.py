@@ -7,10 +7,11 @@ is declared; bad values are refused with a message naming the field and the valu
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from deployments.anime import AnimeModelConfig
 from deployments.diffusion import DiffusionConfig
@@ -106,6 +107,28 @@ class IngressSection(BaseModel):
     """Ray Serve options of the ingress deployment."""
     retry_after_s: int = 2
     """Value of the Retry-After header sent with 503 when a queue is full."""
+    request_timeout_s: float | None = 600.0
+    """Longest a synchronous request (HTTP or handle) may take: past it the client gets 504
+    `timeout` and the model stops at its next denoising step. None: no limit. Jobs have none (they
+    report progress and can be cancelled)."""
+    api_keys_sha256: list[str] = Field(default_factory=list)
+    """SHA-256 hex digests of the accepted API keys (`imgserve key new` / `imgserve key hash`), never
+    the keys. With any key configured here or in `api_keys_env`, every /v1/* route needs
+    `Authorization: Bearer <key>` or `X-API-Key: <key>` (else 401); /healthz and the web page stay open."""
+    api_keys_env: str | None = "IMGSERVE_API_KEYS_SHA256"
+    """Name of an environment variable that the ingress replica reads when it starts: more accepted
+    digests, comma-separated (e.g. from a Kubernetes Secret). null: none read."""
+    rate_limit_per_minute: int | None = None
+    """Requests per minute to /v1/* per API key (per client address when no keys are configured), per
+    ingress replica: with N replicas a client gets up to N times this. Past it: 429 with Retry-After.
+    null: no limit."""
+    rate_limit_burst: int | None = None
+    """Requests a key may make at once before the per-minute rate applies (the token bucket's size);
+    null: the same as `rate_limit_per_minute`."""
+    cors_origins: list[str] = Field(default_factory=list)
+    """Origins (`https://app.example.com`, scheme://host[:port], no path) whose browser pages may call
+    the API: they get CORS headers and answered preflights. `*` allows any origin. Empty: no CORS
+    headers at all (the service's own web page needs none)."""
 
     @field_validator("retry_after_s")
     @classmethod
@@ -113,6 +136,51 @@ class IngressSection(BaseModel):
         if value < 1:
             raise ValueError(f"retry_after_s must be >= 1, got {value}")
         return value
+
+    @field_validator("request_timeout_s")
+    @classmethod
+    def _timeout(cls, value: float | None) -> float | None:
+        if value is not None and not 0 < value < float("inf"):
+            raise ValueError(f"request_timeout_s must be a positive number of seconds or null, got {value}")
+        return value
+
+    @field_validator("api_keys_sha256")
+    @classmethod
+    def _digests(cls, value: list[str]) -> list[str]:
+        for index, digest in enumerate(value):  # the message names the index, not the value (it may be a key)
+            if not re.fullmatch(r"[0-9a-f]{64}", digest.lower()):
+                raise ValueError(f"api_keys_sha256[{index}] is not a SHA-256 hex digest (64 hex characters): "
+                                 "store the output of `imgserve key hash`, never the key itself")
+        return [digest.lower() for digest in value]
+
+    @field_validator("api_keys_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError(f"api_keys_env must be an environment variable name or null, got {value!r}")
+        return value
+
+    @field_validator("rate_limit_per_minute", "rate_limit_burst")
+    @classmethod
+    def _rate(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"{info.field_name} must be >= 1 or null, got {value}")
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for index, origin in enumerate(value):
+            if origin != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.\[\]:-]+", origin):
+                raise ValueError(f"cors_origins[{index}] must be an origin like https://app.example.com "
+                                 f"(scheme://host[:port], no path or trailing slash) or *, got {origin!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _burst_needs_rate(self) -> IngressSection:
+        if self.rate_limit_burst is not None and self.rate_limit_per_minute is None:
+            raise ValueError(f"rate_limit_burst ({self.rate_limit_burst}) needs rate_limit_per_minute")
+        return self
 
 
 class PreprocessSection(PreprocessConfig):

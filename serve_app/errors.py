@@ -19,6 +19,7 @@ from deployments.errors import (
     InvalidParameter,
     ModelFailure,
     OutOfMemory,
+    TimedOut,
     TooLarge,
     UnsupportedFormat,
 )
@@ -32,6 +33,7 @@ STATUS: dict[type[ImgserveError], int] = {
     InvalidParameter: 422,
     OutOfMemory: 507,
     ModelFailure: 500,
+    TimedOut: 504,
 }
 
 
@@ -59,7 +61,24 @@ class QueueFull(ImgserveError):
     code = "queue_full"
 
 
-STATUS.update({NotFound: 404, MethodNotAllowed: 405, NotReady: 409, QueueFull: 503})
+class Unauthorized(ImgserveError):
+    """No API key, or one that is not accepted, on a route that needs one."""
+
+    code = "unauthorized"
+
+
+class RateLimited(ImgserveError):
+    """This key (or client address) has used its requests for now; `retry_after_s` until the next."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, field: str | None = None, retry_after_s: int | None = None) -> None:
+        super().__init__(message, field)
+        self.retry_after_s = retry_after_s
+
+
+STATUS.update({NotFound: 404, MethodNotAllowed: 405, NotReady: 409, QueueFull: 503, Unauthorized: 401,
+               RateLimited: 429})
 
 
 def error_body(code: str, message: str, field: str | None = None) -> dict:
@@ -73,8 +92,12 @@ def error_response(exc: BaseException, retry_after_s: int) -> JSONResponse:
     """The response for `exc`; unknown exceptions are logged and answered 500 without internals."""
     if isinstance(exc, ImgserveError):
         status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
-        headers = {"Retry-After": str(retry_after_s)} if status == 503 else None
-        return JSONResponse(error_body(exc.code, exc.message, exc.field), status_code=status, headers=headers)
+        headers = {}
+        if status in (429, 503):  # the error's own wait (a rate limit's next token), else the configured one
+            headers["Retry-After"] = str(getattr(exc, "retry_after_s", None) or retry_after_s)
+        if status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="imgserve"'
+        return JSONResponse(error_body(exc.code, exc.message, exc.field), status_code=status, headers=headers or None)
     if isinstance(exc, BackPressureError):
         return JSONResponse(
             error_body("queue_full", "the service is at capacity; retry after the indicated delay"),

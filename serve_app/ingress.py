@@ -9,6 +9,7 @@ Preprocess → model → Postprocess through deployment handles and answers with
 import asyncio
 import json
 import logging
+from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,8 +22,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.errors import BadImage, ImgserveError, InvalidParameter, TooLarge, UnsupportedFormat
 from deployments.postprocess import Encoded
+from serve_app import access, forms, openapi
 from serve_app.config import AppConfig
 from serve_app.errors import MethodNotAllowed, NotFound, NotReady, error_response
+from serve_app.observability import RequestMetrics
 from serve_app.pipeline import Pipeline
 from serve_app.store import FINAL_STATES
 
@@ -41,6 +44,13 @@ api = FastAPI(
     description="Image-to-image models behind one HTTP API: real (art → photo), anime, layers.",
     version="0.1.0",
 )
+# Keys, rate limit, CORS, request-id check and the per-request log line (serve_app/access.py); it
+# uses the settings each replica hands it in `Ingress.__init__`.
+api.add_middleware(access.AccessMiddleware)
+# Outermost: task requests by status, latency and refusals (serve_app/observability.py).
+api.add_middleware(RequestMetrics)
+# /openapi.json: the upload routes' bodies, limits and error responses (serve_app/openapi.py).
+openapi.install(api)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -65,31 +75,27 @@ def _add_field(fields: dict[str, str], key: str, value: str) -> None:
 async def read_upload(request: Request, max_image_bytes: int) -> tuple[bytes, dict[str, str]]:
     """(image bytes, text fields) from a multipart form or a raw image body with query fields."""
     fields: dict[str, str] = {}
-    for key, value in request.query_params.multi_items():
+    for key, value in forms.parse_query(request.scope.get("query_string", b"")):  # 422 on non-UTF-8
         _add_field(fields, key, value)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         body = await _read_body(request, max_image_bytes + _FORM_OVERHEAD_BYTES)
-        # Starlette's form parser replays a body that was already read and cached on the request.
-        request._body = body
-        try:
-            form = await request.form(max_files=1, max_fields=64)
-        except StarletteHTTPException as exc:
-            raise BadImage(f"malformed multipart body: {exc.detail}", "image") from None
-        except Exception as exc:  # python-multipart raises plain errors on broken framing
-            raise BadImage(f"malformed multipart body: {exc}", "image") from None
+        form = await forms.parse_multipart(request.headers, body)
         image: bytes | None = None
-        for key, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                if key != "image":
-                    raise InvalidParameter("only the `image` field may be a file", key)
-                if image is not None:
-                    raise InvalidParameter("given more than once", "image")
-                image = await value.read()
-            elif key == "image":
-                raise BadImage("`image` must be a file part, not a text field", "image")
-            else:
-                _add_field(fields, key, value)
+        try:
+            for key, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    if key != "image":
+                        raise InvalidParameter("only the `image` field may be a file", key)
+                    if image is not None:
+                        raise InvalidParameter("given more than once", "image")
+                    image = await value.read()
+                elif key == "image":
+                    raise BadImage("`image` must be a file part, not a text field", "image")
+                else:
+                    _add_field(fields, key, value)
+        finally:
+            await form.close()
         if image is None:
             raise BadImage("the multipart body has no `image` file", "image")
         return image, fields
@@ -111,6 +117,21 @@ def result_headers(encoded: Encoded) -> dict[str, str]:
 
 
 _EVENT_POLL_S = 0.1
+
+# The web page (serve_app/web/, package data): exactly these files, with these content types.
+WEB_FILES = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+}
+
+
+def web_file(name: str) -> Response:
+    """One file of the web page; 404 in the one JSON shape for any other name."""
+    if name not in WEB_FILES:
+        return error_response(NotFound(f"no file {name[:64]!r} in the web page"), retry_after_s=1)
+    data = resources.files("serve_app").joinpath("web", name).read_bytes()
+    return Response(data, media_type=WEB_FILES[name], headers={"Cache-Control": "no-cache"})
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -147,15 +168,27 @@ class Ingress:
         self.config = config
         self.pipeline = Pipeline(config, preprocess, models, postprocess)
         self.jobs = jobs
+        access.configure(config.ingress)
+        openapi.use(self.pipeline)  # /openapi.json describes the upload routes with this config's limits
 
     async def run(self, task: str, image: bytes, fields: dict[str, Any] | None = None) -> Encoded:
         """Run one task on one image (the Python-handle entry point); raises `deployments.errors`."""
-        return await self.pipeline.run(self.pipeline.resolve(task, fields), image)
+        return await self.pipeline.run(self.pipeline.resolve(task, fields), image,
+                                       timeout_s=self.config.ingress.request_timeout_s)
 
     # -- HTTP ----------------------------------------------------------------------------------------
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok", "app": self.config.name}
+
+    @api.get("/", include_in_schema=False)
+    async def web_page(self) -> Response:
+        """The web page: upload, task, progress, result (serve_app/web/)."""
+        return web_file("index.html")
+
+    @api.get("/web/{name}", include_in_schema=False)
+    async def web_asset(self, name: str) -> Response:
+        return web_file(name)
 
     @api.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:
@@ -172,9 +205,11 @@ class Ingress:
             task = fields.pop("task", None)
             if task is None:
                 raise InvalidParameter("required: real, anime or layers", "task")
-            status = await self.jobs.submit.remote(task, image, fields)
+            access.note(request, task=task[:32])
+            status = await self.jobs.submit.remote(task, image, fields, request.headers.get("x-request-id"))
         except Exception as exc:
             return self._error(exc)
+        access.note(request, job_id=status["id"])
         return JSONResponse(status, status_code=202, headers={"Location": f"/v1/jobs/{status['id']}"})
 
     async def _json(self, response: Any) -> Response:

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from ray import exceptions as ray_exceptions
 from ray.serve.exceptions import BackPressureError
 
+from deployments import metrics
 from deployments.errors import Cancelled, ImgserveError
 from serve_app.errors import NotFound, QueueFull
 from serve_app.pipeline import Pipeline
@@ -124,12 +125,14 @@ class JobRunner:
             self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
 
     # -- the API the ingress calls -----------------------------------------------------------------
-    async def submit(self, task: str, image: bytes, fields: dict[str, Any]) -> dict[str, Any]:
-        """Validate and enqueue; raises the same errors as a synchronous request, or QueueFull."""
+    async def submit(self, task: str, image: bytes, fields: dict[str, Any],
+                     request_id: str | None = None) -> dict[str, Any]:
+        """Validate and enqueue; raises the same errors as a synchronous request, or QueueFull.
+        `request_id`: the submitting HTTP request's id, kept in the job's record."""
         resolved = self.pipeline.resolve(task, fields)
         if self.store.count("queued") >= self.config.max_queued:
             raise QueueFull(f"{self.config.max_queued} jobs are waiting; retry later")
-        job = self.store.create(task, resolved.fields(), image)
+        job = self.store.create(task, resolved.fields(), image, request_id=request_id)
         self._record(job.id, state="queued")
         self._wake.set()
         return self.status(job.id)
@@ -180,6 +183,10 @@ class JobRunner:
     def _finish(self, job_id: str, state: str, **kwargs: Any) -> None:
         self.store.finish(job_id, state, **kwargs)
         self._record(job_id, state=state, stage="done" if state == "succeeded" else state)
+        job = self.store.get(job_id)
+        if job is not None and job.finished_at is not None:
+            metrics.jobs_finished.inc(tags={"task": job.task, "state": state})
+            metrics.job_seconds.observe(job.finished_at - job.created_at, tags={"task": job.task, "state": state})
 
     def _job(self, job_id: str) -> Job:
         job = self.store.get(job_id)
@@ -196,6 +203,9 @@ class JobRunner:
                     break
                 self._record(job.id, state="running", stage="queued")
                 self._running[job.id] = asyncio.get_running_loop().create_task(self._execute(job))
+            # gauges age out of Ray's metrics agent unless refreshed: this loop turns at least every second
+            metrics.jobs_queued.set(self.store.count("queued"))
+            metrics.jobs_running.set(len(self._running))
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=1.0)

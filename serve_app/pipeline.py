@@ -8,6 +8,8 @@ Holds handles and config only; knows nothing about HTTP.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -15,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.errors import InvalidParameter
+from deployments.errors import InvalidParameter, TimedOut
 from deployments.lora import NONE
 from deployments.layers import LayersModel, LayersParams
 from deployments.postprocess import IMAGE_FORMATS, LAYER_FORMATS, Encoded
 from deployments.anime import AnimeModel, AnimeParams
 from deployments.diffusion import MIN_STEPS
 from deployments.real import RealModel, RealParams
-from deployments.records import Progress
+from deployments.records import Deadline, Progress
 from serve_app.errors import NotFound
 
 if TYPE_CHECKING:  # config imports the job runner, which imports this module
@@ -96,13 +98,24 @@ class Pipeline:
             raise InvalidParameter(f"unknown format {fmt!r}; allowed: {', '.join(spec.formats)}", "format")
         return Resolved(task, self._resolvers[task](parse_params(spec.params, fields)), fmt)
 
-    async def run(self, request: Resolved, image: bytes, progress: Progress | None = None) -> Encoded:
-        """Run a resolved request; raises the `deployments.errors` classes on bad input."""
+    async def run(self, request: Resolved, image: bytes, progress: Progress | None = None,
+                  timeout_s: float | None = None) -> Encoded:
+        """Run a resolved request; raises the `deployments.errors` classes on bad input, and
+        `TimedOut` after `timeout_s` (the model, told the same deadline, stops at its next step)."""
+        if timeout_s is None:
+            return await self._run(request, image, progress)
+        deadline = Deadline(time.time() + timeout_s, timeout_s, progress)
+        try:
+            return await asyncio.wait_for(self._run(request, image, deadline), timeout_s)
+        except asyncio.TimeoutError:
+            raise TimedOut(f"took longer than the limit of {timeout_s:g} s") from None
+
+    async def _run(self, request: Resolved, image: bytes, progress: Progress | None) -> Encoded:
         # 1. preprocess on CPU replicas; awaited so the model's queue limit is enforced (a
         #    DeploymentResponse passed straight on bypasses max_queued_requests in Ray Serve 2.60)
         if progress is not None:
             progress.stage("preprocess")
-        prepared = await self.preprocess.prepare.remote(image, TASKS[request.task].model.input_spec)
+        prepared = await self.preprocess.prepare.remote(image, TASKS[request.task].model.input_spec, task=request.task)
         # 2. the model
         handle = self.models[request.task]
         lora = getattr(request.params, "lora", NONE)

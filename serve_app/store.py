@@ -45,6 +45,8 @@ class Job:
     media_type: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     served: dict[str, Any] = field(default_factory=dict)
+    request_id: str | None = None
+    """The id of the HTTP request that submitted the job (its X-Request-Id), to find it in the logs."""
 
     def public(self, queue_position: int | None = None) -> dict[str, Any]:
         """The client's view: GET /v1/jobs/{id}."""
@@ -59,11 +61,12 @@ class Job:
             "error": self.error,
             "created_at": self.created_at,
             "finished_at": self.finished_at,
+            "request_id": self.request_id,
         }
 
 
 class JobStore(Protocol):
-    def create(self, task: str, fields: dict[str, Any], image: bytes) -> Job: ...
+    def create(self, task: str, fields: dict[str, Any], image: bytes, request_id: str | None = None) -> Job: ...
     def get(self, job_id: str) -> Job | None: ...
     def input(self, job_id: str) -> bytes: ...
     def claim_next(self) -> Job | None: ...
@@ -78,7 +81,7 @@ class JobStore(Protocol):
 
 
 _COLUMNS = ("id", "task", "state", "stage", "step", "total_steps", "error", "created_at", "started_at",
-            "finished_at", "attempts", "cancel_requested", "fields", "media_type", "metadata", "served")
+            "finished_at", "attempts", "cancel_requested", "fields", "media_type", "metadata", "served", "request_id")
 _JSON_COLUMNS = {"error", "fields", "metadata", "served"}
 
 
@@ -99,6 +102,8 @@ class SqliteJobStore:
             " attempts INTEGER, cancel_requested INTEGER, fields TEXT, media_type TEXT, metadata TEXT, served TEXT)"
         )
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_state_created ON jobs (state, created_at)")
+        if "request_id" not in {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN request_id TEXT")  # a store from before request ids
 
     # -- rows ------------------------------------------------------------------------------------
     def _row(self, row: tuple | None) -> Job | None:
@@ -125,8 +130,8 @@ class SqliteJobStore:
         return self.files / f"{job_id}.{kind}"
 
     # -- the interface ---------------------------------------------------------------------------
-    def create(self, task: str, fields: dict[str, Any], image: bytes) -> Job:
-        job = Job(id=uuid.uuid4().hex, task=task, fields=fields)
+    def create(self, task: str, fields: dict[str, Any], image: bytes, request_id: str | None = None) -> Job:
+        job = Job(id=uuid.uuid4().hex, task=task, fields=fields, request_id=request_id)
         _atomic_write(self._path(job.id, "input"), image)
         with self._lock:
             self._write(job)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,18 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO.parent / "shared" / "samples"
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 180.0, interval: float = 0.05) -> Any:
+    """Poll until `condition()` is truthy and return that value: a deadline against hangs, never a
+    timing assertion (a busy 2-core machine may take long)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
 
 
 def demo_args() -> dict[str, Any]:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -35,16 +34,6 @@ def local_sh(*args: str) -> str:
     assert done.returncode == 0, f"cluster/local.sh {' '.join(args)} failed: {done.stderr[-2000:]}"
     return done.stdout
 
-
-def wait_until(condition: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
-    """Poll until `condition()` is truthy; a deadline, not a timing assertion."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def cluster_args(cache_dir: Any) -> dict[str, Any]:

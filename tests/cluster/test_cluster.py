@@ -22,7 +22,8 @@ from PIL import Image
 from ray import serve
 from ray.util.state import list_actors
 
-from tests.cluster.conftest import PORT, local_sh, wait_until
+from tests.cluster.conftest import PORT, local_sh
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -79,9 +80,10 @@ def test_cluster_config_deploys_with_gpu_replicas_on_workers_only(cluster) -> No
         assert stats["plan"]["gpus_used"] == 2
         assert len(stats["gpu_ids"]) == 2
         assert sorted(stats["cuda_visible_devices"].split(",")) == sorted(stats["gpu_ids"])
-    # the job runner asked for the head's marker resource: jobs outlive a worker
-    jobs = alive_actors("JobRunner")
-    assert jobs and all(actor.node_id == head for actor in jobs)
+    # the ingress and the job runner asked for the head's marker resource: they outlive a worker
+    for deployment in ("Ingress", "JobRunner"):
+        actors = alive_actors(deployment)
+        assert actors and all(actor.node_id == head for actor in actors), deployment
 
 
 def test_real_scales_out_under_a_burst_and_back_in_when_idle(cluster) -> None:

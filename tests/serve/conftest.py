@@ -24,10 +24,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+METRICS_PORT: int | None = None
+"""Where this session's Ray node exports Prometheus metrics (`http://127.0.0.1:PORT/metrics`)."""
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[int]:
     """Local Ray (2 CPUs, 4 fake GPUs) and Serve's HTTP proxy on a free loopback port."""
-    ray.init(address="local", num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False)
+    global METRICS_PORT
+    METRICS_PORT = free_port()
+    ray.init(address="local", num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=METRICS_PORT)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port

@@ -43,3 +43,23 @@ class GatedRealModel(RealModel):
         gate = ray.get_actor(GATE_NAME)
         ray.get(gate.wait.remote())
         return super().generate(prepared, params, progress)
+
+
+SLOW_STEP_S = 0.25
+
+
+class SlowRealModel(RealModel):
+    """RealModel whose every transformer call first sleeps SLOW_STEP_S: a slow test model, so a
+    request outlives a short time limit at any machine speed."""
+
+    def load(self) -> None:
+        super().load()
+        forward = self.pipe.transformer.forward
+
+        def slow_forward(*args, **kwargs):
+            import time
+
+            time.sleep(SLOW_STEP_S)
+            return forward(*args, **kwargs)
+
+        self.pipe.transformer.forward = slow_forward

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import pytest
 import ray
 
-from tests.conftest import demo_args
+from tests.conftest import demo_args, wait_until
 from tests.serve.conftest import run_service
 from tests.serve.gate import GATE_NAME, Gate, GatedRealModel
 from tests.serve.test_real_http import small_png
@@ -28,12 +27,6 @@ def gated(ray_cluster: int, model_cache):
         yield service, gate
     ray.kill(gate)
 
-
-def wait_until(condition, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_burst_gets_503_with_retry_after_and_accepted_requests_finish(gated) -> None:

@@ -4,13 +4,12 @@ when a model replica, the ingress or the job runner dies. Signals (a gate), not 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 
 import pytest
 import ray
 
-from tests.conftest import demo_args
+from tests.conftest import demo_args, wait_until
 from tests.serve.conftest import Service, run_service
 from tests.serve.gate import GATE_NAME, Gate, GatedRealModel
 from tests.serve.test_real_http import small_png
@@ -43,18 +42,9 @@ def status(service: Service, job_id: str) -> dict:
     return response.json()
 
 
-def wait_for(condition, what: str):
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
 
 def wait_state(service: Service, job_id: str, *states: str) -> dict:
-    return wait_for(lambda: (s := status(service, job_id))["state"] in states and s, f"{job_id} to be {states}")
+    return wait_until(lambda: (s := status(service, job_id))["state"] in states and s, f"{job_id} to be {states}")
 
 
 def events(service: Service, job_id: str) -> list[dict]:
@@ -116,7 +106,7 @@ def test_queue_positions_admission_and_cancel_while_queued_and_running(jobs) -> 
     service, gate = jobs
     ray.get(gate.close.remote())
     first = submit(service, {"steps": STEPS, "seed": 1}).json()["id"]
-    wait_for(lambda: ray.get(gate.count.remote()) >= 1, "the first job to reach the model")
+    wait_until(lambda: ray.get(gate.count.remote()) >= 1, "the first job to reach the model")
     second = submit(service, {"steps": STEPS, "seed": 2}).json()["id"]
     third = submit(service, {"steps": STEPS, "seed": 3}).json()["id"]
     assert status(service, first)["state"] == "running" and status(service, first)["queue_position"] is None
@@ -144,7 +134,7 @@ def test_a_killed_model_replica_is_retried_and_gives_the_same_bytes(jobs) -> Non
     ray.get(gate.close.remote())
     fields = {"steps": STEPS, "seed": 77, "lora": "none"}
     job_id = submit(service, fields).json()["id"]
-    wait_for(lambda: ray.get(gate.count.remote()) >= 1, "the job to reach the model")
+    wait_until(lambda: ray.get(gate.count.remote()) >= 1, "the job to reach the model")
     ray.kill(replica_actor("RealModel"), no_restart=False)
     gate.open.remote()
     final = wait_state(service, job_id, "succeeded", "failed")
@@ -160,12 +150,12 @@ def test_jobs_survive_restarts_of_the_ingress_and_the_runner(jobs) -> None:
     wait_state(service, done, "succeeded")
     ray.get(gate.close.remote())
     running = submit(service, {"steps": 2, "seed": 6}).json()["id"]
-    wait_for(lambda: ray.get(gate.count.remote()) >= 1, "the job to reach the model")
+    wait_until(lambda: ray.get(gate.count.remote()) >= 1, "the job to reach the model")
     ray.kill(replica_actor("Ingress"), no_restart=False)
     ray.kill(replica_actor("JobRunner"), no_restart=False)
     gate.open.remote()
     # after the restarts (the proxy answers 503/404 until the new replicas are up)
-    wait_for(lambda: service.http.get(f"/v1/jobs/{done}").status_code == 200, "the ingress and runner to return")
+    wait_until(lambda: service.http.get(f"/v1/jobs/{done}").status_code == 200, "the ingress and runner to return")
     assert service.http.get(f"/v1/jobs/{done}/result").status_code == 200
     final = wait_state(service, running, "succeeded", "failed")
     assert final["state"] == "succeeded", final  # re-queued by the new runner and run again

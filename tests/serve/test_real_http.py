@@ -146,7 +146,8 @@ def test_models_and_health(service: Service) -> None:
     assert models["max_long_edge"] == MAX_LONG_EDGE
     # the OpenAPI document the README points to lists every route
     paths = service.http.get("/openapi.json").json()["paths"]
-    assert {"/v1/{task}", "/v1/models", "/v1/jobs", "/v1/jobs/{job_id}/events", "/healthz"} <= set(paths)
+    assert {"/v1/real", "/v1/anime", "/v1/layers", "/v1/models", "/v1/jobs", "/v1/jobs/{job_id}/events",
+            "/healthz"} <= set(paths)
     assert service.http.get("/docs").status_code == 200
 
 

@@ -127,7 +127,7 @@ def test_rotating_orientations_swap_width_and_height(pre, orientation):
     assert psnr(out.array, np.asarray(reference)) > 35
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "TIFF", "WEBP"])  # Pillow orients TIFF itself: never twice
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_every_orientation_matches_exif_transpose(pre, fmt, orientation):
     data = with_orientation(picture(64, 48), fmt, orientation)

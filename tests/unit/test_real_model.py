@@ -76,3 +76,55 @@ def test_resolve_fills_defaults_and_a_seed() -> None:
     resolved = RealModelConfig(default_steps=12).resolve(RealParams())
     assert resolved.steps == 12 and resolved.cfg == 7.0 and resolved.prompt.startswith("transform")
     assert 0 <= resolved.seed < 2**32
+
+
+class Steps:
+    """A progress sink that records the steps it hears; the first one lasts until `hold_until`."""
+
+    def __init__(self, hold_until: float = 0.0) -> None:
+        self.steps: list[int] = []
+        self.hold_until = hold_until
+
+    def stage(self, name: str) -> None:
+        pass
+
+    def step(self, step: int, total: int) -> bool:
+        import time
+
+        self.steps.append(step)
+        while step == 1 and time.time() <= self.hold_until:
+            time.sleep(0.05)
+        return False
+
+
+def test_a_deadline_stops_generation_at_the_next_step_and_is_recorded(model: RealModel) -> None:
+    import time
+
+    from deployments.errors import TimedOut
+    from deployments.records import Deadline
+
+    # the deadline passes during step 1: the boundary after it raises, the other 5 never run
+    until = time.time() + 1.0
+    heard = Steps(hold_until=until)
+    with pytest.raises(TimedOut, match="after step 1 of 6"):
+        model.generate(prepared(), RealParams(steps=6, seed=1), Deadline(until=until, limit_s=1.0, inner=heard))
+    assert heard.steps == [1]  # the inner progress still heard the step that ran
+    with pytest.raises(TimedOut, match="before encode_prompt"):  # already late: nothing runs
+        model.generate(prepared(), RealParams(steps=6, seed=1), Deadline(until=time.time() - 1, limit_s=1.0))
+    assert model.stats()["last_stop"]["reason"] == "timeout"
+    # a deadline in the future changes nothing: same bytes as without one
+    plain = model.generate(prepared(), RealParams(steps=2, seed=3))
+    timed = model.generate(prepared(), RealParams(steps=2, seed=3), Deadline(time.time() + 600, 600))
+    assert np.array_equal(plain.array, timed.array)
+
+
+def test_an_injected_out_of_memory_fails_one_request_and_the_next_one_runs(model: RealModel) -> None:
+    from deployments.errors import OutOfMemory
+
+    model.inject_fault("oom")
+    with pytest.raises(OutOfMemory, match="injected"):
+        model.generate(prepared(), RealParams(steps=2, seed=1))
+    assert model.stats()["stops"]["out_of_memory"] >= 1
+    assert model.generate(prepared(), RealParams(steps=2, seed=1)).array.shape == (64, 96, 3)
+    with pytest.raises(ValueError, match="unknown fault"):
+        model.inject_fault("disk")

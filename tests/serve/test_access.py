@@ -1,0 +1,267 @@
+"""Access and safety through real Ray Serve: API keys, rate limit, CORS, request ids, JSON logs, and
+upload limits enforced before the body has arrived (over a raw socket)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import secrets
+import select
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+from PIL import Image
+from ray import serve
+from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+from serve_app.access import hash_key, key_id
+from serve_app.app import build_app
+from tests.conftest import demo_args
+from tests.serve.conftest import Service
+
+MAX_BYTES = 1024 * 1024
+ALLOWED = "https://studio.example.com"
+# One key per test, so one test's use of the rate limit never starves another.
+KEYS = {name: f"isk_{name}_{secrets.token_urlsafe(24)}" for name in ("auth", "rate", "cors", "ids", "upload", "jobs")}
+WRONG_KEY = f"isk_wrong_{secrets.token_urlsafe(24)}"
+BURST = 5
+PER_MINUTE = 6  # one token every 10 s after the burst
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster: int, model_cache) -> Iterator[Service]:
+    args = demo_args()
+    args["cache_dir"] = str(model_cache)
+    args["jobs"] = {"directory": str(model_cache / "jobs-access")}
+    args["preprocess"].update(max_long_edge=256, max_bytes=MAX_BYTES)
+    args["ingress"].update(api_keys_sha256=[hash_key(key) for key in KEYS.values()],
+                           rate_limit_per_minute=PER_MINUTE, rate_limit_burst=BURST, cors_origins=[ALLOWED])
+    app = call_user_app_builder_with_args_if_necessary(build_app, args)
+    # What `logging_config: {encoding: JSON}` does in configs/*.yaml, for every deployment of the app.
+    serve.run(app, name="imgserve", route_prefix="/", logging_config={"encoding": "JSON"})
+    service = Service(ray_cluster)
+    yield service
+    service.http.close()
+    serve.delete("imgserve")
+
+
+def small_png(size=(64, 48)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (40, 120, 200)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def bearer(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[name]}"}
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["code"] == code and body["error"]["message"]
+    return body["error"]
+
+
+def one_request_id(response: httpx.Response) -> str:
+    values = response.headers.get_list("x-request-id")
+    assert len(values) == 1, values  # one id: Serve's, never a second one of ours
+    return values[0]
+
+
+# -- keys ---------------------------------------------------------------------------------------------
+def test_v1_routes_need_a_configured_key_in_either_header(service: Service) -> None:
+    missing = service.http.get("/v1/models")
+    assert_error(missing, 401, "unauthorized")
+    assert missing.headers["www-authenticate"].startswith("Bearer")
+    assert_error(service.http.get("/v1/models", headers={"Authorization": f"Bearer {WRONG_KEY}"}), 401, "unauthorized")
+    assert_error(service.http.get("/v1/models", headers={"X-API-Key": WRONG_KEY}), 401, "unauthorized")
+    assert_error(service.post_image(small_png(), task="anime"), 401, "unauthorized")  # refused before the upload is read
+    assert service.http.get("/v1/models", headers=bearer("auth")).status_code == 200
+    assert service.http.get("/v1/models", headers={"X-API-Key": KEYS["auth"]}).json()["tasks"]
+
+
+def test_health_and_the_web_page_stay_open(service: Service) -> None:
+    assert service.http.get("/healthz").json()["status"] == "ok"
+    assert service.http.get("/").status_code == 200
+    page = service.http.get("/web/app.js")
+    assert page.status_code == 200 and "Authorization" in page.text  # the page can send a key
+
+
+# -- rate limit ---------------------------------------------------------------------------------------
+def test_past_the_burst_a_key_gets_429_with_retry_after(service: Service) -> None:
+    statuses = [service.http.get("/v1/models", headers=bearer("rate")).status_code for _ in range(BURST)]
+    assert statuses == [200] * BURST
+    limited = service.http.get("/v1/models", headers=bearer("rate"))
+    assert_error(limited, 429, "rate_limited")
+    assert 1 <= int(limited.headers["retry-after"]) <= 60 // PER_MINUTE
+    # other keys keep their own budget
+    assert service.http.get("/v1/models", headers=bearer("cors")).status_code == 200
+
+
+# -- CORS ---------------------------------------------------------------------------------------------
+def test_preflight_and_cors_headers_only_for_listed_origins(service: Service) -> None:
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"}
+    allowed = service.http.options("/v1/real", headers={"Origin": ALLOWED, **preflight})
+    assert allowed.status_code == 204
+    assert allowed.headers["access-control-allow-origin"] == ALLOWED
+    assert "POST" in allowed.headers["access-control-allow-methods"]
+    assert {"authorization", "content-type"} <= {h.strip().lower() for h in allowed.headers["access-control-allow-headers"].split(",")}
+    other = service.http.options("/v1/real", headers={"Origin": "https://elsewhere.example", **preflight})
+    assert "access-control-allow-origin" not in other.headers
+
+    response = service.http.post("/v1/anime", headers={"Origin": ALLOWED, **bearer("cors")},
+                                 files={"image": ("a.png", small_png(), "image/png")})
+    assert response.status_code == 200, response.text
+    assert response.headers["access-control-allow-origin"] == ALLOWED and "origin" in response.headers["vary"].lower()
+    exposed = {h.strip().lower() for h in response.headers["access-control-expose-headers"].split(",")}
+    assert {"x-request-id", "retry-after", "x-imgserve-style", "x-imgserve-size"} <= exposed
+    denied = service.http.get("/v1/models", headers={"Origin": ALLOWED})  # the page can read its 401
+    assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == ALLOWED
+    plain = service.http.get("/v1/models", headers={"Origin": "https://elsewhere.example", **bearer("cors")})
+    assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
+
+
+# -- request ids --------------------------------------------------------------------------------------
+def test_every_response_carries_one_request_id_and_a_safe_client_id_is_kept(service: Service) -> None:
+    assert UUID.match(one_request_id(service.http.get("/v1/models", headers=bearer("ids"))))
+    assert UUID.match(one_request_id(service.http.get("/v1/models")))  # 401
+    assert UUID.match(one_request_id(service.http.get("/healthz")))
+    assert UUID.match(one_request_id(service.http.post("/v1/nope", headers=bearer("ids"))))  # 404
+    own = "client-req_42.a"
+    response = service.http.get("/v1/models", headers={**bearer("ids"), "X-Request-Id": own})
+    assert response.status_code == 200 and one_request_id(response) == own
+    error = service.http.post("/v1/anime", headers={**bearer("ids"), "X-Request-Id": own + "-err"},
+                              content=b"not an image", params={"style": "paprika"})
+    assert error.status_code in (400, 415) and one_request_id(error) == own + "-err"
+    unsafe = service.http.get("/healthz", headers={"X-Request-Id": "a" * 200})
+    assert assert_error(unsafe, 422, "invalid_parameter")["field"] == "X-Request-Id"
+
+
+def test_a_job_keeps_the_request_id_of_its_submission(service: Service) -> None:
+    submitted = service.http.post("/v1/jobs", headers={**bearer("jobs"), "X-Request-Id": "job-submit-1"},
+                                  data={"task": "anime"}, files={"image": ("a.png", small_png(), "image/png")})
+    assert submitted.status_code == 202, submitted.text
+    assert submitted.json()["request_id"] == "job-submit-1"
+    status = service.http.get(f"/v1/jobs/{submitted.json()['id']}", headers=bearer("jobs")).json()
+    assert status["request_id"] == "job-submit-1"
+
+
+# -- upload limits before the body --------------------------------------------------------------------
+def _connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a response: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    length = int(headers.get("content-length", 0))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_a_declared_huge_body_is_refused_before_it_is_sent(service: Service, ray_cluster: int) -> None:
+    declared = 10 * 1024**3  # 10 GiB announced, 64 KiB sent
+    sock = _connect(ray_cluster)
+    try:
+        sock.sendall((f"POST /v1/anime HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                      f"X-API-Key: {KEYS['upload']}\r\nContent-Length: {declared}\r\n\r\n").encode() + b"\0" * 65536)
+        status, headers, body = _read_response(sock)
+    finally:
+        sock.close()
+    assert status == 413 and json.loads(body)["error"]["code"] == "too_large"
+    assert UUID.match(headers["x-request-id"])
+
+
+def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_limit(service: Service, ray_cluster: int) -> None:
+    chunk, total = 64 * 1024, 32 * MAX_BYTES  # would send 32 MiB; the limit is 1 MiB
+    sock = _connect(ray_cluster)
+    sent = 0
+    try:
+        sock.sendall((f"POST /v1/anime HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                      f"X-API-Key: {KEYS['upload']}\r\nTransfer-Encoding: chunked\r\n\r\n").encode())
+        while sent < total:
+            readable, _, _ = select.select([sock], [], [], 0.02)  # slowly: the answer may come between chunks
+            if readable:
+                break
+            try:
+                sock.sendall(f"{chunk:x}\r\n".encode() + b"\1" * chunk + b"\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                break  # the server stopped reading: its answer is waiting
+            sent += chunk
+        status, _, body = _read_response(sock)
+    finally:
+        sock.close()
+    assert status == 413 and json.loads(body)["error"]["code"] == "too_large"
+    assert MAX_BYTES <= sent < total / 4, sent  # refused soon after the limit, long before the end
+
+
+def test_the_ingress_serves_normally_after_refused_uploads(service: Service) -> None:
+    assert service.http.get("/healthz").status_code == 200
+    response = service.http.post("/v1/anime", headers=bearer("upload"), files={"image": ("a.png", small_png(), "image/png")})
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+
+
+# -- logs ---------------------------------------------------------------------------------------------
+def _serve_logs() -> Path:
+    return Path(ray._private.worker._global_node.get_logs_dir_path())
+
+
+def test_ingress_logs_are_json_lines_with_request_ids_and_key_ids_never_keys(service: Service) -> None:
+    own = f"log-check-{secrets.token_hex(4)}"
+    assert service.http.get("/v1/models", headers={**bearer("auth"), "X-Request-Id": own}).status_code == 200
+    logs = _serve_logs()
+    deadline, record = time.monotonic() + 30, None
+    while record is None and time.monotonic() < deadline:
+        for path in (logs / "serve").glob("replica_imgserve_Ingress_*.log"):
+            for line in path.read_text(errors="replace").splitlines():
+                if own in line and '"http_request"' in line:
+                    record = json.loads(line)
+        time.sleep(0.5)
+    assert record is not None, "no JSON request line for the request id in the ingress replica's log"
+    assert record["request_id"] == own and record["status"] == 200 and record["method"] == "GET"
+    assert record["key_id"] == key_id(hash_key(KEYS["auth"])) and record["duration_ms"] >= 0
+    assert record["deployment"].endswith("Ingress") and record["replica"]
+    # Serve's own access line for the same request carries the same id
+    lines = [json.loads(line) for path in (logs / "serve").glob("replica_imgserve_Ingress_*.log")
+             for line in path.read_text(errors="replace").splitlines() if own in line]
+    assert len(lines) >= 2 and all(line["request_id"] == own for line in lines)
+    # the replicas a request's handle calls reach log under the same id
+    own = f"log-model-{secrets.token_hex(4)}"
+    response = service.http.post("/v1/anime", headers={**bearer("auth"), "X-Request-Id": own},
+                                 files={"image": ("a.png", small_png(), "image/png")})
+    assert response.status_code == 200
+    deadline, seen = time.monotonic() + 30, set()
+    while {"Preprocess", "AnimeModel", "Postprocess"} - seen and time.monotonic() < deadline:
+        for name in ("Preprocess", "AnimeModel", "Postprocess"):
+            for path in (logs / "serve").glob(f"replica_imgserve_{name}_*.log"):
+                if any(json.loads(line).get("request_id") == own
+                       for line in path.read_text(errors="replace").splitlines() if own in line):
+                    seen.add(name)
+        time.sleep(0.5)
+    assert seen == {"Preprocess", "AnimeModel", "Postprocess"}
+    # no key, not even a prefix of one, anywhere in this session's logs
+    secrets_ = [key for key in KEYS.values()] + [WRONG_KEY]
+    for path in logs.rglob("*"):
+        if path.is_file() and path.suffix in (".log", ".out", ".err", ".txt", ""):
+            text = path.read_text(errors="replace")
+            for key in secrets_:
+                assert key[:16] not in text, f"{path} contains an API key"

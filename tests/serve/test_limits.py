@@ -1,0 +1,69 @@
+"""A request time limit and a GPU out-of-memory error: the client gets a clear JSON error, the model
+stops its work (at the next denoising step), and the same replica serves the next request."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import demo_args, wait_until
+from tests.serve.conftest import run_service
+from tests.serve.gate import SlowRealModel
+
+pytestmark = pytest.mark.serve
+
+TIMEOUT_S = 3
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster: int, model_cache):
+    args = demo_args()
+    args["cache_dir"] = str(model_cache)
+    args["ingress"]["request_timeout_s"] = TIMEOUT_S
+    yield from run_service(ray_cluster, args, real_cls=SlowRealModel)
+
+
+def small_png(seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+
+def test_a_request_over_the_time_limit_gets_504_and_the_model_stops_at_the_next_step(service) -> None:
+    before = service.model_stats()
+    # 40 steps of two slow transformer passes each take far longer than the 3 s limit
+    response = service.post_image(small_png(), {"steps": 40, "seed": 1}, content_type="image/png",
+                                  filename="in.png")
+    assert response.status_code == 504, response.text
+    error = response.json()["error"]
+    assert error["code"] == "timeout" and f"{TIMEOUT_S} s" in error["message"]
+    # the model was told the same deadline: it stops at its next step instead of finishing all 40
+    stats = wait_until(lambda: (s := service.model_stats())["stops"].get("timeout") and s, "the model to stop")
+    step = int(stats["last_stop"]["message"].split("after step ")[1].split(" of ")[0])
+    assert stats["last_stop"]["reason"] == "timeout" and step < 40
+    # and the same replica serves the next request
+    again = service.post_image(small_png(1), {"steps": 2, "seed": 1}, content_type="image/png", filename="in.png")
+    assert again.status_code == 200, again.text
+    assert Image.open(io.BytesIO(again.content)).size == (96, 64)
+    assert service.model_stats()["pid"] == before["pid"]
+
+
+def test_a_gpu_out_of_memory_fails_that_request_only(service) -> None:
+    from ray import serve
+
+    before = service.model_stats()
+    serve.get_deployment_handle("RealModel", "imgserve").inject_fault.remote("oom").result()
+    response = service.post_image(small_png(2), {"steps": 2, "seed": 2}, content_type="image/png", filename="in.png")
+    assert response.status_code == 507, response.text
+    error = response.json()["error"]
+    assert error["code"] == "out_of_memory" and "out of memory" in error["message"]
+    after = service.model_stats()
+    assert after["stops"].get("out_of_memory") == before["stops"].get("out_of_memory", 0) + 1
+    again = service.post_image(small_png(2), {"steps": 2, "seed": 2}, content_type="image/png", filename="in.png")
+    assert again.status_code == 200, again.text
+    assert service.model_stats()["pid"] == before["pid"]

@@ -1,0 +1,66 @@
+"""The web page's routes without a browser: `/` is the page, its assets come with the right types,
+nothing else is served from the web directory, and the files are package data."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import tomllib
+from importlib import resources
+
+import pytest
+
+from tests.conftest import REPO
+from tests.serve.conftest import Service
+
+pytestmark = pytest.mark.serve
+
+ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+
+
+def packaged(name: str) -> bytes:
+    return resources.files("serve_app").joinpath("web", name).read_bytes()
+
+
+def test_root_is_the_page_and_assets_have_their_content_types(web_service: Service) -> None:
+    page = web_service.http.get("/")
+    assert page.status_code == 200
+    assert page.headers["content-type"] == "text/html; charset=utf-8"
+    assert page.content == packaged("index.html")
+    assert '<script src="web/app.js" defer></script>' in page.text
+    assert '<link rel="stylesheet" href="web/style.css">' in page.text
+    for name, media_type in ASSETS.items():
+        response = web_service.http.get(f"/web/{name}")
+        assert response.status_code == 200, name
+        assert response.headers["content-type"] == f"{media_type}; charset=utf-8"
+        assert response.content == packaged(name)
+
+
+def test_only_the_page_files_are_served(web_service: Service) -> None:
+    for path in ("/web/ingress.py", "/web/..%2Fingress.py", "/web/", "/web/index.htm"):
+        response = web_service.http.get(path)
+        assert response.status_code == 404, path
+        assert response.json()["error"]["code"] == "not_found"
+    # the API's own document stays about the API
+    paths = web_service.http.get("/openapi.json").json()["paths"]
+    assert "/" not in paths and "/web/{name}" not in paths
+
+
+def test_the_page_loads_nothing_from_elsewhere() -> None:
+    """Works offline: no absolute URL, no protocol-relative URL, no import of another file."""
+    for name in ("index.html", *ASSETS):
+        text = packaged(name).decode("utf-8")
+        assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/|@import", text, re.IGNORECASE), name
+    html = packaged("index.html").decode("utf-8")
+    assert sorted(re.findall(r'(?:src|href)="(web/[^"]+)"', html)) == ["web/app.js", "web/style.css"]
+
+
+def test_the_page_files_are_package_data() -> None:
+    """`[tool.setuptools.package-data]` names every file of the page, so a non-editable install
+    (a wheel on a cluster node) serves it too."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["serve_app"]
+    files = sorted(p.relative_to(REPO / "serve_app").as_posix() for p in (REPO / "serve_app" / "web").iterdir())
+    assert files == ["web/app.js", "web/index.html", "web/style.css"]
+    for name in files:
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), name
