@@ -20,8 +20,9 @@ Peak RSS: `VmHWM` of this process after resetting it to the current RSS (writing
 /proc/self/clear_refs, Linux ≥ 4.0) just before the call; so it is the process's peak during that
 call, including everything already resident (torch, both models with 4 styles, the input arrays,
 the serving path's kept workspace), plus the same minus the RSS just before the call ("added").
-A replica adds Ray's own worker overhead (~0.1–0.2 GB). Where clear_refs is not writable the
-monotonic `ru_maxrss` is recorded instead (the JSON says which).
+A replica adds Ray's own worker overhead (~0.1–0.2 GB). Where clear_refs is not writable the peak
+cannot be reset, so the figure is the process's peak so far (VmHWM, or `ru_maxrss` without /proc;
+the JSON's peak_rss_method says so).
 
 GPU: where CUDA exists, AnimeModel with `device: cuda` (float16) at 1024², batch 1 and 8: median
 latency, images/s, peak `torch.cuda.max_memory_allocated`, and the agreement with fp32 eager on
@@ -124,14 +125,20 @@ def _reset_peak() -> bool:
         return False
 
 
-def _peak_rss_bytes() -> int:
+def _proc_kb(path: str, key: str) -> int | None:
+    """The `key:  N kB` line of a /proc file, in bytes; None where it cannot be read."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
+
+
+def _peak_rss_bytes() -> int:
+    peak = _proc_kb("/proc/self/status", "VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _current_rss_bytes() -> int:
@@ -158,13 +165,8 @@ def agreement(ours: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
 
 
 def mem_available() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
+    available = _proc_kb("/proc/meminfo", "MemAvailable")
+    return available if available is not None else 1 << 62
 
 
 def cpu_case(net: Generator, model: AnimeModel, size: int, batch: int, repeat: int) -> dict[str, Any]:
@@ -314,11 +316,8 @@ def main() -> None:
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
 
-    def find(size: int, batch: int) -> dict[str, Any] | None:
-        return next((r for r in rows if r["size"] == f"{size}x{size}" and r["batch"] == batch and "ours" in r), None)
-
-    key = find(1024, 1)
     measured_rows = [r for r in rows if "ours" in r]
+    key = next((r for r in measured_rows if r["size"] == "1024x1024" and r["batch"] == 1), None)
     checks = {
         "speedup_1024_batch1>=": None if key is None else key["speedup"] >= GOAL["speedup_1024_batch1>="],
         "pct_pixels_within_2_of_255>=": bool(measured_rows)

@@ -3,8 +3,8 @@
 1. Start local Ray (2 CPUs, 4 fake GPUs) and the demo config (configs/demo.yaml).
 2. Capacity: closed loop, `--clients` callers back to back for `--capacity-window` s → X req/s.
 3. Warm-up done: read the RSS of every replica (and the proxy).
-4. Overload: open loop, evenly spaced arrivals at 3·X req/s for `--duration` s, each request on its
-   own thread with a client timeout.
+4. Overload: open loop, evenly spaced arrivals at `--factor`·X req/s (3) for `--duration` s, sent
+   from a pool of up to 256 threads, each request with a client timeout.
 5. Check what a user and an operator would: every request answered 2xx, or 503/429 with
    Retry-After, within the timeout; none lost (every sent request has an outcome), none hung, no
    other 5xx; afterwards every replica is the same process and its RSS within 10 % of step 3.
@@ -17,8 +17,6 @@ Run: .venv/bin/python bench/load.py   (about 2.5 minutes)
 from __future__ import annotations
 
 import argparse
-import copy
-import io
 import json
 import os
 import platform
@@ -28,7 +26,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -40,9 +37,9 @@ import httpx  # noqa: E402
 import psutil  # noqa: E402
 import ray  # noqa: E402
 import yaml  # noqa: E402
-from PIL import Image  # noqa: E402
 from ray import serve  # noqa: E402
 
+from bench.common import closed_loop, open_loop, upload  # noqa: E402
 from serve_app.app import build_app  # noqa: E402
 
 ROLES = ("Ingress", "Preprocess", "RealModel", "Postprocess", "AnimeModel", "LayersModel", "JobRunner", "proxy")
@@ -64,15 +61,6 @@ def replicas() -> dict[str, psutil.Process]:
 
 def rss_mb(procs: dict[str, psutil.Process]) -> dict[str, float]:
     return {role: round(proc.memory_info().rss / 2**20, 1) for role, proc in procs.items()}
-
-
-def upload(edge: int) -> bytes:
-    sample = sorted((REPO.parent / "shared" / "samples").glob("*.jpg"))[0]
-    image = Image.open(sample).convert("RGB")
-    image.thumbnail((edge, edge))
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
 
 
 class Caller:
@@ -113,28 +101,16 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "load.json"))
     options = parser.parse_args()
     started = time.monotonic()
-    document = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    args = copy.deepcopy(document["applications"][0]["args"])
+    args = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["applications"][0]["args"]
     ray.init(address="local", num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": options.port})
         serve.run(build_app(args), name="imgserve", route_prefix="/")
         caller = Caller(f"http://127.0.0.1:{options.port}", upload(options.edge), options.timeout)
         # capacity (and warm-up: first-call costs, tiny models, LoRA)
-        deadline = time.monotonic() + options.capacity_window
-        begin = time.monotonic()
-
-        def loop() -> None:
-            while time.monotonic() < deadline:
-                caller.one(time.monotonic() - begin)
-
-        threads = [threading.Thread(target=loop) for _ in range(options.clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        elapsed = closed_loop(caller.one, options.clients, options.capacity_window)
         ok = [o for o in caller.outcomes if o.get("status") == 200]
-        capacity = len(ok) / (time.monotonic() - begin)
+        capacity = len(ok) / elapsed
         procs = replicas()
         pids_before = {role: proc.pid for role, proc in procs.items()}
         rss_before = rss_mb(procs)
@@ -143,14 +119,7 @@ def main() -> None:
         rate = options.factor * capacity
         caller.outcomes = []
         arrivals = [i / rate for i in range(int(options.duration * rate))]
-        begin = time.monotonic()
-        with ThreadPoolExecutor(max_workers=256) as pool:
-            for offset in arrivals:
-                delay = begin + offset - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                pool.submit(caller.one, offset)
-        overload_s = time.monotonic() - begin
+        overload_s = open_loop(caller.one, arrivals, max_workers=256)
         procs_after = replicas()
         rss_after = rss_mb(procs_after)
         outcomes = caller.outcomes
@@ -161,12 +130,13 @@ def main() -> None:
     codes = Counter(o.get("code") for o in outcomes if o.get("code"))
     bad = [o for o in outcomes if not (o.get("status") == 200 or (o.get("status") in (429, 503) and o.get("retry_after")))]
     rss_ratio = {role: round(rss_after[role] / rss_before[role], 3) for role in rss_before if role in rss_after}
+    same_processes = {role: pids_before.get(role) == proc.pid for role, proc in procs_after.items()}
     latencies = sorted(o["latency_s"] for o in outcomes if o.get("status") == 200)
     refused = sorted(o["latency_s"] for o in outcomes if o.get("status") in (429, 503))
     result = {
         "benchmark": "load",
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/load.py", *sys.argv[1:]]),
+        "command": shlex.join([".venv/bin/python", "bench/load.py", *sys.argv[1:]]),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "loadavg_after": list(os.getloadavg())},
         "versions": {"python": platform.python_version(), "ray": ray.__version__, "httpx": httpx.__version__},
         "settings": {
@@ -190,25 +160,25 @@ def main() -> None:
         "rss_mb_after_warmup": rss_before,
         "rss_mb_after_overload": rss_after,
         "rss_ratio": rss_ratio,
-        "same_processes": {role: pids_before.get(role) == proc.pid for role, proc in procs_after.items()},
+        "same_processes": same_processes,
         "goal": {
             "every_request_answered": len(outcomes) == len(arrivals),
             "only_2xx_or_503_429_with_retry_after": not bad,
             "violations": bad[:20],
             "no_hang_within_timeout": all(o.get("status") is not None for o in outcomes),
             "rss_within_10pct": all(0.9 <= r <= 1.1 for r in rss_ratio.values()),
-            "no_replica_restarted": all(pids_before.get(role) == proc.pid for role, proc in procs_after.items()),
+            "no_replica_restarted": all(same_processes.values()),
         },
         "wall_s": round(time.monotonic() - started, 1),
     }
     result["goal"]["pass"] = all(v for k, v in result["goal"].items() if k != "violations")
     Path(options.out).write_text(json.dumps(result, indent=1) + "\n")
-    plotted = plot(outcomes, Path(options.out).with_suffix(".png"), rate)
+    plotted = plot(outcomes, Path(options.out).with_suffix(".png"), rate, options.factor)
     print(json.dumps({k: result[k] for k in ("capacity_rps", "offered_rps", "statuses", "rss_ratio")}))
     print(json.dumps(result["goal"]), "plot" if plotted else "")
 
 
-def plot(outcomes: list[dict[str, Any]], path: Path, rate: float) -> bool:
+def plot(outcomes: list[dict[str, Any]], path: Path, rate: float, factor: float) -> bool:
     try:
         import matplotlib
 
@@ -226,7 +196,7 @@ def plot(outcomes: list[dict[str, Any]], path: Path, rate: float) -> bool:
         ax.scatter(*zip(*other), s=14, color="red", marker="x", label=f"other ({len(other)})")
     ax.set_xlabel("request sent at (s)")
     ax.set_ylabel("answered after (s)")
-    ax.set_title(f"demo service at {rate:.2f} req/s offered (3 x capacity)")
+    ax.set_title(f"demo service at {rate:.2f} req/s offered ({factor:g} x capacity)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -17,7 +17,7 @@ exit 1 on out-of-memory (still written). Needs ~60 GB of host RAM, torch, diffus
 wheel to the GPU host), transformers, accelerate; no Ray.
 
 --tiny: the same code path on CPU with the tiny pipeline, the plan's GPUs mapped to "cpu", 64²
-images; no memory numbers, writes only with --out. Without CUDA and --tiny: says so, exits 0.
+images; no memory numbers, writes only with --out. Without CUDA or --tiny: says so, exits 0.
 
     .venv/bin/python bench/placement_gpu.py [--gpus 1x24] [--steps 4] [--out PATH] [--tiny]
 """
@@ -265,12 +265,13 @@ def checks(plan, measured: dict, devices: list, error: str | None) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add = parser.add_argument
-    add("--gpus", default="1x24", help="COUNTxGB the plan is made for (default 1x24)")
-    add("--steps", type=int, default=4), add("--resolution", type=int, default=1024)
-    add("--cfg", type=float, default=4.0, help="true_cfg_scale (> 1; a negative prompt is given)")
-    add("--text-tokens", type=int, default=placement.TEXT_TOKENS), add("--tiny", action="store_true")
-    add("--out", type=Path, help="default on CUDA: bench/results/placement_gpu.json")
+    parser.add_argument("--gpus", default="1x24", help="COUNTxGB the plan is made for (default 1x24)")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--cfg", type=float, default=4.0, help="true_cfg_scale (> 1; a negative prompt is given)")
+    parser.add_argument("--text-tokens", type=int, default=placement.TEXT_TOKENS)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", type=Path, help="default on CUDA: bench/results/placement_gpu.json")
     args = parser.parse_args()
     try:
         count, memory = placement.parse_gpus(args.gpus)

@@ -19,19 +19,15 @@ Run: .venv/bin/python bench/scaling.py   (about 6 minutes; writes bench/results/
 from __future__ import annotations
 
 import argparse
-import copy
-import io
 import json
 import os
 import platform
 import random
 import shlex
 import statistics
-import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -43,17 +39,15 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import yaml  # noqa: E402
-from PIL import Image  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.util.state import list_actors  # noqa: E402
 
+from bench.common import closed_loop, cluster_env, local_cluster, open_loop, upload  # noqa: E402
 from deployments.real import RealModel  # noqa: E402
 from deployments.records import Generated  # noqa: E402
 from serve_app.app import build_graph  # noqa: E402
 
-PORT = 6392
-ENV = {**os.environ, "IMGSERVE_CLUSTER_PORT": str(PORT), "IMGSERVE_DASHBOARD": "1", "IMGSERVE_DASHBOARD_PORT": "8267",
-       "IMGSERVE_WORKER_GPUS": "2", "IMGSERVE_WORKER_CPUS": "1"}
+ENV = cluster_env(6392, dashboard_port=8267, worker_gpus=2)
 SERVICE_TIME_S = 1.0
 
 
@@ -79,13 +73,8 @@ class FixedTimeRealModel(RealModel):
                          params={"task": self.task, **params.model_dump()}, served={"replica": self.replica})
 
 
-def local_sh(*args: str) -> None:
-    subprocess.run([str(REPO / "cluster" / "local.sh"), *args], env=ENV, check=True, capture_output=True, timeout=300)
-
-
 def bench_args(replicas: int, cache_dir: Path) -> dict[str, Any]:
-    document = yaml.safe_load((REPO / "configs" / "rtx4090-cluster.yaml").read_text())
-    args = copy.deepcopy(document["applications"][0]["args"])
+    args = yaml.safe_load((REPO / "configs" / "rtx4090-cluster.yaml").read_text())["applications"][0]["args"]
     args["cache_dir"] = str(cache_dir)
     args["jobs"]["directory"] = str(cache_dir / "jobs")
     args["jobs"]["serve"]["ray_actor_options"]["num_cpus"] = 0.05
@@ -105,17 +94,6 @@ def bench_args(replicas: int, cache_dir: Path) -> dict[str, Any]:
     layers["serve"].update(num_replicas=1, autoscaling_config=None)
     layers["serve"]["ray_actor_options"] = {"num_cpus": 0.05}
     return args
-
-
-def upload(size: int) -> bytes:
-    """A sample photo (../shared/samples) scaled to `size` long edge, as JPEG."""
-    samples = sorted((REPO.parent / "shared" / "samples").glob("*.jpg"))
-    image = Image.open(samples[0]).convert("RGB") if samples else Image.fromarray(
-        np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8))
-    image.thumbnail((size, size))
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
 
 
 class Load:
@@ -141,39 +119,21 @@ class Load:
     def closed_loop(self, clients: int, duration_s: float) -> dict[str, Any]:
         """`clients` callers each sending back to back; completions per second over the window."""
         self.records = []
-        deadline = time.monotonic() + duration_s
-
-        def caller() -> None:
-            while time.monotonic() < deadline:
-                self.one()
-
-        begin = time.monotonic()
-        threads = [threading.Thread(target=caller) for _ in range(clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        elapsed = time.monotonic() - begin
+        elapsed = closed_loop(lambda _sent: self.one(), clients, duration_s)
         ok = [r for r in self.records if r[2] == 200]
         return {"clients": clients, "window_s": round(elapsed, 2), "completed": len(ok),
                 "errors": len(self.records) - len(ok), "throughput_rps": len(ok) / elapsed,
                 "latency_ms": summary([r[1] for r in ok])}
 
     def open_loop(self, rate: float, duration_s: float, poisson: bool, seed: int = 0) -> dict[str, Any]:
-        """Arrivals at `rate` per second (evenly spaced, or Poisson), each on its own thread."""
+        """Arrivals at `rate` per second (evenly spaced, or Poisson), sent from a pool of 64 threads."""
         self.records = []
         rng = random.Random(seed)
         arrivals, t = [], 0.0
         while t < duration_s:
             arrivals.append(t)
             t += rng.expovariate(rate) if poisson else 1.0 / rate
-        begin = time.monotonic()
-        with ThreadPoolExecutor(max_workers=64) as pool:
-            for offset in arrivals:
-                delay = begin + offset - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                pool.submit(self.one)
+        open_loop(lambda _offset: self.one(), arrivals, max_workers=64)
         ok = [r for r in self.records if r[2] == 200]
         return {"rate_rps": rate, "arrivals": "poisson" if poisson else "evenly spaced", "sent": len(arrivals),
                 "completed": len(ok), "statuses": sorted({r[2] for r in self.records}),
@@ -231,13 +191,8 @@ def main() -> None:
     started = time.monotonic()
     cache = Path(os.environ.get("TMPDIR", "/tmp")) / "imgserve-bench-scaling"
     cache.mkdir(parents=True, exist_ok=True)
-    local_sh("down")
-    local_sh("up")
-    result: dict[str, Any] = {}
-    try:
-        ray.init(address=f"127.0.0.2:{PORT}", log_to_driver=False)
-        http_port = 8124
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port}, proxy_location="HeadOnly")
+    http_port = 8124
+    with local_cluster(ENV, http_port) as address:
         load = Load(f"http://127.0.0.1:{http_port}", upload(options.edge))
         rows = []
         for replicas in (1, 2, 4):
@@ -245,7 +200,7 @@ def main() -> None:
                       name="imgserve", route_prefix="/")
             load.closed_loop(replicas, 4.0)  # warm-up: connections, first-call costs
             row = {"replicas": replicas, **load.closed_loop(2 * replicas, options.window)}
-            nodes = {actor.node_id for actor in list_actors(address=f"127.0.0.2:{PORT}", filters=[("state", "=", "ALIVE")])
+            nodes = {actor.node_id for actor in list_actors(address=address, filters=[("state", "=", "ALIVE")])
                      if "RealModel" in actor.class_name}
             row["real_replica_nodes"] = len(nodes)
             rows.append(row)
@@ -268,7 +223,7 @@ def main() -> None:
         result = {
             "benchmark": "scaling",
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/scaling.py", *sys.argv[1:]]),
+            "command": shlex.join([".venv/bin/python", "bench/scaling.py", *sys.argv[1:]]),
             "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                         "loadavg_after": list(os.getloadavg())},
             "versions": {"python": platform.python_version(), "ray": ray.__version__, "httpx": httpx.__version__},
@@ -290,12 +245,6 @@ def main() -> None:
             "steady_80pct": steady,
             "wall_s": round(time.monotonic() - started, 1),
         }
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            local_sh("down")
     out = Path(options.out)
     out.write_text(json.dumps(result, indent=1) + "\n")
     plotted = plot(result, out.with_suffix(".png"))

@@ -295,11 +295,10 @@ def main() -> None:
     model.load()
     # Resolve the request's fields exactly as the ingress does (defaults, and the default LoRA
     # version where the config names a LoRA directory), so (a) does the same work as (b) and (c).
-    store = config.real.lora_store(config.cache_dir) if hasattr(config.real, "lora_store") else None
+    store = config.real.lora_store(config.cache_dir)
 
     def resolve(fields: dict[str, str]) -> Any:
-        params = RealParams.model_validate(fields)
-        return config.real.resolve(params, store) if store is not None else config.real.resolve(params)
+        return config.real.resolve(RealParams.model_validate(fields), store)
 
     def in_process() -> tuple[bytes, dict[str, float]]:
         return inprocess_thread.submit(_in_process).result()

@@ -62,6 +62,7 @@ from deployments import metrics
 from deployments.cachedir import build_once
 from deployments.errors import InvalidParameter, ModelFailure, OutOfMemory
 from deployments.records import Progress, Generated, ImageSpec, Prepared
+from deployments.validation import at_least
 
 #: The released styles of the published PyTorch port; `styles_dir: tiny` makes random-weight ones.
 TINY_STYLES = ("celeba_distill", "face_paint_512_v1", "face_paint_512_v2", "paprika")
@@ -127,26 +128,8 @@ class AnimeModelConfig(BaseModel):
     activations in afresh (the largest single saving on CPU). One 1024² image needs ~960 MiB; the
     kept memory stays resident. 0 turns it off (plain allocations)."""
 
-    @field_validator("max_long_edge", "max_batch_size", "max_batch_pixels")
-    @classmethod
-    def _positive_int(cls, value: int, info: ValidationInfo) -> int:
-        if value < 1:
-            raise ValueError(f"{info.field_name} must be >= 1, got {value}")
-        return value
-
-    @field_validator("workspace_mb")
-    @classmethod
-    def _non_negative(cls, value: int, info: ValidationInfo) -> int:
-        if value < 0:
-            raise ValueError(f"{info.field_name} must be >= 0, got {value}")
-        return value
-
-    @field_validator("num_threads")
-    @classmethod
-    def _optional_positive(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError(f"{info.field_name} must be >= 1, got {value}")
-        return value
+    _positive = at_least(1, "max_long_edge", "max_batch_size", "max_batch_pixels", "num_threads")
+    _non_negative = at_least(0, "workspace_mb")
 
     @field_validator("batch_wait_timeout_s")
     @classmethod

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, mod
 
 from deployments.errors import InvalidParameter
 from deployments.placement import PlacementConfig, Plan
+from deployments.validation import at_least
 
 MIN_STEPS = 2
 """Fewest denoising steps: with the Qwen-Image scheduler config (shift_terminal) one step divides
@@ -72,32 +73,14 @@ class DiffusionConfig(BaseModel):
     builder asks Ray for the GPUs the plan needs, and `open_pipeline` applies the plan when CUDA is
     present. None: the whole pipeline on one device (CUDA when visible, else CPU), as in the demo."""
 
-    @field_validator("default_steps", "max_steps")
-    @classmethod
-    def _steps(cls, value: int, info: ValidationInfo) -> int:
-        if value < MIN_STEPS:
-            raise ValueError(f"{info.field_name} must be >= {MIN_STEPS}, got {value}")
-        return value
-
-    @field_validator("max_prompt_chars")
-    @classmethod
-    def _chars(cls, value: int, info: ValidationInfo) -> int:
-        if value < 1:
-            raise ValueError(f"{info.field_name} must be >= 1, got {value}")
-        return value
+    _steps = at_least(MIN_STEPS, "default_steps", "max_steps")
+    _diffusion_positive = at_least(1, "max_prompt_chars", "num_threads")
 
     @field_validator("default_cfg", "max_cfg")
     @classmethod
     def _cfg(cls, value: float, info: ValidationInfo) -> float:
         if not (value >= 1.0 and value < float("inf")):
             raise ValueError(f"{info.field_name} must be a finite number >= 1, got {value}")
-        return value
-
-    @field_validator("num_threads")
-    @classmethod
-    def _threads(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError(f"{info.field_name} must be >= 1, got {value}")
         return value
 
     @model_validator(mode="after")
@@ -137,9 +120,11 @@ class DiffusionConfig(BaseModel):
         sizes = placement.component_sizes(directory) if directory and (directory / "model_index.json").is_file() else None
         return placement.plan(task, self.placement, sizes)
 
-    def open_pipeline(self, kind: Literal["edit", "layered"], cache_dir: Path, section: str) -> tuple[Any, str]:
-        """(pipeline on its device, device name) from `source`; applies `num_threads`, and the
-        placement plan when CUDA is present (on fake GPUs the plan is computed but not applied)."""
+    def open_pipeline(
+        self, kind: Literal["edit", "layered"], cache_dir: Path, section: str, plan: Plan | None
+    ) -> tuple[Any, str]:
+        """(pipeline on its device, device name) from `source`; applies `num_threads`, and `plan`
+        (the caller's `self.plan(task)`) when CUDA is present (on fake GPUs it is not applied)."""
         import torch
 
         from deployments import placement, tiny
@@ -161,7 +146,6 @@ class DiffusionConfig(BaseModel):
                 )
         pipe = tiny.load_pipeline(kind, directory, torch_dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
-        plan = self.plan("real" if kind == "edit" else "layers")
         if device == "cuda" and plan is not None:
             # loaded on CPU first: the plan may cast to fp8 or offload before anything reaches a GPU
             placement.place_pipeline(pipe, plan)

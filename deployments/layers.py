@@ -60,13 +60,14 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import numpy as np
-from pydantic import ValidationInfo, field_validator, model_validator
+from pydantic import field_validator, model_validator
 
 from deployments import metrics
 from deployments.errors import Cancelled, InvalidParameter, ModelFailure, OutOfMemory
 from deployments.diffusion import DiffusionConfig, DiffusionParams, replica_location
 from deployments.placement import Plan
 from deployments.records import Generated, ImageSpec, Prepared, Progress
+from deployments.validation import at_least
 
 #: The buckets `QwenImageLayeredPipeline` accepts (it asserts `resolution in [640, 1024]`).
 RESOLUTIONS: tuple[int, ...] = (640, 1024)
@@ -114,12 +115,7 @@ class LayersModelConfig(DiffusionConfig):
     `calculate_dimensions` around each call (process-wide, `deployments.tiny.small_layered_sizes`).
     None keeps the real sizes. Never set it for a real model: it changes what the model sees."""
 
-    @field_validator("default_layers", "max_layers", "caption_max_new_tokens")
-    @classmethod
-    def _positive_int(cls, value: int, info: ValidationInfo) -> int:
-        if value < 1:
-            raise ValueError(f"{info.field_name} must be >= 1, got {value}")
-        return value
+    _layers_positive = at_least(1, "default_layers", "max_layers", "caption_max_new_tokens", "tiny_edge")
 
     @field_validator("resolutions")
     @classmethod
@@ -129,13 +125,6 @@ class LayersModelConfig(DiffusionConfig):
                 f"resolutions must be a non-empty list of distinct values from {list(RESOLUTIONS)}, got {value}"
             )
         return sorted(value)
-
-    @field_validator("tiny_edge")
-    @classmethod
-    def _optional_positive(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError(f"{info.field_name} must be >= 1, got {value}")
-        return value
 
     @model_validator(mode="after")
     def _layer_defaults_within_limits(self) -> LayersModelConfig:
@@ -281,8 +270,8 @@ class LayersModel:
     # -- loading ---------------------------------------------------------------------------------
     def load(self) -> None:
         """Build or read the pipeline and move it to the device; a separate step from construction."""
-        self.pipe, self.device = self.config.open_pipeline("layered", self.cache_dir, "layers")
         self.plan = self.config.plan("layers")
+        self.pipe, self.device = self.config.open_pipeline("layered", self.cache_dir, "layers", self.plan)
         self.loads += 1
 
     def stats(self) -> dict[str, Any]:

@@ -169,9 +169,9 @@ class PlacementConfig(BaseModel):
     """GB kept free on every GPU below its memory; None → max(1.5, 6.25 % of the memory)
     (24 GB → peaks up to 22.5 GB)."""
 
-    @field_validator("gpus")
+    @field_validator("gpus", "layers")
     @classmethod
-    def _gpus(cls, value: int, info: ValidationInfo) -> int:
+    def _count(cls, value: int, info: ValidationInfo) -> int:
         if not 1 <= value <= 64:
             raise ValueError(f"{info.field_name} must be between 1 and 64, got {value}")
         return value
@@ -195,13 +195,6 @@ class PlacementConfig(BaseModel):
     def _resolution(cls, value: int, info: ValidationInfo) -> int:
         if not 256 <= value <= 4096:
             raise ValueError(f"{info.field_name} must be between 256 and 4096, got {value}")
-        return value
-
-    @field_validator("layers")
-    @classmethod
-    def _layers(cls, value: int, info: ValidationInfo) -> int:
-        if not 1 <= value <= 64:
-            raise ValueError(f"{info.field_name} must be between 1 and 64, got {value}")
         return value
 
     @field_validator("margin_gb")

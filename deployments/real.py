@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import ValidationInfo, field_validator
+from pydantic import field_validator
 
 from deployments import metrics
 from deployments.diffusion import DiffusionConfig, DiffusionParams, replica_location
@@ -30,6 +30,7 @@ from deployments.errors import Cancelled, InvalidParameter, ModelFailure, OutOfM
 from deployments.placement import Plan
 from deployments.lora import NONE, LoraStore, check_name, diffusers_state_dict, ensure_tiny_loras, inspect_lora, linear_shapes
 from deployments.records import Generated, ImageSpec, Prepared, Progress
+from deployments.validation import at_least
 
 DEFAULT_PROMPT = "transform the image to realistic photograph, high quality, 4k, natural skin texture"
 
@@ -87,12 +88,7 @@ class RealModelConfig(DiffusionConfig):
     lora_rescan_s: float = 10.0
     """Seconds a directory listing is trusted; unknown names always trigger a rescan."""
 
-    @field_validator("max_adapters_per_replica")
-    @classmethod
-    def _adapters(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"max_adapters_per_replica must be >= 1, got {value}")
-        return value
+    _real_positive = at_least(1, "max_adapters_per_replica", "condition_area")
 
     @field_validator("default_lora")
     @classmethod
@@ -102,13 +98,6 @@ class RealModelConfig(DiffusionConfig):
                 check_name(value, "default_lora")
             except InvalidParameter as exc:
                 raise ValueError(f"default_lora: {exc.message}") from None
-        return value
-
-    @field_validator("condition_area")
-    @classmethod
-    def _optional_positive(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError(f"{info.field_name} must be >= 1, got {value}")
         return value
 
     def lora_store(self, cache_dir: Path | str) -> LoraStore | None:
@@ -168,8 +157,8 @@ class RealModel:
         self.store = self.config.lora_store(self.cache_dir)
         if self.config.condition_area:
             tiny.set_condition_areas(self.config.condition_area, self.config.condition_area)
-        self.pipe, self.device = self.config.open_pipeline("edit", self.cache_dir, "real")
         self.plan = self.config.plan("real")
+        self.pipe, self.device = self.config.open_pipeline("edit", self.cache_dir, "real", self.plan)
         self._linear_shapes = linear_shapes(self.pipe.transformer)
         self.loads += 1
 

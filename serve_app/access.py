@@ -210,6 +210,12 @@ def note(request: Any, **facts: Any) -> None:
         facts_dict.update(facts)
 
 
+def route_path(scope: Scope) -> str:
+    """The request's path as the routes see it: without the app's `root_path` (its route prefix)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
 def is_api_path(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/")
 
@@ -237,8 +243,7 @@ class AccessMiddleware:
         started = time.perf_counter()
         headers = Headers(scope=scope)
         method = scope["method"]
-        root = scope.get("root_path", "")
-        path = scope["path"][len(root):] if root and scope["path"].startswith(root) else scope["path"]
+        path = route_path(scope)
         request_id = headers.get("x-request-id")
         own_request_id = request_id is None  # no Serve proxy in front (e.g. a test client): make one here
         if own_request_id:

@@ -91,22 +91,21 @@ class Client:
         _raise_for_error(response)
         return response.json()
 
-    def run(self, task: str, image: bytes | str | Path, **fields: Any) -> Result:
-        """POST /v1/{task} with `image` (bytes or a path) and the task's fields (None values omitted)."""
+    def _upload(self, path: str, image: bytes | str | Path, fields: dict[str, Any]) -> httpx.Response:
+        """POST a multipart form: `image` (bytes or a path) and the fields (None values omitted)."""
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
         form = {key: str(value) for key, value in fields.items() if value is not None}
-        response = self.http.post(f"/v1/{task}", files={"image": ("image", data, "application/octet-stream")},
-                                  data=form)
+        response = self.http.post(path, files={"image": ("image", data, "application/octet-stream")}, data=form)
         _raise_for_error(response)
-        return _result(response)
+        return response
+
+    def run(self, task: str, image: bytes | str | Path, **fields: Any) -> Result:
+        """POST /v1/{task} with `image` (bytes or a path) and the task's fields (None values omitted)."""
+        return _result(self._upload(f"/v1/{task}", image, fields))
 
     def submit(self, task: str, image: bytes | str | Path, **fields: Any) -> Job:
         """POST /v1/jobs: queue a task; returns the Job to follow (503 QueueFull raises ServiceError)."""
-        data = image if isinstance(image, bytes) else Path(image).read_bytes()
-        form = {"task": task, **{key: str(value) for key, value in fields.items() if value is not None}}
-        response = self.http.post("/v1/jobs", files={"image": ("image", data, "application/octet-stream")}, data=form)
-        _raise_for_error(response)
-        return Job(self, response.json()["id"])
+        return Job(self, self._upload("/v1/jobs", image, {"task": task, **fields}).json()["id"])
 
     def real(self, image: bytes | str | Path, *, prompt: str | None = None, negative_prompt: str | None = None,
              steps: int | None = None, cfg: float | None = None, seed: int | None = None,

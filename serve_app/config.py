@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from deployments.anime import AnimeModelConfig
 from deployments.diffusion import DiffusionConfig
 from deployments.placement import DoesNotFit
+from deployments.validation import at_least
 from deployments.layers import LayersModelConfig
 from deployments.postprocess import PostprocessConfig
 from deployments.preprocess import PreprocessConfig
@@ -47,19 +48,7 @@ class DeploymentOptions(BaseModel):
     graceful_shutdown_timeout_s: float = 20.0
     """Seconds a stopping replica gets to finish the requests it holds."""
 
-    @field_validator("num_replicas")
-    @classmethod
-    def _replicas(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError(f"num_replicas must be >= 1, got {value}")
-        return value
-
-    @field_validator("max_ongoing_requests")
-    @classmethod
-    def _ongoing(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"max_ongoing_requests must be >= 1, got {value}")
-        return value
+    _counts = at_least(1, "num_replicas", "max_ongoing_requests")
 
     @field_validator("max_queued_requests")
     @classmethod
@@ -130,12 +119,7 @@ class IngressSection(BaseModel):
     the API: they get CORS headers and answered preflights. `*` allows any origin. Empty: no CORS
     headers at all (the service's own web page needs none)."""
 
-    @field_validator("retry_after_s")
-    @classmethod
-    def _retry(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"retry_after_s must be >= 1, got {value}")
-        return value
+    _retry = at_least(1, "retry_after_s")
 
     @field_validator("request_timeout_s")
     @classmethod

@@ -24,7 +24,7 @@ from deployments.errors import BadImage, ImgserveError, InvalidParameter, TooLar
 from deployments.postprocess import Encoded
 from serve_app import access, forms, openapi
 from serve_app.config import AppConfig
-from serve_app.errors import MethodNotAllowed, NotFound, NotReady, error_response
+from serve_app.errors import MethodNotAllowed, NotFound, NotReady, error_body, error_response
 from serve_app.observability import RequestMetrics
 from serve_app.pipeline import Pipeline
 from serve_app.store import FINAL_STATES
@@ -142,7 +142,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     elif exc.status_code == 405:
         error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
     else:
-        return JSONResponse({"error": {"code": "http_error", "message": str(exc.detail)}}, status_code=exc.status_code)
+        return JSONResponse(error_body("http_error", str(exc.detail)), status_code=exc.status_code)
     return error_response(error, retry_after_s=1)
 
 

@@ -24,7 +24,8 @@ from ray.serve.exceptions import BackPressureError
 
 from deployments import metrics
 from deployments.errors import Cancelled, ImgserveError
-from serve_app.errors import NotFound, QueueFull
+from deployments.validation import at_least
+from serve_app.errors import NotFound, QueueFull, error_body
 from serve_app.pipeline import Pipeline
 from serve_app.store import Job, SqliteJobStore
 
@@ -52,12 +53,7 @@ class JobsConfig(BaseModel):
     backpressure_retry_s: float = 0.5
     """Pause before a job refused by a full model queue is tried again (it keeps its place)."""
 
-    @field_validator("max_queued", "concurrency", "max_attempts")
-    @classmethod
-    def _positive(cls, value: int, info: Any) -> int:
-        if value < 1:
-            raise ValueError(f"{info.field_name} must be >= 1, got {value}")
-        return value
+    _positive = at_least(1, "max_queued", "concurrency", "max_attempts")
 
     @field_validator("retention_s", "backpressure_retry_s")
     @classmethod
@@ -245,10 +241,7 @@ class JobRunner:
                     "message": f"the model replica died during this job {job.attempts} times; last: {type(exc).__name__}",
                 })
         except ImgserveError as exc:
-            error = {"code": exc.code, "message": exc.message}
-            if exc.field is not None:
-                error["field"] = exc.field
-            self._finish(job.id, "failed", error=error)
+            self._finish(job.id, "failed", error=error_body(exc.code, exc.message, exc.field)["error"])
         else:
             if self.store.get(job.id).cancel_requested:
                 self._finish(job.id, "cancelled", error={"code": "cancelled", "message": "cancelled by the client"})

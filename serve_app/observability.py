@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from deployments import metrics
+from serve_app.access import route_path
 from serve_app.pipeline import TASKS
 
 REJECTION_STATUSES = frozenset({408, 429, 503, 504})
@@ -50,11 +51,7 @@ class RequestMetrics:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         match = None
         if scope["type"] == "http" and scope.get("method") == "POST":
-            path = scope.get("path", "")
-            root = scope.get("root_path", "")
-            if root and path.startswith(root):
-                path = path[len(root):]
-            match = _TASK_PATH.fullmatch(path)
+            match = _TASK_PATH.fullmatch(route_path(scope))
         if match is None:
             await self.app(scope, receive, send)
             return

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +14,7 @@ import ray
 import yaml
 from ray import serve
 
+from bench import common
 from serve_app.app import build_graph
 from tests.conftest import REPO
 from tests.serve.conftest import free_port
@@ -23,17 +23,11 @@ from tests.serve.gate import GATE_NAME, Gate, GatedRealModel
 pytestmark = pytest.mark.cluster
 
 PORT = int(os.environ.get("IMGSERVE_TEST_CLUSTER_PORT", "6391"))
-# the dashboard serves Ray's state API, which tells on which node each actor lives
-ENV = {**os.environ, "IMGSERVE_CLUSTER_PORT": str(PORT), "IMGSERVE_DASHBOARD": "1", "IMGSERVE_DASHBOARD_PORT": "8266",
-       "IMGSERVE_WORKER_GPUS": "4", "IMGSERVE_WORKER_CPUS": "1"}
+ENV = common.cluster_env(PORT, dashboard_port=8266, worker_gpus=4)
 
 
 def local_sh(*args: str) -> str:
-    done = subprocess.run([str(REPO / "cluster" / "local.sh"), *args], env=ENV, capture_output=True, text=True,
-                          timeout=180)
-    assert done.returncode == 0, f"cluster/local.sh {' '.join(args)} failed: {done.stderr[-2000:]}"
-    return done.stdout
-
+    return common.local_sh(ENV, *args, timeout=180)
 
 
 def cluster_args(cache_dir: Any) -> dict[str, Any]:
@@ -66,21 +60,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     """Head (no GPUs) + two workers (4 fake GPUs and rtx4090 each); imgserve deployed on it."""
     if ray.is_initialized():
         pytest.skip("this process is already connected to another Ray; run tests/cluster first or alone")
-    local_sh("down")
-    local_sh("up")
-    try:
-        ray.init(address=f"127.0.0.2:{PORT}", log_to_driver=False)
-        http_port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port}, proxy_location="HeadOnly")
+    http_port = free_port()
+    with common.local_cluster(ENV, http_port, timeout=180):
         gate = Gate.options(name=GATE_NAME, resources={"imgserve_head": 0.01}).remote()
         gate.open.remote()
         cache = tmp_path_factory.mktemp("imgserve-cluster-cache")
         serve.run(build_graph(cluster_args(cache), real_cls=GatedRealModel), name="imgserve", route_prefix="/")
         with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=120) as http:
             yield {"http": http, "gate": gate, "port": http_port}
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            local_sh("down")

@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import ray
+from PIL import Image
 from ray import serve
 
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
 from serve_app.app import build_app, build_graph
+from tests.hostile import encode
 
-pytestmark = pytest.mark.serve
+_HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test under tests/serve `serve` (a conftest's own `pytestmark` marks nothing)."""
+    for item in items:
+        if item.path.is_relative_to(_HERE):
+            item.add_marker(pytest.mark.serve)
 
 
 def free_port() -> int:
@@ -60,18 +70,37 @@ class Service:
         return serve.get_deployment_handle("RealModel", "imgserve").stats.remote().result()
 
 
-def run_service(port: int, args: dict[str, Any], **build_kwargs: Any) -> Iterator[Service]:
+def run_service(port: int, args: dict[str, Any], logging_config: dict[str, Any] | None = None,
+                **build_kwargs: Any) -> Iterator[Service]:
     """Deploy imgserve for one test module and delete it afterwards (modules differ in config).
 
     Without substitutions the app is built the way `serve run CONFIG.yaml` builds it (Serve's own
     builder call, which checks the builder's signature); with them, through `build_graph`.
+    `logging_config`: Serve's, for every deployment of the app (as in configs/*.yaml).
     """
     if build_kwargs:
         app = build_graph(args, **build_kwargs)
     else:
         app = call_user_app_builder_with_args_if_necessary(build_app, args)
-    serve.run(app, name="imgserve", route_prefix="/")
+    serve.run(app, name="imgserve", route_prefix="/", logging_config=logging_config)
     service = Service(port)
     yield service
     service.http.close()
     serve.delete("imgserve")
+
+
+def small_png(size: tuple[int, int] = (96, 64), color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    """A small one-colour PNG: the upload of every test that needs just some image."""
+    return encode(Image.new("RGB", size, color), "PNG")
+
+
+def assert_error(response: httpx.Response, status: int, code: str, field: str | None = None) -> dict:
+    """`response` is the one JSON error shape with this status and code (and field, when given)."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert body["error"]["code"] == code
+    assert body["error"]["message"]
+    if field is not None:
+        assert body["error"]["field"] == field
+    return body["error"]

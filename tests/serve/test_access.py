@@ -3,7 +3,6 @@ upload limits enforced before the body has arrived (over a raw socket)."""
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import secrets
@@ -16,14 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 import ray
-from PIL import Image
-from ray import serve
-from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
 from serve_app.access import hash_key, key_id
-from serve_app.app import build_app
 from tests.conftest import demo_args
-from tests.serve.conftest import Service
+from tests.serve.conftest import Service, assert_error, run_service, small_png
 
 MAX_BYTES = 1024 * 1024
 ALLOWED = "https://studio.example.com"
@@ -43,30 +38,12 @@ def service(ray_cluster: int, model_cache) -> Iterator[Service]:
     args["preprocess"].update(max_long_edge=256, max_bytes=MAX_BYTES)
     args["ingress"].update(api_keys_sha256=[hash_key(key) for key in KEYS.values()],
                            rate_limit_per_minute=PER_MINUTE, rate_limit_burst=BURST, cors_origins=[ALLOWED])
-    app = call_user_app_builder_with_args_if_necessary(build_app, args)
     # What `logging_config: {encoding: JSON}` does in configs/*.yaml, for every deployment of the app.
-    serve.run(app, name="imgserve", route_prefix="/", logging_config={"encoding": "JSON"})
-    service = Service(ray_cluster)
-    yield service
-    service.http.close()
-    serve.delete("imgserve")
-
-
-def small_png(size=(64, 48)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, (40, 120, 200)).save(buffer, "PNG")
-    return buffer.getvalue()
+    yield from run_service(ray_cluster, args, logging_config={"encoding": "JSON"})
 
 
 def bearer(name: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {KEYS[name]}"}
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and body["error"]["code"] == code and body["error"]["message"]
-    return body["error"]
 
 
 def one_request_id(response: httpx.Response) -> str:
@@ -87,9 +64,11 @@ def test_v1_routes_need_a_configured_key_in_either_header(service: Service) -> N
     assert service.http.get("/v1/models", headers={"X-API-Key": KEYS["auth"]}).json()["tasks"]
 
 
-def test_health_and_the_web_page_stay_open(service: Service) -> None:
+def test_health_the_web_page_and_the_api_docs_stay_open(service: Service) -> None:
     assert service.http.get("/healthz").json()["status"] == "ok"
     assert service.http.get("/").status_code == 200
+    assert service.http.get("/docs").status_code == 200
+    assert "/v1/real" in service.http.get("/openapi.json").json()["paths"]
     page = service.http.get("/web/app.js")
     assert page.status_code == 200 and "Authorization" in page.text  # the page can send a key
 

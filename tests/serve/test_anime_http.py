@@ -11,8 +11,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from tests.conftest import SAMPLES, demo_args
-from tests.serve.conftest import Service, run_service
-from tests.serve.test_real_http import assert_error, small_png
+from tests.serve.conftest import Service, assert_error, run_service, small_png
 
 MAX_LONG_EDGE = 384
 

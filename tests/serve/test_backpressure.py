@@ -8,9 +8,8 @@ import pytest
 import ray
 
 from tests.conftest import demo_args, wait_until
-from tests.serve.conftest import run_service
+from tests.serve.conftest import run_service, small_png
 from tests.serve.gate import GATE_NAME, Gate, GatedRealModel
-from tests.serve.test_real_http import small_png
 
 BURST = 8
 DEADLINE_S = 120  # a generous bound for "never a hang", not a timing assertion

@@ -10,9 +10,8 @@ import pytest
 import ray
 
 from tests.conftest import demo_args, wait_until
-from tests.serve.conftest import Service, run_service
+from tests.serve.conftest import Service, run_service, small_png
 from tests.serve.gate import GATE_NAME, Gate, GatedRealModel
-from tests.serve.test_real_http import small_png
 
 DEADLINE_S = 180
 STEPS = 3

@@ -13,8 +13,8 @@ from PIL import Image
 from psd_tools import PSDImage
 
 from tests.conftest import demo_args
-from tests.serve.conftest import Service, run_service
-from tests.serve.test_real_http import assert_error, png_bytes, small_png
+from tests.hostile import encode
+from tests.serve.conftest import Service, assert_error, run_service, small_png
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def service(ray_cluster: int, model_cache) -> Iterator[Service]:
 def rgba_with_hole() -> bytes:
     image = Image.new("RGBA", (120, 80), (30, 160, 90, 255))
     image.paste((0, 0, 0, 0), (40, 20, 80, 60))  # a transparent window
-    return png_bytes(image)
+    return encode(image, "PNG")
 
 
 def layers_of(zip_bytes: bytes) -> tuple[list[np.ndarray], np.ndarray, dict]:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from tests.conftest import demo_args, wait_until
-from tests.serve.conftest import run_service
+from tests.serve.conftest import run_service, small_png
 from tests.serve.gate import SlowRealModel
 
 pytestmark = pytest.mark.serve
@@ -26,14 +25,6 @@ def service(ray_cluster: int, model_cache):
     yield from run_service(ray_cluster, args, real_cls=SlowRealModel)
 
 
-def small_png(seed: int = 0) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (64, 96, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-
 def test_a_request_over_the_time_limit_gets_504_and_the_model_stops_at_the_next_step(service) -> None:
     before = service.model_stats()
     # 40 steps of two slow transformer passes each take far longer than the 3 s limit
@@ -47,7 +38,7 @@ def test_a_request_over_the_time_limit_gets_504_and_the_model_stops_at_the_next_
     step = int(stats["last_stop"]["message"].split("after step ")[1].split(" of ")[0])
     assert stats["last_stop"]["reason"] == "timeout" and step < 40
     # and the same replica serves the next request
-    again = service.post_image(small_png(1), {"steps": 2, "seed": 1}, content_type="image/png", filename="in.png")
+    again = service.post_image(small_png(color=(30, 200, 30)), {"steps": 2, "seed": 1}, content_type="image/png", filename="in.png")
     assert again.status_code == 200, again.text
     assert Image.open(io.BytesIO(again.content)).size == (96, 64)
     assert service.model_stats()["pid"] == before["pid"]
@@ -58,12 +49,12 @@ def test_a_gpu_out_of_memory_fails_that_request_only(service) -> None:
 
     before = service.model_stats()
     serve.get_deployment_handle("RealModel", "imgserve").inject_fault.remote("oom").result()
-    response = service.post_image(small_png(2), {"steps": 2, "seed": 2}, content_type="image/png", filename="in.png")
+    response = service.post_image(small_png(color=(30, 30, 200)), {"steps": 2, "seed": 2}, content_type="image/png", filename="in.png")
     assert response.status_code == 507, response.text
     error = response.json()["error"]
     assert error["code"] == "out_of_memory" and "out of memory" in error["message"]
     after = service.model_stats()
     assert after["stops"].get("out_of_memory") == before["stops"].get("out_of_memory", 0) + 1
-    again = service.post_image(small_png(2), {"steps": 2, "seed": 2}, content_type="image/png", filename="in.png")
+    again = service.post_image(small_png(color=(30, 30, 200)), {"steps": 2, "seed": 2}, content_type="image/png", filename="in.png")
     assert again.status_code == 200, again.text
     assert service.model_stats()["pid"] == before["pid"]

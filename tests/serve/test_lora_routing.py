@@ -17,9 +17,8 @@ from deployments.lora import TINY_VERSIONS
 from deployments.preprocess import Preprocess
 from deployments.real import RealModel, RealModelConfig, RealParams
 from tests.conftest import demo_args
-from tests.serve.conftest import Service, run_service
+from tests.serve.conftest import Service, run_service, small_png
 from tests.serve.gate import GATE_NAME, Gate, GatedRealModel
-from tests.serve.test_real_http import small_png
 
 A, B, C = TINY_VERSIONS
 DEADLINE_S = 120

@@ -20,9 +20,8 @@ from deployments import metrics
 from deployments.lora import TINY_VERSIONS
 from tests.conftest import REPO, demo_args, wait_until
 from tests.serve import conftest as serve_conftest
-from tests.serve.conftest import Service, run_service
+from tests.serve.conftest import Service, run_service, small_png
 from tests.serve.gate import GATE_NAME, Gate, GatedRealModel
-from tests.serve.test_real_http import small_png
 from tests.unit.test_dashboard import dashboard_metric_names
 
 A, B, C = TINY_VERSIONS

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import zlib
-import struct
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,7 +13,8 @@ from ray import serve
 
 from deployments.errors import BadImage, InvalidParameter
 from tests.conftest import demo_args
-from tests.serve.conftest import Service, run_service
+from tests.hostile import bomb_png, encode
+from tests.serve.conftest import Service, assert_error, run_service, small_png
 
 MAX_LONG_EDGE = 512
 MAX_BYTES = 3 * 1024 * 1024
@@ -29,36 +28,6 @@ def service(ray_cluster: int, model_cache) -> Iterator[Service]:
     # A GPU replica on fake GPU resources: Ray reserves a GPU, torch sees no CUDA, the model runs on CPU.
     args["real"]["serve"]["ray_actor_options"] = {"num_cpus": 0.5, "num_gpus": 1}
     yield from run_service(ray_cluster, args)
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def small_png(size=(96, 64), color=(200, 30, 30)) -> bytes:
-    return png_bytes(Image.new("RGB", size, color))
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A valid PNG header claiming width x height (1-bit) over a tiny compressed body of zeros."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    rows = zlib.compress(b"\x00" * (1 + (width + 7) // 8) * 64)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
-
-
-def assert_error(response, status: int, code: str, field: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}
-    assert body["error"]["code"] == code
-    assert body["error"]["message"]
-    if field is not None:
-        assert body["error"]["field"] == field
-    return body["error"]
 
 
 def test_sample_photo_comes_back_as_png_with_size_and_metadata(service: Service, sample_photo: bytes) -> None:
@@ -177,7 +146,7 @@ def test_bad_uploads_get_4xx_json(service: Service, name, data, filename, conten
 
 
 def test_truncated_photo_and_png(service: Service, sample_photo: bytes) -> None:
-    for data in (truncated(sample_photo), truncated(png_bytes(Image.new("RGB", (300, 200), (9, 9, 9))))):
+    for data in (truncated(sample_photo), truncated(encode(Image.new("RGB", (300, 200), (9, 9, 9)), "PNG"))):
         assert_error(service.post_image(data, {"steps": 2}), 400, "bad_image", "image")
 
 

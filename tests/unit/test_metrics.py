@@ -15,7 +15,7 @@ from PIL import Image
 
 from deployments import metrics
 from deployments.anime import AnimeModel, AnimeParams
-from deployments.errors import BadImage
+from deployments.errors import BadImage, InvalidParameter
 from deployments.layers import LayersModel, LayersModelConfig, LayersParams
 from deployments.lora import TINY_VERSIONS
 from deployments.postprocess import Postprocess
@@ -158,7 +158,7 @@ def test_anime_records_one_stylize_time_per_request(model_cache) -> None:
     bad = Preprocess().prepare(png((64, 48)), AnimeModel.input_spec)
     with metrics.capture() as records:
         results = model.generate_batch([good, good, bad], [AnimeParams(), AnimeParams(), AnimeParams(style="nope")])
-    assert isinstance(results[2], Exception)
+    assert isinstance(results[2], InvalidParameter) and results[2].field == "style"
     assert list(stages(records, "anime")) == ["stylize"] and len(stages(records, "anime")["stylize"]) == 2
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -128,3 +129,22 @@ def test_an_injected_out_of_memory_fails_one_request_and_the_next_one_runs(model
     assert model.generate(prepared(), RealParams(steps=2, seed=1)).array.shape == (64, 96, 3)
     with pytest.raises(ValueError, match="unknown fault"):
         model.inject_fault("disk")
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"max_adapters_per_replica": 0}, "max_adapters_per_replica must be >= 1, got 0"),
+        ({"condition_area": 0}, "condition_area must be >= 1, got 0"),
+        ({"num_threads": 0}, "num_threads must be >= 1, got 0"),  # DiffusionConfig's, inherited
+        ({"max_prompt_chars": 0}, "max_prompt_chars must be >= 1, got 0"),
+        ({"default_steps": 1}, "default_steps must be >= 2, got 1"),
+    ],
+)
+def test_config_minimums_are_refused_with_the_limit(fields: dict, message: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        RealModelConfig(**fields)
+    unset = RealModelConfig(condition_area=None, num_threads=None)  # optional ones may stay unset
+    assert unset.condition_area is None and unset.num_threads is None
