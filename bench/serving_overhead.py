@@ -15,8 +15,13 @@ Four ways of running one request, one at a time, with the demo profile's config 
       options (A = preprocess's, B = real's, C = postprocess's), sent the same multipart bytes.
 
 (a), (b), (c) run interleaved (a, b, c in every round), so a slow drift of the machine's load
-hits all three alike. The echo graph runs first in the same Ray instance and is deleted before
-imgserve starts (both graphs together ask for 3.2 logical CPUs; the machine has 2).
+hits all three alike. The echo graph is deployed in the same Ray instance next to imgserve, and
+each round's share of the echo requests runs right after that round's (a), (b), (c): the floor is
+measured on the same machine, with the same processes alive, as the overhead it is compared with
+(every idle Serve replica costs some CPU; on 2 cores the echo graph measured alone, with
+`--echo-schedule before`, is faster than the same graph next to imgserve's replicas). Both graphs
+together ask for 3.2 logical CPUs, so Ray is started with 4 logical CPUs on this 2-core machine;
+logical CPUs only gate placement, and every replica gets the same OMP_NUM_THREADS either way.
 
 Reported: p50/p99 of each; the overheads (c)-(a) and (b)-(a), from the p50s and, more robust under
 noise, as the median of the per-round paired differences; the ratio overhead / echo HTTP p50; the
@@ -25,7 +30,8 @@ the overhead goes: a per-request breakdown from Ray Serve's access logs (time in
 ingress and each hop's replica, paired by request id) and CPU ms per request of each process (psutil).
 
     .venv/bin/python bench/serving_overhead.py [--input PATH | --input synthetic:WxH] [--steps 4]
-        [--seed 1] [--repeat N] [--warmup N] [--echo-repeat N] [--port P] [--inprocess-nice replica|N]
+        [--seed 1] [--repeat N] [--warmup N] [--echo-repeat N] [--echo-schedule interleaved|before]
+        [--port P] [--inprocess-nice replica|N]
         [--out FILE] [--plot FILE]
 """
 
@@ -223,7 +229,10 @@ def breakdown(
 
 # -- the echo graph (the floor) ---------------------------------------------------------------------
 # No `from __future__ import annotations` in this file: FastAPI reads these hints as real objects.
-def build_echo_app(config: Any) -> Any:
+def build_echo_app(config: Any, payload: tuple[tuple[int, ...], int] | None = None) -> Any:
+    """The bare three-hop echo graph; with `payload` (array shape, result bytes) a diagnostic twin
+    whose hops carry imgserve's payloads instead: A returns a uint8 array of the model's input shape,
+    B a fresh array of the same shape, C bytes the size of the encoded result."""
     from fastapi import FastAPI, Request
     from fastapi.responses import Response
     from ray import serve
@@ -232,7 +241,16 @@ def build_echo_app(config: Any) -> Any:
     echo_api = FastAPI()
 
     class Hop:
+        def __init__(self, returns: str = "input") -> None:
+            self.returns = returns
+
         async def __call__(self, x: Any) -> Any:
+            if self.returns == "array":
+                return np.full(payload[0], 7, np.uint8)
+            if self.returns == "new_array":
+                return x + 1
+            if self.returns == "result":
+                return bytes(payload[1])
             return x
 
     @serve.ingress(echo_api)
@@ -254,6 +272,11 @@ def build_echo_app(config: Any) -> Any:
     def dep(cls: type, name: str, options: Any) -> Any:
         return serve.deployment(cls, name=name).options(**options.serve_options())
 
+    if payload is not None:
+        a = dep(Hop, "EchoA", config.preprocess.serve).bind("array")
+        b = dep(Hop, "EchoB", config.real.serve).bind("new_array")
+        c = dep(Hop, "EchoC", config.postprocess.serve).bind("result")
+        return dep(EchoIngress, "EchoIngress", config.ingress.serve).bind(a, b, c)
     a = dep(Hop, "EchoA", config.preprocess.serve).bind()
     b = dep(Hop, "EchoB", config.real.serve).bind()
     c = dep(Hop, "EchoC", config.postprocess.serve).bind()
@@ -266,10 +289,14 @@ def main() -> None:
     parser.add_argument("--input", default=str(DEFAULT_INPUT), help="image file, or synthetic:WxH")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--repeat", type=int, default=6, help="timed rounds of (a), (b), (c)")
+    parser.add_argument("--repeat", type=int, default=10, help="timed rounds of (a), (b), (c)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds of (a), (b), (c) first")
     parser.add_argument("--echo-repeat", type=int, default=60, help="timed requests per echo path")
     parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--echo-schedule", choices=("interleaved", "before"), default="interleaved",
+                        help="`interleaved`: both graphs deployed, each round's share of the echo requests "
+                        "right after that round of (a), (b), (c); `before`: the echo graph alone, measured "
+                        "and deleted before imgserve is deployed")
     parser.add_argument("--inprocess-nice", default="replica",
                         help="niceness of the thread running (a): `replica` (that of the RealModel replica, "
                         "15 under Ray's default worker niceness) or a number")
@@ -337,7 +364,7 @@ def main() -> None:
 
     from serve_app.app import build_app
 
-    ray_init = {"address": "local", "num_cpus": 2, "num_gpus": 4, "include_dashboard": False, "log_to_driver": False}
+    ray_init = {"address": "local", "num_cpus": 4 if args.echo_schedule == "interleaved" else 2, "num_gpus": 4, "include_dashboard": False, "log_to_driver": False}
     ray.init(**ray_init)
     results: dict[str, Any] = {}
     outputs: dict[str, str] = {}
@@ -358,36 +385,50 @@ def main() -> None:
         print(f"echo graph up in {time.perf_counter() - t:.1f} s", flush=True)
         echo_handle = serve.get_app_handle("echo")
 
-        def echo_http(rid: str | None = None) -> bytes:
+        def echo_http(rid: str | None = None, app: str = "echo") -> bytes:
             headers = {"X-Request-ID": rid} if rid else None
-            response = client.post(f"{url}/echo/v1/echo", files=files, data=fields, headers=headers)
+            response = client.post(f"{url}/{app}/v1/echo", files=files, data=fields, headers=headers)
             response.raise_for_status()
             return response.content
 
         def echo_call() -> bytes:
             return echo_handle.run.remote(image).result()
 
-        echo_ms: dict[str, list[float]] = {"echo_handle": [], "echo_http": []}
+        echo_ms: dict[str, list[float]] = {"echo_handle": [], "echo_http": [], "echo_payload_http": []}
+        echo_done = 0
+        payload_graph = False  # the diagnostic twin, deployed once imgserve's result size is known
+
+        def echo_pairs(count: int) -> None:
+            """`count` timed echo requests on each path (handle, then HTTP), with their CPU."""
+            nonlocal echo_done
+            for _ in range(count):
+                c0 = meter.snapshot()
+                t0 = time.perf_counter()
+                echo_call()
+                t1 = time.perf_counter()
+                c1 = meter.snapshot()
+                t2 = time.perf_counter()
+                echo_http(f"bench-echo-{echo_done}")
+                t3 = time.perf_counter()
+                c2 = meter.snapshot()
+                echo_ms["echo_handle"].append((t1 - t0) * 1e3)
+                echo_ms["echo_http"].append((t3 - t2) * 1e3)
+                cpu["echo_handle"].append(meter.delta(c0, c1))
+                cpu["echo_http"].append(meter.delta(c1, c2))
+                if payload_graph:
+                    t4 = time.perf_counter()
+                    echo_http(f"bench-echo-payload-{echo_done}", "echo_payload")
+                    echo_ms["echo_payload_http"].append((time.perf_counter() - t4) * 1e3)
+                echo_done += 1
+
         for _ in range(5):
             assert echo_http() == image and echo_call() == image
-        for i in range(args.echo_repeat):
-            c0 = meter.snapshot()
-            t0 = time.perf_counter()
-            echo_call()
-            t1 = time.perf_counter()
-            c1 = meter.snapshot()
-            t2 = time.perf_counter()
-            echo_http(f"bench-echo-{i}")
-            t3 = time.perf_counter()
-            c2 = meter.snapshot()
-            echo_ms["echo_handle"].append((t1 - t0) * 1e3)
-            echo_ms["echo_http"].append((t3 - t2) * 1e3)
-            cpu["echo_handle"].append(meter.delta(c0, c1))
-            cpu["echo_http"].append(meter.delta(c1, c2))
-        t = time.perf_counter()
-        serve.delete("echo")
-        print(f"echo graph measured and deleted ({time.perf_counter() - t:.1f} s to delete); "
-              f"http p50 {np.percentile(echo_ms['echo_http'], 50):.1f} ms", flush=True)
+        if args.echo_schedule == "before":
+            echo_pairs(args.echo_repeat)
+            t = time.perf_counter()
+            serve.delete("echo")
+            print(f"echo graph measured and deleted ({time.perf_counter() - t:.1f} s to delete); "
+                  f"http p50 {np.percentile(echo_ms['echo_http'], 50):.1f} ms", flush=True)
 
         # -- imgserve ----------------------------------------------------------------------------
         t = time.perf_counter()
@@ -417,6 +458,12 @@ def main() -> None:
             for key, fn in paths.items():
                 data = fn()
                 outputs[key], output_bytes = sha(data), len(data)
+        if args.echo_schedule == "interleaved":
+            # imgserve's payloads without imgserve's code: splits the overhead into payload and code
+            serve.run(build_echo_app(config, (prepared.array.shape, output_bytes)), name="echo_payload",
+                      route_prefix="/echo_payload")
+            assert len(echo_http(app="echo_payload")) == output_bytes
+            payload_graph = True
         ms: dict[str, list[float]] = {key: [] for key in paths}
         stages: dict[str, list[float]] = {"prepare": [], "generate": [], "encode": []}
         for i in range(args.repeat):
@@ -435,7 +482,12 @@ def main() -> None:
                 cpu[key].append(meter.delta(c0, meter.snapshot()))
                 if sha(data) != outputs[key]:
                     outputs[key] = "differs between runs"
-            print(f"round {i + 1}/{args.repeat}: " + "  ".join(f"{k} {v[-1]:.0f} ms" for k, v in ms.items()), flush=True)
+            if args.echo_schedule == "interleaved":
+                # this round's share of the echo requests, so both graphs see the same machine
+                echo_pairs(args.echo_repeat * (i + 1) // args.repeat - echo_done)
+            print(f"round {i + 1}/{args.repeat}: " + "  ".join(f"{k} {v[-1]:.0f} ms" for k, v in ms.items())
+                  + (f"  echo http p50 so far {np.percentile(echo_ms['echo_http'], 50):.1f} ms" if echo_done else ""),
+                  flush=True)
         client.close()
     finally:
         serve.shutdown()  # replicas flush their logs as they drain
@@ -445,8 +497,9 @@ def main() -> None:
     # -- report -----------------------------------------------------------------------------------
     for key in ("inprocess", "handle", "http"):
         results[f"{key}_ms"] = summary(ms[key])
-    for key in ("echo_handle", "echo_http"):
-        results[f"{key}_ms"] = summary(echo_ms[key])
+    for key in ("echo_handle", "echo_http", "echo_payload_http"):
+        if echo_ms[key]:
+            results[f"{key}_ms"] = summary(echo_ms[key])
     results["inprocess_stages_ms"] = {stage: summary(v) for stage, v in stages.items()}
     results["cpu_ms_per_request"] = {
         "note": "mean CPU ms (user+system, all threads) per request by process role, read with psutil "
@@ -468,6 +521,11 @@ def main() -> None:
         "echo_handle": breakdown(access, handle_calls.get("echo_EchoIngress", [])[-args.echo_repeat:],
                                  echo_ms["echo_handle"], "echo_EchoIngress", echo_hops, http=False),
     }
+    if echo_ms["echo_payload_http"]:
+        results["breakdown_ms"]["echo_payload_http"] = breakdown(
+            access, [f"bench-echo-payload-{i}" for i in range(echo_done - len(echo_ms["echo_payload_http"]), echo_done)],
+            echo_ms["echo_payload_http"], "echo_payload_EchoIngress",
+            [f"echo_payload_{h}" for h in ("EchoA", "EchoB", "EchoC")], http=True)
     http_rows = results["breakdown_ms"]["http"]
     if http_rows.get("n"):
         results["breakdown_ms"]["replica_stage_minus_inprocess_stage_p50"] = {
@@ -515,6 +573,7 @@ def main() -> None:
             "encode_replica_minus_inprocess": stage_diff["encode"],
             "generate_replica_minus_inprocess_not_included": stage_diff["generate"],
             "http_total": round(assembled, 2),
+            **split_by_payload(results["breakdown_ms"], http_rows["client_minus_hops"]),
             "ratio_to_echo_http": round(assembled / p50["echo_http"], 3),
             "pass": bool(assembled <= limit),
         }
@@ -570,6 +629,7 @@ def main() -> None:
             "repeat": args.repeat,
             "warmup_rounds": args.warmup,
             "echo_repeat": args.echo_repeat,
+            "echo_schedule": args.echo_schedule,
             "order": "interleaved: every round runs (a) in-process, (b) handle, (c) HTTP once, sequentially",
             "inprocess_thread": "(a) runs on one dedicated thread with torch threads = real.num_threads, at "
             f"niceness {args.inprocess_nice!r} (Linux applies nice per thread)",
@@ -581,7 +641,8 @@ def main() -> None:
             "config": f"{DEMO_CONFIG.relative_to(ROOT)} applications[0].args",
             "echo_graph": "FastAPI ingress (request.form()) -> EchoA -> EchoB -> EchoC, `async def __call__(x): "
             "return x`, ingress awaits each hop; Serve options of ingress/preprocess/real/postprocess; "
-            "measured in the same Ray instance before imgserve was deployed",
+            + ("deployed next to imgserve in the same Ray instance, its requests interleaved with the rounds"
+               if args.echo_schedule == "interleaved" else "measured in the same Ray instance before imgserve was deployed"),
             "wall_s": round(time.perf_counter() - started, 1),
         },
         "goal": {
@@ -605,7 +666,10 @@ def main() -> None:
 
     print(f"\n{'path':22} {'p50 ms':>10} {'p99 ms':>10}")
     for key, label in (("inprocess", "(a) in-process"), ("handle", "(b) handle"), ("http", "(c) HTTP"),
-                       ("echo_handle", "echo graph, handle"), ("echo_http", "echo graph, HTTP")):
+                       ("echo_handle", "echo graph, handle"), ("echo_http", "echo graph, HTTP"),
+                       ("echo_payload_http", "payload twin, HTTP")):
+        if key + "_ms" not in results:
+            continue
         print(f"{label:22} {results[key + '_ms']['p50']:10.1f} {results[key + '_ms']['p99']:10.1f}")
     print(f"(c)-(a): p50 {overhead['http_minus_inprocess_p50']:.1f} ms, p99 {overhead['http_minus_inprocess_p99']:.1f} ms, "
           f"paired median {overhead['http_minus_inprocess_paired_median']:.1f} ms")
@@ -616,10 +680,15 @@ def main() -> None:
           f"interval {ci} ms vs limit {limit:.1f} ms); outputs byte-identical: {identical}")
     if "overhead_assembled_ms" in results:
         parts = results["overhead_assembled_ms"]
+        if "payload_cost" in parts:
+            print(f"framework vs echo: bare echo {parts['framework_echo_http']} + payload {parts['payload_cost']} "
+                  f"+ imgserve's code {parts['imgserve_code_cost']} = {parts['framework_http']} ms")
         print(f"assembled overhead (framework {parts['framework_http']} + prepare {parts['prepare_replica_minus_inprocess']}"
               f" + encode {parts['encode_replica_minus_inprocess']}) = {parts['http_total']:.1f} ms = "
               f"{parts['ratio_to_echo_http']:.2f} x echo HTTP: {'PASS' if parts['pass'] else 'FAIL'}")
-    for key in ("http", "handle", "echo_http", "echo_handle"):
+    for key in ("http", "handle", "echo_http", "echo_handle", "echo_payload_http"):
+        if key not in results["breakdown_ms"]:
+            continue
         row = results["breakdown_ms"][key]
         print(f"breakdown {key:12} " + "  ".join(f"{k.replace('imgserve_', '').replace('echo_', '')} {v}"
                                                 for k, v in row.items() if k != "n") + f"  (n={row['n']})")
@@ -630,6 +699,16 @@ def main() -> None:
     print(f"GOAL: {'PASS' if verdict_pass else 'FAIL'} (decided by the {basis})")
     plot(report, args.plot)
     print(f"wrote {args.out} in {time.perf_counter() - started:.0f} s")
+
+
+def split_by_payload(rows: dict[str, Any], framework: float) -> dict[str, float]:
+    """The framework time's excess over the bare echo graph, split by the payload twin: what carrying
+    imgserve's arrays and result costs, and what imgserve's own code adds on top of that."""
+    bare, twin = rows["echo_http"].get("client_minus_hops"), rows.get("echo_payload_http", {}).get("client_minus_hops")
+    if bare is None or twin is None:
+        return {}
+    return {"framework_echo_payload_http": twin, "payload_cost": round(twin - bare, 2),
+            "imgserve_code_cost": round(framework - twin, 2)}
 
 
 def git_state() -> dict[str, Any]:
@@ -665,6 +744,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     left.legend()
     o, g = r["overhead_ms"], report["goal"]
     names = ["(b)-(a)", "(c)-(a)", "(c) assembled", "echo handle", "echo HTTP"]
+    if "echo_payload_http_ms" in r:
+        names.append("payload twin\nHTTP")
     xs = np.arange(len(names))
     right.bar(xs[0], o["handle_minus_inprocess_p50"], color="C2")
     ci = o["http_minus_inprocess_p50_ci95"]
@@ -678,7 +759,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
                                   ("encode_replica_minus_inprocess", "encode: replica - in-process", "C4")):
             right.bar(xs[2], parts[key], bottom=bottom, color=color, label=label)
             bottom += parts[key]
-    right.bar(xs[3:], [r["echo_handle_ms"]["p50"], r["echo_http_ms"]["p50"]], color="C7")
+    right.bar(xs[3:], [r[k]["p50"] for k in ("echo_handle_ms", "echo_http_ms", "echo_payload_http_ms") if k in r], color="C7")
     right.set_xticks(xs, names)
     right.axhline(g["limit_ms"], color="k", ls="--", lw=1, label=f"goal: {GOAL_RATIO} x echo HTTP p50")
     right.set_ylabel("ms (p50; error bar: 95% interval)")

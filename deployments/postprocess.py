@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from deployments import metrics, packaging
+from deployments import imagememory, metrics, packaging
 from deployments.errors import InvalidParameter
 from deployments.records import Generated
 
@@ -86,6 +86,7 @@ class Postprocess:
 
     def __init__(self, config: PostprocessConfig | None = None) -> None:
         self.config = config or PostprocessConfig()
+        imagememory.keep_freed_blocks()
 
     def encode(self, generated: Generated, fmt: str = "png") -> Encoded:
         """Encode (or package layers); the time is the `postprocess` stage in the metrics."""

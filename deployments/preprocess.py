@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
-from deployments import metrics
+from deployments import imagememory, metrics
 from deployments.errors import BadImage, ImgserveError, TooLarge, UnsupportedFormat
 from deployments.records import ImageSpec, Prepared, PreparedImage
 
@@ -154,6 +154,7 @@ class Preprocess:
 
     def __init__(self, config: PreprocessConfig | None = None) -> None:
         self.config = config or PreprocessConfig()
+        imagememory.keep_freed_blocks()
 
     def prepare(self, data: bytes, spec: ImageSpec = ImageSpec(), task: str = "any") -> Prepared:
         """One upload → a `Prepared` for a model described by `spec`. `task` only labels the

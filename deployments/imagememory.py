@@ -1,0 +1,28 @@
+"""Pillow's image memory in long-lived CPU replicas: freed blocks are kept for the next request.
+
+Pillow allocates every image's pixels in blocks and, by default, hands each block back to the C
+allocator as soon as the image is freed; in a Ray worker those pages go back to the kernel and the
+next request touches fresh ones (about 700 page faults for one 1024×688 RGB image, measured in a
+Postprocess replica). `keep_freed_blocks` makes Pillow keep up to `blocks` freed blocks of at most
+`block_size` bytes for reuse, bounding what a replica holds on to at `blocks × block_size`.
+Process-wide and idempotent; knows nothing about requests.
+"""
+
+from __future__ import annotations
+
+from PIL import Image
+
+BLOCKS = 16
+"""Freed blocks kept: enough for the images of a few requests in flight (decode, reduce, resize,
+convert each hold one)."""
+BLOCK_SIZE = 4 << 20
+"""Largest block, bytes: a 1024×1024 RGB image (4 bytes a pixel in Pillow) fits in one; larger
+images are split over several."""
+
+
+def keep_freed_blocks(blocks: int = BLOCKS, block_size: int = BLOCK_SIZE) -> None:
+    """Keep up to `blocks` freed Pillow blocks (of at most `block_size` bytes) for reuse."""
+    if Image.core.get_block_size() != block_size:
+        Image.core.set_block_size(block_size)
+    if Image.core.get_blocks_max() < blocks:
+        Image.core.set_blocks_max(blocks)
