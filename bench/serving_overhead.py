@@ -760,7 +760,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
             right.bar(xs[2], parts[key], bottom=bottom, color=color, label=label)
             bottom += parts[key]
     right.bar(xs[3:], [r[k]["p50"] for k in ("echo_handle_ms", "echo_http_ms", "echo_payload_http_ms") if k in r], color="C7")
-    right.set_xticks(xs, names)
+    right.set_xticks(xs, names, fontsize=8, rotation=20)
     right.axhline(g["limit_ms"], color="k", ls="--", lw=1, label=f"goal: {GOAL_RATIO} x echo HTTP p50")
     right.set_ylabel("ms (p50; error bar: 95% interval)")
     right.set_title(f"goal {'PASS' if g['pass'] else 'FAIL'}: p50 rule {'PASS' if g['p50_rule_pass'] else 'FAIL'} "
