@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
 from deployments.errors import InvalidParameter
+from deployments import placement
 from deployments.placement import PlacementConfig, Plan
 from deployments.validation import at_least
 
@@ -53,7 +54,8 @@ class DiffusionConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto`: CUDA when this replica sees a GPU, else CPU (fake GPU resources on a CPU machine)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weight dtype; `auto`: bfloat16 on CUDA, float32 on CPU."""
+    """Weight dtype; `auto`: bfloat16 on CUDA, float32 on CPU. With `placement` on CUDA the plan
+    casts every component to bfloat16 (fp8 storage where it says so), whatever this says."""
     default_negative_prompt: str = " "
     """Negative prompt used when the request gives none (blank: CFG on, no particular avoidance)."""
     default_steps: int = 30
@@ -114,8 +116,6 @@ class DiffusionConfig(BaseModel):
         here, else from the published configs stored in the package (what `tiny` stands in for)."""
         if self.placement is None:
             return None
-        from deployments import placement
-
         directory = None if self.source == "tiny" else Path(self.source).expanduser()
         sizes = placement.component_sizes(directory) if directory and (directory / "model_index.json").is_file() else None
         return placement.plan(task, self.placement, sizes)
@@ -127,7 +127,7 @@ class DiffusionConfig(BaseModel):
         (the caller's `self.plan(task)`) when CUDA is present (on fake GPUs it is not applied)."""
         import torch
 
-        from deployments import placement, tiny
+        from deployments import tiny
 
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
@@ -151,6 +151,18 @@ class DiffusionConfig(BaseModel):
             placement.place_pipeline(pipe, plan)
             return pipe, device
         return pipe.to(device), device
+
+
+def release_gpu_memory() -> None:
+    """After a failed request (out of memory): its tensors are garbage now; collect them and give
+    their cached blocks back to the card, so the next request starts from the same free memory as
+    the one before. A no-op for the cache where CUDA was never initialised."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def replica_location() -> dict[str, Any]:

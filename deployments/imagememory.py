@@ -3,8 +3,8 @@
 Pillow allocates every image's pixels in blocks and, by default, hands each block back to the C
 allocator as soon as the image is freed; in a Ray worker those pages go back to the kernel and the
 next request touches fresh ones (about 700 page faults for one 1024×688 RGB image, measured in a
-Postprocess replica). `keep_freed_blocks` makes Pillow keep up to `blocks` freed blocks of at most
-`block_size` bytes for reuse, bounding what a replica holds on to at `blocks × block_size`.
+Postprocess replica). `keep_freed_blocks` makes Pillow keep up to `BLOCKS` freed blocks of at most
+`BLOCK_SIZE` bytes for reuse, bounding what a replica holds on to at `BLOCKS × BLOCK_SIZE`.
 Process-wide and idempotent; knows nothing about requests.
 """
 
@@ -20,9 +20,9 @@ BLOCK_SIZE = 4 << 20
 images are split over several."""
 
 
-def keep_freed_blocks(blocks: int = BLOCKS, block_size: int = BLOCK_SIZE) -> None:
-    """Keep up to `blocks` freed Pillow blocks (of at most `block_size` bytes) for reuse."""
-    if Image.core.get_block_size() != block_size:
-        Image.core.set_block_size(block_size)
-    if Image.core.get_blocks_max() < blocks:
-        Image.core.set_blocks_max(blocks)
+def keep_freed_blocks() -> None:
+    """Keep up to BLOCKS freed Pillow blocks (of at most BLOCK_SIZE bytes) for reuse."""
+    if Image.core.get_block_size() != BLOCK_SIZE:
+        Image.core.set_block_size(BLOCK_SIZE)
+    if Image.core.get_blocks_max() < BLOCKS:
+        Image.core.set_blocks_max(BLOCKS)

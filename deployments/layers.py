@@ -64,7 +64,7 @@ from pydantic import field_validator, model_validator
 
 from deployments import metrics
 from deployments.errors import Cancelled, InvalidParameter, ModelFailure, OutOfMemory
-from deployments.diffusion import DiffusionConfig, DiffusionParams, replica_location
+from deployments.diffusion import DiffusionConfig, DiffusionParams, release_gpu_memory, replica_location
 from deployments.placement import Plan
 from deployments.records import Generated, ImageSpec, Prepared, Progress
 from deployments.validation import at_least
@@ -392,7 +392,7 @@ class LayersModel:
                         callback_on_step_end=clock.on_step_end,
                     )
         except torch.cuda.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
+            release_gpu_memory()
             raise OutOfMemory(
                 f"GPU out of memory at resolution {params.resolution}, {params.layers} layers, "
                 f"{params.steps} steps: {exc}"

@@ -16,10 +16,10 @@ labels (`SessionName`, `NodeAddress`, `WorkerId`, ...) and, inside a replica, Se
 |---|---|---|---|
 | `ray_imgserve_requests_total` | counter | task, status, api | Ingress (`serve_app.observability.RequestMetrics`): every `POST /v1/{task}` (`api=sync`) and `POST /v1/jobs` (`api=jobs`) once its response starts; status is the HTTP status; task is `real`/`anime`/`layers` or `unknown` |
 | `ray_imgserve_request_seconds` | histogram | task, status, api | Ingress: the same requests, from arrival at the ingress to the last byte handed to Serve's proxy (end to end for `api=sync`; admission only for `api=jobs`) |
-| `ray_imgserve_rejections_total` | counter | task, reason | Ingress: requests answered 408, 429, 503 or 504; reason is the JSON error code (`queue_full`, `unavailable`, `rate_limited`, `timeout`, ...) |
+| `ray_imgserve_rejections_total` | counter | task, reason | Ingress: requests answered 429, 503 or 504; reason is the JSON error code (`queue_full`, `unavailable`, `rate_limited`, `timeout`, ...) |
 | `ray_imgserve_stage_seconds` | histogram | task, stage | Preprocess (`preprocess`), the models (`encode_prompt`, `encode_image`, `denoise`, `decode`; layers also `caption` when it captions; anime `stylize`), Postprocess (`postprocess`); successful stages only |
 | `ray_imgserve_lora_events_total` | counter | event, version | RealModel: `load` (read from disk into the replica), `evict` (dropped by its LRU), `hit` (a request whose version was already resident) |
-| `ray_imgserve_gpu_peak_bytes` | histogram | task, gpu | RealModel, LayersModel: `torch.cuda.max_memory_allocated(gpu)` over one successful request (peak statistics reset at its start), one observation per CUDA device the replica sees. Without CUDA nothing is recorded: the series is absent, never 0 |
+| `ray_imgserve_gpu_peak_bytes` | histogram | task, gpu | RealModel, LayersModel: `torch.cuda.max_memory_allocated(gpu)` over one successful request (peak statistics reset at its start), one observation per CUDA device the replica sees that allocated anything. Without CUDA nothing is recorded: the series is absent, never 0 |
 | `ray_imgserve_jobs_queued` | gauge | | JobRunner: jobs waiting to start (refreshed every second by the dispatcher) |
 | `ray_imgserve_jobs_running` | gauge | | JobRunner: jobs running now |
 | `ray_imgserve_jobs_finished_total` | counter | task, state | JobRunner: jobs reaching `succeeded`, `failed` or `cancelled` |
@@ -34,7 +34,8 @@ and `ray_serve_http_request_latency_ms_bucket`, per-deployment
 `ray_serve_deployment_processing_latency_ms_bucket`, and multiplexing
 `ray_serve_multiplexed_models_load_counter_total`. `cluster/grafana-dashboard.json` uses both.
 
-Stage times are measured around the pipeline's own methods (`DiffusionStages`): `encode_prompt`
+Stage times are measured around the pipeline's own methods (`DiffusionStages` for real; layers
+keeps its own clock, whose `denoise` ends at the last step's callback): `encode_prompt`
 (the text encoder, positive and negative prompt), `encode_image` (`prepare_latents`: VAE encode of
 the condition image plus the initial noise), `denoise` (from the latents being ready to the start
 of the VAE decode: every step, the scheduler and the step callbacks) and `decode` (`vae.decode`).
@@ -160,7 +161,7 @@ request_seconds = Histogram(
     "imgserve_request_seconds", "Seconds from a task request's arrival at the ingress to its response.",
     SECONDS_BUCKETS, ("task", "status", "api"))
 rejections = Counter(
-    "imgserve_rejections", "Requests refused for capacity or time (408/429/503/504) by task and error code.",
+    "imgserve_rejections", "Requests refused for capacity or time (429/503/504) by task and error code.",
     ("task", "reason"))
 stage_seconds = Histogram(
     "imgserve_stage_seconds", "Seconds spent in one stage of one successful request.",
@@ -207,10 +208,11 @@ def capture() -> Iterator[list[tuple[str, float, dict[str, str]]]]:
 
 # -- helpers the deployments call ---------------------------------------------------------------
 
-def record_stages(task: str, seconds: Mapping[str, float], skip: tuple[str, ...] = ("total",)) -> None:
-    """One observation per stage that took time (a stage that did not happen is 0 and skipped)."""
+def record_stages(task: str, seconds: Mapping[str, float]) -> None:
+    """One observation per stage that took time (a stage that did not happen is 0 and skipped;
+    `total` is not a stage)."""
     for stage, value in seconds.items():
-        if stage not in skip and value > 0:
+        if stage != "total" and value > 0:
             stage_seconds.observe(value, tags={"task": task, "stage": stage})
 
 

@@ -46,8 +46,10 @@ from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
+from deployments.validation import between
+
 GB = 1e9
-"""Sizes are decimal GB as model cards and the project's issue state them (40.9 GB bf16
+"""Sizes are decimal GB as model cards state them (40.9 GB bf16
 transformer). An RTX 4090's 24 GiB is 25.8 GB, so planning for 24 GB leaves ~1.8 GB for the CUDA
 context and the driver."""
 
@@ -169,12 +171,8 @@ class PlacementConfig(BaseModel):
     """GB kept free on every GPU below its memory; None → max(1.5, 6.25 % of the memory)
     (24 GB → peaks up to 22.5 GB)."""
 
-    @field_validator("gpus", "layers")
-    @classmethod
-    def _count(cls, value: int, info: ValidationInfo) -> int:
-        if not 1 <= value <= 64:
-            raise ValueError(f"{info.field_name} must be between 1 and 64, got {value}")
-        return value
+    _count = between(1, 64, "gpus", "layers")
+    _resolution = between(256, 4096, "resolution")
 
     @field_validator("gpu_memory_gb")
     @classmethod
@@ -188,13 +186,6 @@ class PlacementConfig(BaseModel):
     def _resource(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None and (not value.strip() or value in ("CPU", "GPU", "memory")):
             raise ValueError(f"{info.field_name} must be a custom resource name, got {value!r}")
-        return value
-
-    @field_validator("resolution")
-    @classmethod
-    def _resolution(cls, value: int, info: ValidationInfo) -> int:
-        if not 256 <= value <= 4096:
-            raise ValueError(f"{info.field_name} must be between 256 and 4096, got {value}")
         return value
 
     @field_validator("margin_gb")
@@ -248,7 +239,6 @@ class ComponentSize:
     """What the planner needs to know about one component, counted from its config."""
 
     name: str
-    class_name: str
     params: int
     """Parameters (buffers not included)."""
     bytes_bf16: int
@@ -356,7 +346,6 @@ def _measure(name: str, module, patterns: tuple[str, ...], hidden_size: int, dim
                    if isinstance(m, supported)), default=0)
     return ComponentSize(
         name=name,
-        class_name=type(module).__name__,
         params=sum(numel for numel, _, _ in param_bytes.values()),
         bytes_bf16=total("", False) + buffer_bytes,
         bytes_fp8=total("", True) + buffer_bytes,
@@ -712,7 +701,7 @@ def _layout(
             return None
         streamed = remaining
     # spread the blocks evenly over the cards that hold nothing but transformer blocks
-    only = [i for i in range(n - 1) if alloc[i]] if n > 1 else []
+    only = [i for i in range(n - 1) if alloc[i]]
     if len(only) > 1:
         total = sum(alloc[i] for i in only)
         share = [total // len(only) + (1 if k < total % len(only) else 0) for k in range(len(only))]

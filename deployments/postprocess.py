@@ -17,16 +17,19 @@ from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, PngImagePlugin
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict
 
 from deployments import imagememory, metrics, packaging
 from deployments.errors import InvalidParameter
 from deployments.records import Generated
+from deployments.validation import between
 
 ImageFormat = Literal["png", "webp", "jpeg"]
 IMAGE_FORMATS: tuple[str, ...] = ("png", "webp", "jpeg")
 LAYER_FORMATS: tuple[str, ...] = ("zip", "psd")
-_MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+_IMAGE_MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+MEDIA_TYPES: dict[str, str] = {**_IMAGE_MEDIA_TYPES, **packaging.MEDIA_TYPES}
+"""Every output format (IMAGE_FORMATS, LAYER_FORMATS) → the media type of its bytes."""
 _EXIF_IMAGE_DESCRIPTION = 0x010E
 METADATA_KEY = "imgserve"
 
@@ -43,19 +46,8 @@ class PostprocessConfig(BaseModel):
     webp_quality: int = 90
     """Quality for lossy WebP output (1–100)."""
 
-    @field_validator("png_compress_level")
-    @classmethod
-    def _level(cls, value: int) -> int:
-        if not 0 <= value <= 9:
-            raise ValueError(f"png_compress_level must be in 0..9, got {value}")
-        return value
-
-    @field_validator("jpeg_quality", "webp_quality")
-    @classmethod
-    def _quality(cls, value: int, info: Any) -> int:
-        if not 1 <= value <= 100:
-            raise ValueError(f"{info.field_name} must be in 1..100, got {value}")
-        return value
+    _level = between(0, 9, "png_compress_level")
+    _quality = between(1, 100, "jpeg_quality", "webp_quality")
 
 
 @dataclass
@@ -122,7 +114,7 @@ class Postprocess:
             quality = self.config.jpeg_quality if fmt == "jpeg" else self.config.webp_quality
             image.save(buffer, fmt.upper(), quality=quality, exif=exif)
         # 4. package
-        return Encoded(data=buffer.getvalue(), media_type=_MEDIA_TYPES[fmt], metadata=metadata, served=generated.served)
+        return Encoded(data=buffer.getvalue(), media_type=MEDIA_TYPES[fmt], metadata=metadata, served=generated.served)
 
     def package_layers(self, generated: Generated, fmt: str = "zip") -> Encoded:
         """RGBA layers (N, H, W, 4) → a ZIP (layer PNGs, composite, manifest) or a layered PSD."""
@@ -136,4 +128,4 @@ class Postprocess:
             data = packaging.zip_layers(generated.array, manifest, png_compress_level=self.config.png_compress_level)
         else:
             data = packaging.psd_layers(generated.array, packaging.layer_names(len(generated.array)))
-        return Encoded(data=data, media_type=packaging.MEDIA_TYPES[fmt], metadata=metadata, served=generated.served)
+        return Encoded(data=data, media_type=MEDIA_TYPES[fmt], metadata=metadata, served=generated.served)

@@ -11,7 +11,6 @@ request costs tens of milliseconds.
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import socket
 import warnings
@@ -25,7 +24,7 @@ import numpy as np
 from pydantic import field_validator
 
 from deployments import metrics
-from deployments.diffusion import DiffusionConfig, DiffusionParams, replica_location
+from deployments.diffusion import DiffusionConfig, DiffusionParams, release_gpu_memory, replica_location
 from deployments.errors import Cancelled, InvalidParameter, ModelFailure, OutOfMemory, TimedOut
 from deployments.placement import Plan
 from deployments.lora import NONE, LoraStore, check_name, diffusers_state_dict, ensure_tiny_loras, inspect_lora, linear_shapes
@@ -143,7 +142,8 @@ class RealModel:
         """Names the process serving a request (reported to clients, never embedded)."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="real-model")
         self.stops: Counter[str] = Counter()
-        """Requests stopped before their last step, by reason (cancelled, timeout, out_of_memory)."""
+        """Requests the pipeline call stopped or failed, by reason (cancelled, timeout,
+        out_of_memory); a time limit already past before the call is not counted."""
         self.last_stop: dict[str, Any] | None = None
         self._faults: list[str] = []
 
@@ -313,11 +313,7 @@ class RealModel:
             self._stopped(exc.code, str(exc))
             raise
         except torch.cuda.OutOfMemoryError as exc:
-            # the failed request's tensors are garbage now: give their cached blocks back to the
-            # card so the next request starts from the same free memory as the one before
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_gpu_memory()
             self._stopped(OutOfMemory.code, str(exc))
             raise OutOfMemory(f"GPU out of memory at {width}x{height}, {params.steps} steps: {exc}") from None
         except (RuntimeError, ValueError) as exc:

@@ -1,4 +1,4 @@
-"""One pydantic validator the deployment configs share: "FIELD must be >= N, got VALUE"."""
+"""The pydantic validators the configs share: "FIELD must be >= N" and "FIELD must be between A and B"."""
 
 from __future__ import annotations
 
@@ -15,6 +15,18 @@ def at_least(minimum: int, *fields: str) -> Any:
     def check(cls: type, value: Any, info: ValidationInfo) -> Any:
         if value is not None and value < minimum:
             raise ValueError(f"{info.field_name} must be >= {minimum}, got {value}")
+        return value
+
+    return field_validator(*fields)(classmethod(check))
+
+
+def between(low: float, high: float, *fields: str) -> Any:
+    """A field validator for a config class body: each of `fields` must lie in [`low`, `high`]
+    (NaN fails; None passes). Name it uniquely along the class's bases, as for `at_least`."""
+
+    def check(cls: type, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and not low <= value <= high:
+            raise ValueError(f"{info.field_name} must be between {low} and {high}, got {value}")
         return value
 
     return field_validator(*fields)(classmethod(check))

@@ -17,7 +17,8 @@ inside the cluster are trusted.
 - **Request ids** are Ray Serve's own: its HTTP proxy takes a client's `X-Request-Id` or makes a
   UUID, puts it on the request, on every response and on every log record of the request. This
   middleware refuses (422 `invalid_parameter`) a client id that is not short and plain, so every id
-  that is logged, echoed and stored is.
+  this service logs in its own line or stores with a job is; Serve's proxy still echoes the raw
+  header on that 422 and puts it on its own log records.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ CORS_ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
 CORS_ALLOW_HEADERS = "Authorization, X-API-Key, Content-Type, X-Request-Id"
 CORS_EXPOSE_ALWAYS = ("X-Request-Id", "Retry-After", "Location", "WWW-Authenticate")
 CORS_MAX_AGE_S = 600
+NO_RETRY_AFTER = 1
+"""`error_response`'s fallback wait, never sent from here: 401 and 422 carry no Retry-After, and a
+429 carries the rate limiter's own wait."""
 MAX_BUCKETS = 10_000
 """Rate-limit buckets kept per replica; full (idle) buckets are dropped first, then the oldest."""
 
@@ -76,17 +80,19 @@ def new_key() -> tuple[str, str]:
     return key, hash_key(key)
 
 
+def check_digest(item: str, where: str) -> str:
+    """`item` as a lowercase SHA-256 hex digest; the error names `where`, never the value (it may
+    be a key stored by mistake)."""
+    if not SHA256_HEX.match(item.lower()):
+        raise ValueError(f"{where} is not a SHA-256 hex digest (64 hex characters): "
+                         "store the output of `imgserve key hash`, never the key itself")
+    return item.lower()
+
+
 def parse_digests(value: str, source: str) -> list[str]:
     """Comma-separated SHA-256 hex digests (e.g. an environment variable's value); blanks skipped."""
-    digests = []
-    for index, item in enumerate(part.strip() for part in value.split(",")):
-        if not item:
-            continue
-        if not SHA256_HEX.match(item.lower()):
-            raise ValueError(f"{source}: item {index} is not a SHA-256 hex digest (64 hex characters); "
-                             "store `imgserve key hash` output, never the key itself")
-        digests.append(item.lower())
-    return digests
+    items = [part.strip() for part in value.split(",")]
+    return [check_digest(item, f"{source}: item {index}") for index, item in enumerate(items) if item]
 
 
 def presented_key(headers: Headers | dict[str, str]) -> str | None:
@@ -171,7 +177,6 @@ class AccessSettings:
     keys: ApiKeys = field(default_factory=lambda: ApiKeys(()))
     limiter: RateLimiter | None = None
     cors_origins: frozenset[str] = frozenset()
-    retry_after_s: int = 1
 
     def cors_origin(self, origin: str | None) -> str | None:
         """The Access-Control-Allow-Origin value for this origin, or None (no CORS headers)."""
@@ -196,7 +201,7 @@ def configure(ingress: Any, environ: dict[str, str] | None = None) -> AccessSett
     limiter = None
     if ingress.rate_limit_per_minute is not None:
         limiter = RateLimiter(ingress.rate_limit_per_minute, ingress.rate_limit_burst)
-    _settings = AccessSettings(ApiKeys(digests), limiter, frozenset(ingress.cors_origins), ingress.retry_after_s)
+    _settings = AccessSettings(ApiKeys(digests), limiter, frozenset(ingress.cors_origins))
     log.info("access: %d API keys (ids %s), rate limit %s, CORS origins %s", len(_settings.keys.digests),
              ", ".join(key_id(d) for d in _settings.keys.digests) or "-",
              f"{ingress.rate_limit_per_minute}/min" if limiter else "off", sorted(_settings.cors_origins) or "none")
@@ -276,7 +281,7 @@ class AccessMiddleware:
         elif not REQUEST_ID.match(request_id):
             response = error_response(InvalidParameter(
                 f"must be 1 to 128 characters of letters, digits and . _ : - (got {len(request_id)} characters)",
-                "X-Request-Id"), settings.retry_after_s)
+                "X-Request-Id"), retry_after_s=NO_RETRY_AFTER)
             request_id = "(invalid)"  # what the log line says instead
         elif is_api_path(path) and method != "OPTIONS":
             response = self._admit(settings, headers, scope, facts)
@@ -304,7 +309,7 @@ class AccessMiddleware:
                 facts["auth"] = "missing" if presented is None else "invalid"
                 message = ("this API needs a key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`"
                            if presented is None else "the API key is not valid")
-                return error_response(Unauthorized(message), settings.retry_after_s)
+                return error_response(Unauthorized(message), retry_after_s=NO_RETRY_AFTER)
             facts["key_id"] = who = kid
         if settings.limiter is not None:
             if who is None:
@@ -313,5 +318,5 @@ class AccessMiddleware:
             wait = settings.limiter.take(who)
             if wait is not None:
                 return error_response(RateLimited(f"rate limit reached; a request is allowed again in {wait} s",
-                                                  retry_after_s=wait), settings.retry_after_s)
+                                                  retry_after_s=wait), retry_after_s=NO_RETRY_AFTER)
         return None

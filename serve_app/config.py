@@ -11,16 +11,16 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.anime import AnimeModelConfig
-from deployments.diffusion import DiffusionConfig
 from deployments.placement import DoesNotFit
 from deployments.validation import at_least
 from deployments.layers import LayersModelConfig
 from deployments.postprocess import PostprocessConfig
 from deployments.preprocess import PreprocessConfig
 from deployments.real import RealModelConfig
+from serve_app.access import check_digest
 from serve_app.jobs import JobsConfig
 
 _ACTOR_OPTION_KEYS = {"num_cpus", "num_gpus", "memory", "resources", "runtime_env", "accelerator_type"}
@@ -119,7 +119,7 @@ class IngressSection(BaseModel):
     the API: they get CORS headers and answered preflights. `*` allows any origin. Empty: no CORS
     headers at all (the service's own web page needs none)."""
 
-    _retry = at_least(1, "retry_after_s")
+    _at_least_one = at_least(1, "retry_after_s", "rate_limit_per_minute", "rate_limit_burst")
 
     @field_validator("request_timeout_s")
     @classmethod
@@ -131,24 +131,13 @@ class IngressSection(BaseModel):
     @field_validator("api_keys_sha256")
     @classmethod
     def _digests(cls, value: list[str]) -> list[str]:
-        for index, digest in enumerate(value):  # the message names the index, not the value (it may be a key)
-            if not re.fullmatch(r"[0-9a-f]{64}", digest.lower()):
-                raise ValueError(f"api_keys_sha256[{index}] is not a SHA-256 hex digest (64 hex characters): "
-                                 "store the output of `imgserve key hash`, never the key itself")
-        return [digest.lower() for digest in value]
+        return [check_digest(digest, f"api_keys_sha256[{index}]") for index, digest in enumerate(value)]
 
     @field_validator("api_keys_env")
     @classmethod
     def _env_name(cls, value: str | None) -> str | None:
         if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
             raise ValueError(f"api_keys_env must be an environment variable name or null, got {value!r}")
-        return value
-
-    @field_validator("rate_limit_per_minute", "rate_limit_burst")
-    @classmethod
-    def _rate(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError(f"{info.field_name} must be >= 1 or null, got {value}")
         return value
 
     @field_validator("cors_origins")
@@ -181,20 +170,21 @@ class PostprocessSection(PostprocessConfig):
     """Ray Serve options of the postprocess deployment (CPU replicas)."""
 
 
-def _check_placement(section: str, task: Literal["real", "layers"], config: DiffusionConfig,
-                     serve: DeploymentOptions) -> None:
-    """A placement plan owns the GPU request, and must fit the cards it is given."""
-    if config.placement is None:
+def _check_placement(section: RealSection | LayersSection, task: Literal["real", "layers"]) -> None:
+    """A placement plan owns the GPU request, and must fit the cards it is given. `task` is also the
+    section's name in the config."""
+    if section.placement is None:
         return
-    if "num_gpus" in serve.ray_actor_options:
+    options = section.serve.ray_actor_options
+    if "num_gpus" in options:
         raise ValueError(
-            f"{section}.serve.ray_actor_options.num_gpus ({serve.ray_actor_options['num_gpus']}) conflicts with "
-            f"{section}.placement: the plan decides how many GPUs a replica asks for; remove num_gpus"
+            f"{task}.serve.ray_actor_options.num_gpus ({options['num_gpus']}) conflicts with "
+            f"{task}.placement: the plan decides how many GPUs a replica asks for; remove num_gpus"
         )
     try:
-        config.plan(task)
+        section.plan(task)
     except DoesNotFit as error:
-        raise ValueError(f"{section}.placement does not fit: {error}") from None
+        raise ValueError(f"{task}.placement does not fit: {error}") from None
 
 
 class RealSection(RealModelConfig):
@@ -206,7 +196,7 @@ class RealSection(RealModelConfig):
 
     @model_validator(mode="after")
     def _placement(self) -> RealSection:
-        _check_placement("real", "real", self, self.serve)
+        _check_placement(self, "real")
         return self
 
 
@@ -235,7 +225,7 @@ class LayersSection(LayersModelConfig):
             if self.placement.resolution < max(self.resolutions):
                 raise ValueError(f"layers.placement.resolution ({self.placement.resolution}) must be >= the largest "
                                  f"of layers.resolutions ({max(self.resolutions)})")
-        _check_placement("layers", "layers", self, self.serve)
+        _check_placement(self, "layers")
         return self
 
 

@@ -17,7 +17,6 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import yaml
 
@@ -102,10 +101,9 @@ def _pinned(entry: ModelEntry) -> None:
         raise FetchError(f"{entry.name}: revision must be a pinned 40-hex commit (run --lock once), got {entry.revision!r}")
 
 
-def verify(entry: ModelEntry, relative: str, expected: str | None, *, remove: bool) -> str:
-    """Check one file on disk; raises FetchError (after deleting it when `remove`) on a mismatch."""
-    if not expected:
-        raise FetchError(f"{entry.name}: {relative} has no sha256 in the manifest (run with --lock once)")
+def verify(entry: ModelEntry, relative: str, expected: str, *, remove: bool) -> None:
+    """Check one file on disk against its manifest hash (`fetch` refuses a manifest without one);
+    raises FetchError (after deleting the file when `remove`) on a mismatch."""
     path = entry.dest / relative
     if not path.is_file():
         raise FetchError(f"{entry.name}: {relative} is missing from {entry.dest}")
@@ -115,11 +113,10 @@ def verify(entry: ModelEntry, relative: str, expected: str | None, *, remove: bo
             path.unlink()
         raise FetchError(f"{entry.name}: {relative} has sha256 {actual}, the manifest says {expected}"
                          + (" (deleted)" if remove else ""))
-    return actual
 
 
-def fetch(manifest: str | Path, *, lock: bool = False, verify_only: bool = False, log: Any = print) -> int:
-    """Run the command; returns the number of files checked. Raises FetchError on the first problem."""
+def fetch(manifest: str | Path, *, lock: bool = False, verify_only: bool = False) -> None:
+    """Run the command, printing one line per model. Raises FetchError on the first problem."""
     entries = load_manifest(manifest)
     if not lock:  # refuse an incomplete manifest before anything is downloaded
         for entry in entries:
@@ -129,24 +126,20 @@ def fetch(manifest: str | Path, *, lock: bool = False, verify_only: bool = False
             if missing or not entry.files:
                 raise FetchError(f"{entry.name}: {', '.join(missing) or 'no file'} has no sha256 in the manifest "
                                  "(run with --lock once)")
-    checked = 0
     for entry in entries:
         if lock:
             entry.revision = _pin(entry)
             names = [_safe_path(entry.name, n) for n in _listed(entry)] if entry.include else list(entry.files)
             entry.files = {n: sha256(_download(entry, n)) for n in names}
-            log(f"{entry.name}: locked {len(names)} files at {entry.revision}")
-            checked += len(names)
+            print(f"{entry.name}: locked {len(names)} files at {entry.revision}")
             continue
         for relative, expected in entry.files.items():
             if not verify_only and not (entry.dest / relative).is_file():
                 _download(entry, relative)
             verify(entry, relative, expected, remove=not verify_only)
-            checked += 1
-        log(f"{entry.name}: {len(entry.files)} files verified in {entry.dest}")
+        print(f"{entry.name}: {len(entry.files)} files verified in {entry.dest}")
     if lock:
         document = yaml.safe_load(Path(manifest).read_text())
         for item, entry in zip(document["models"], entries):
             item["revision"], item["files"] = entry.revision, entry.files
         Path(manifest).write_text(yaml.safe_dump(document, sort_keys=False))
-    return checked

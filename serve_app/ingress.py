@@ -3,7 +3,8 @@
 Reads the upload (multipart `image` + fields, or a raw `image/*` body + query), validates the
 request's fields against the task's config (422 before any pixel is decoded), then drives the graph
 Preprocess → model → Postprocess through deployment handles and answers with the encoded bytes and
-`X-Imgserve-*` headers. Errors from anywhere become the one JSON shape here and only here.
+`X-Imgserve-*` headers. Errors from anywhere become the one JSON shape
+(`serve_app.errors.error_response`), here and in the access middleware that runs before the routes.
 """
 
 import asyncio

@@ -177,10 +177,9 @@ class JobRunner:
             self._events.popitem(last=False)
 
     def _finish(self, job_id: str, state: str, **kwargs: Any) -> None:
-        self.store.finish(job_id, state, **kwargs)
+        job = self.store.finish(job_id, state, **kwargs)
         self._record(job_id, state=state, stage="done" if state == "succeeded" else state)
-        job = self.store.get(job_id)
-        if job is not None and job.finished_at is not None:
+        if job is not None:
             metrics.jobs_finished.inc(tags={"task": job.task, "state": state})
             metrics.job_seconds.observe(job.finished_at - job.created_at, tags={"task": job.task, "state": state})
 

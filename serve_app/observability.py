@@ -3,8 +3,9 @@
 Counts and times every task request — `POST /v1/{task}` (`api=sync`) and `POST /v1/jobs`
 (`api=jobs`) — by task and the HTTP status it was answered with, whichever code path produced
 the answer (validation, backpressure, time limits, an unexpected 500), and counts the refusals
-for capacity or time (408, 429, 503, 504) by the JSON error code (`queue_full`, `unavailable`,
-...). The metrics themselves are `deployments.metrics` (names, types and tags documented there).
+for capacity or time (429, 503, 504) by the JSON error code (`queue_full`, `unavailable`, ...).
+A request the client abandons is answered by Serve's proxy itself (408/499, outside this app), so
+it reaches this middleware as a cancellation and is recorded with status 500. The metrics themselves are `deployments.metrics` (names, types and tags documented there).
 
 The task label is the path's task when it is one the service knows; for `POST /v1/jobs` it is
 the form's `task` field, which the route notes in the request's facts (`access.note(request,
@@ -24,7 +25,7 @@ from deployments import metrics
 from serve_app.access import route_path
 from serve_app.pipeline import TASKS
 
-REJECTION_STATUSES = frozenset({408, 429, 503, 504})
+REJECTION_STATUSES = frozenset({429, 503, 504})
 _TASK_PATH = re.compile(r"/v1/([^/]+)")
 
 

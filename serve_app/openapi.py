@@ -25,13 +25,13 @@ from fastapi.openapi.utils import get_openapi
 
 from deployments.diffusion import MAX_SEED, MIN_STEPS
 from deployments.lora import NONE
-from deployments.packaging import MEDIA_TYPES as LAYER_MEDIA_TYPES
+from deployments.postprocess import IMAGE_FORMATS, LAYER_FORMATS, MEDIA_TYPES
+from serve_app.pipeline import TASKS
 from serve_app.store import FINAL_STATES
 
 if TYPE_CHECKING:
     from serve_app.pipeline import Pipeline
 
-IMAGE_MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 # Pillow's format names (preprocess.formats) → the media type a raw upload declares.
 UPLOAD_MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif",
                       "BMP": "image/bmp", "TIFF": "image/tiff"}
@@ -138,14 +138,10 @@ def task_fields(pipeline: Pipeline) -> dict[str, dict[str, dict[str, Any]]]:
                 seed={"type": "integer", "minimum": 0, "maximum": MAX_SEED, "description": "random when absent; echoed"},
             )
         if task == "real":
-            versions = pipeline.lora_store.versions() if pipeline.lora_store else []
-            schema["lora"] = _names([NONE, *versions], "LoRA version (GET /v1/models lists them); `none`: the base alone")
+            schema["lora"] = _names([NONE, *pipeline.lora_versions()],
+                                    "LoRA version (GET /v1/models lists them); `none`: the base alone")
         elif task == "anime":
-            try:
-                styles = config.anime.styles()
-            except FileNotFoundError:  # the directory is only visible on the model replicas
-                styles = []
-            schema["style"] = _names(styles, "style name (GET /v1/models lists them)")
+            schema["style"] = _names(pipeline.styles(), "style name (GET /v1/models lists them)")
             schema["style"]["default"] = config.anime.default_style
         elif task == "layers":
             schema.update(
@@ -155,7 +151,7 @@ def task_fields(pipeline: Pipeline) -> dict[str, dict[str, dict[str, Any]]]:
                             "default": section.default_resolution},
                 cfg_normalize={"type": "boolean", "default": section.default_cfg_normalize},
             )
-        formats = list(LAYER_MEDIA_TYPES) if task == "layers" else list(IMAGE_MEDIA_TYPES)
+        formats = list(TASKS[task].formats)
         schema["format"] = {"type": "string", "enum": formats, "default": formats[0]}
         fields[task] = schema
     return fields
@@ -215,7 +211,7 @@ def document(app: FastAPI, pipeline: Pipeline) -> dict[str, Any]:
 
     template = paths.pop("/v1/{task}", {}).get("post", {})
     for task, task_schema in fields.items():
-        media = LAYER_MEDIA_TYPES.values() if task == "layers" else IMAGE_MEDIA_TYPES.values()
+        media = [MEDIA_TYPES[fmt] for fmt in TASKS[task].formats]
         paths[f"/v1/{task}"] = {"post": {
             "summary": f"Run `{task}` on one image",
             "description": "Synchronous: answers with the result's bytes; the parameters used are echoed in "
@@ -238,9 +234,9 @@ def document(app: FastAPI, pipeline: Pipeline) -> dict[str, Any]:
             if name in union and union[name] != schema:  # per-task limits differ: the widest, named in the text
                 merged = {key: value for key, value in union[name].items() if key in ("type", "description")}
                 merged["description"] = "per task: see /v1/{task}"
-                union[name] = merged if "type" in merged else {"type": "string"}
-                if union[name]["type"] == "string" and name == "format":
-                    union[name]["enum"] = [*IMAGE_MEDIA_TYPES, *LAYER_MEDIA_TYPES]
+                union[name] = merged  # every task field's schema names its type
+                if name == "format":
+                    union[name]["enum"] = [*IMAGE_FORMATS, *LAYER_FORMATS]
             else:
                 union.setdefault(name, schema)
     task_field = {"task": {"type": "string", "enum": list(fields), "description": "which task to run"}}
@@ -270,7 +266,7 @@ def document(app: FastAPI, pipeline: Pipeline) -> dict[str, Any]:
             "200": {"description": "the same bytes and headers the synchronous route answers",
                     "headers": _result_headers(),
                     "content": {media_type: binary for media_type in
-                                [*IMAGE_MEDIA_TYPES.values(), *LAYER_MEDIA_TYPES.values()]}},
+                                MEDIA_TYPES.values()}},
             **_errors(404, 409, 503, *EDGE)},
         ("/v1/jobs/{job_id}/events", "get"): {
             "200": {"description": "Server-Sent Events (`event: progress`, JSON data) until the final state",

@@ -131,10 +131,22 @@ class Pipeline:
             progress.stage("postprocess")
         return await self.postprocess.encode.remote(generated, request.format)
 
+    def lora_versions(self) -> list[str]:
+        """The LoRA versions in the configured directory, oldest first (none without a directory)."""
+        return self.lora_store.versions() if self.lora_store else []
+
+    def styles(self) -> list[str]:
+        """The anime styles in the configured directory; none where the directory is only on the
+        model replicas' machines."""
+        try:
+            return self.config.anime.styles()
+        except FileNotFoundError:
+            return []
+
     def models_info(self) -> dict[str, Any]:
         """GET /v1/models: tasks, their defaults, limits, choices and formats."""
         real = self.config.real
-        versions = self.lora_store.versions() if self.lora_store else []
+        versions = self.lora_versions()
         return {
             "tasks": {
                 "real": {
@@ -152,7 +164,7 @@ class Pipeline:
                     "formats": list(TASKS["real"].formats),
                 },
                 "anime": {
-                    "styles": self.config.anime.styles(),
+                    "styles": self.styles(),
                     "default_style": self.config.anime.default_style,
                     "formats": list(TASKS["anime"].formats),
                 },

@@ -52,7 +52,7 @@
     models: null,
     file: null,
     fileUrl: null,
-    job: null,        // {id, task, fields, source}
+    job: null,        // {task, fields, file, fileName, fileUrl}, then id once submitted
     urls: [],         // object URLs of the shown result, revoked when the next one comes
     advanced: {},     // task → {steps, cfg, seed, format} as the user left them
     task: "real",
