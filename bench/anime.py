@@ -1,4 +1,4 @@
-"""Benchmark (issue #4): AnimeModel's serving path against a plain eager fp32 run of the same module.
+"""Benchmark: AnimeModel's serving path against a plain eager fp32 run of the same module.
 
 Per size (512², 1024²) and batch (1, 8), on CPU, in one process:
 
@@ -37,15 +37,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import shlex
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,6 +54,7 @@ import PIL  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.common import report_header  # noqa: E402
 from deployments.anime import AnimeModel, AnimeModelConfig, AnimeParams  # noqa: E402
 from deployments.animegan import Generator, load_generator  # noqa: E402
 from deployments.records import Prepared, PreparedImage  # noqa: E402
@@ -136,9 +134,20 @@ def _proc_kb(path: str, key: str) -> int | None:
     return None
 
 
-def _peak_rss_bytes() -> int:
+# How each measured call's peak was read (the JSON's peak_rss_method): only what was actually read.
+PEAK_RSS_METHODS: set[str] = set()
+
+
+def _peak_rss_bytes(reset: bool) -> int:
+    """The process's peak RSS: VmHWM, since the reset where `reset` (clear_refs was written), else
+    the peak so far; `ru_maxrss` (never reset) where /proc/self/status gives no VmHWM."""
     peak = _proc_kb("/proc/self/status", "VmHWM")
-    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if peak is not None:
+        PEAK_RSS_METHODS.add("VmHWM after /proc/self/clear_refs reset" if reset
+                             else "VmHWM (monotonic: /proc/self/clear_refs not writable)")
+        return peak
+    PEAK_RSS_METHODS.add("ru_maxrss (monotonic)")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _current_rss_bytes() -> int:
@@ -150,12 +159,12 @@ def _current_rss_bytes() -> int:
 
 def measured(fn: Callable[[], np.ndarray]) -> tuple[float, int, int, np.ndarray]:
     """(seconds, peak RSS bytes during the call, RSS bytes just before it, output)."""
-    _reset_peak()
+    reset = _reset_peak()
     before = _current_rss_bytes()
     start = time.perf_counter()
     out = fn()
     seconds = time.perf_counter() - start
-    return seconds, _peak_rss_bytes(), before, out
+    return seconds, _peak_rss_bytes(reset), before, out
 
 
 def agreement(ours: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
@@ -308,8 +317,6 @@ def main() -> None:
     style_file = model.styles_path / f"{STYLE}.safetensors"
     net = load_generator(style_file)  # the same weights, plain module: contiguous NCHW float32
     rss_loaded = _current_rss_bytes()
-    rss_method = "VmHWM after /proc/self/clear_refs reset" if _reset_peak() else "ru_maxrss (monotonic)"
-
     try:
         rows = [cpu_case(net, model, size, batch, args.repeat) for batch in args.batches for size in args.sizes]
         cuda = gpu_cases(style_file, cache_dir, args.repeat)
@@ -326,25 +333,11 @@ def main() -> None:
         if key is None
         else key["ours"]["peak_rss_gb"] <= GOAL["peak_rss_gb_1024_batch1<="],
     }
+    header = report_header("anime", torch=torch.__version__, numpy=np.__version__, pillow=PIL.__version__,
+                           torch_threads=torch.get_num_threads(), onednn=torch.backends.mkldnn.is_available())
+    header["machine"]["load_average_1min_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
     report = {
-        "benchmark": "anime",
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([os.path.relpath(sys.executable), *sys.argv]),
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "cpu": _cpu_model(),
-            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / _GB, 1),
-            "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        },
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "pillow": PIL.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "onednn": torch.backends.mkldnn.is_available(),
-        },
+        **header,
         "style": f"{STYLE} (random weights of the demo profile; speed and agreement do not depend on the values)",
         "inputs": "sample photos from ../shared/samples, center-cropped and resized" if list(SAMPLES.glob("*.jpg"))
         else "synthetic photo-like images",
@@ -354,7 +347,8 @@ def main() -> None:
         "Generator.forward_lean (no reflect-padded copies, in-place GroupNorm, activations in a "
         f"workspace kept between calls, {config.workspace_mb} MiB cap), batch split by max_batch_pixels "
         f"({config.max_batch_pixels} px)",
-        "peak_rss_method": rss_method,
+        # what the measured calls read ("not measured": every case skipped)
+        "peak_rss_method": " + ".join(sorted(PEAK_RSS_METHODS)) or "not measured",
         "process_rss_gb_after_loading": round(rss_loaded / _GB, 3),
         "goal": GOAL,
         "checks": checks,
@@ -380,16 +374,6 @@ def main() -> None:
     print(f"wrote {args.out} ({report['wall_s']} s); checks: {checks}")
     if plot(rows, args.plot):
         print(f"wrote {args.plot}")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

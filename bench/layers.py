@@ -1,14 +1,15 @@
 """The `layers` task: time per request split by stage, and the cost of packaging ZIP vs PSD.
 
 Demo profile (CPU, tiny layered pipeline, model class constructed directly, one torch thread as in
-the demo): requests at 640 and 1024 with the issue's defaults (4 layers, 50 steps, cfg 4.0 with
+the demo): requests at 640 and 1024 with the model's published defaults (4 layers, 50 steps, cfg 4.0 with
 CFG normalisation), once with a prompt and once captioned; each split into caption, encode prompt,
 encode image, denoise, decode (the model's own `served["timings_s"]`) and package (ZIP and PSD of
 the request's layers). Then packaging alone for 4 layers at 1024² (the size the real model returns
 at resolution 1024 for a square input): random RGBA (incompressible, the worst case) and sparse
 layers (each opaque in one region, transparent elsewhere, like real decompositions).
   .venv/bin/python bench/layers.py
-Writes bench/results/layers.json (or --out). Nothing here runs the real-size model: that needs a
+Writes bench/results/layers.json (or --out), after bench.common's report header (command, machine,
+versions, git state, environment). Nothing here runs the real-size model: that needs a
 GPU and the real weights, and this script has no GPU path.
 """
 
@@ -17,8 +18,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import report_header  # noqa: E402
 
 
 def ms(seconds: float) -> float:
@@ -40,13 +41,14 @@ def summary(samples: list[float]) -> dict[str, float]:
 
 
 def versions() -> dict[str, str]:
+    """Versions of the libraries on the measured path (the header adds python)."""
     import diffusers
     import PIL
     import psd_tools
     import torch
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "psd_tools": psd_tools.__version__,
             "pillow": PIL.__version__, "numpy": np.__version__}
 
@@ -172,16 +174,15 @@ def main() -> None:
 
     import torch
 
+    library_versions = versions()  # first: its imports (psd_tools among them) stay out of the timings
+    demo = demo_profile(args.repeat, args.cache_dir, args.tiny_edge, args.caption_tokens, args.steps)
+    packaging = packaging_cost(args.repeat)
+    header = report_header("layers", **library_versions)
+    header["machine"]["cuda"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     result = {
-        "benchmark": "layers",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(),
-                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-        "versions": versions(),
-        "demo_profile": demo_profile(args.repeat, args.cache_dir, args.tiny_edge, args.caption_tokens, args.steps),
-        "packaging_1024": packaging_cost(args.repeat),
+        **header,
+        "demo_profile": demo,
+        "packaging_1024": packaging,
         "cuda": "not run: this script has no GPU path" if torch.cuda.is_available() else "not available on this machine",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,14 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
 import statistics
 import sys
-import threading
 import time
 from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +35,7 @@ import ray  # noqa: E402
 import yaml  # noqa: E402
 from ray import serve  # noqa: E402
 
-from bench.common import closed_loop, open_loop, upload  # noqa: E402
+from bench.common import Caller, closed_loop, open_loop, report_header, serve_role, upload  # noqa: E402
 from serve_app.app import build_app  # noqa: E402
 
 ROLES = ("Ingress", "Preprocess", "RealModel", "Postprocess", "AnimeModel", "LayersModel", "JobRunner", "proxy")
@@ -50,43 +46,16 @@ def replicas() -> dict[str, psutil.Process]:
     found = {}
     for proc in psutil.Process().children(recursive=True):
         try:
-            cmd = " ".join(proc.cmdline())
+            role = serve_role(proc)
         except psutil.Error:
             continue
-        for role in ROLES:
-            if f"ServeReplica:imgserve:{role}" in cmd or (role == "proxy" and "ProxyActor" in cmd):
-                found[role] = proc
+        if role in ROLES:
+            found[role] = proc
     return found
 
 
 def rss_mb(procs: dict[str, psutil.Process]) -> dict[str, float]:
     return {role: round(proc.memory_info().rss / 2**20, 1) for role, proc in procs.items()}
-
-
-class Caller:
-    def __init__(self, url: str, body: bytes, timeout_s: float) -> None:
-        self.url, self.body, self.timeout_s = url, body, timeout_s
-        self.local = threading.local()
-        self.lock = threading.Lock()
-        self.outcomes: list[dict[str, Any]] = []
-
-    def one(self, sent_at: float) -> None:
-        client = getattr(self.local, "client", None)
-        if client is None:
-            client = self.local.client = httpx.Client(base_url=self.url, timeout=self.timeout_s)
-        outcome: dict[str, Any] = {"sent": sent_at}
-        start = time.monotonic()
-        try:
-            response = client.post("/v1/real", files={"image": ("in.jpg", self.body, "image/jpeg")},
-                                   data={"steps": "2", "seed": "1"})
-            outcome.update(status=response.status_code, retry_after=response.headers.get("retry-after"))
-            if response.status_code >= 400:
-                outcome["code"] = (response.json().get("error") or {}).get("code")
-        except Exception as exc:  # a hang (timeout) or a dropped connection: what must never happen
-            outcome.update(status=None, exception=type(exc).__name__)
-        outcome["latency_s"] = time.monotonic() - start
-        with self.lock:
-            self.outcomes.append(outcome)
 
 
 def main() -> None:
@@ -133,12 +102,10 @@ def main() -> None:
     same_processes = {role: pids_before.get(role) == proc.pid for role, proc in procs_after.items()}
     latencies = sorted(o["latency_s"] for o in outcomes if o.get("status") == 200)
     refused = sorted(o["latency_s"] for o in outcomes if o.get("status") in (429, 503))
+    header = report_header("load", ray=ray.__version__, httpx=httpx.__version__)
+    header["machine"]["loadavg_after"] = list(os.getloadavg())
     result = {
-        "benchmark": "load",
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([".venv/bin/python", "bench/load.py", *sys.argv[1:]]),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "loadavg_after": list(os.getloadavg())},
-        "versions": {"python": platform.python_version(), "ray": ray.__version__, "httpx": httpx.__version__},
+        **header,
         "settings": {
             "config": "configs/demo.yaml (local Ray: 2 CPUs, 4 fake GPUs)",
             "request": f"POST /v1/real, sample photo at {options.edge} px long edge, steps=2",

@@ -8,7 +8,8 @@ Qwen-Image-Edit-2511 `transformer/config.json`) with random bf16 weights on the 
 rank-64 adapter on every attention and MLP Linear against reading the transformer's weights from a
 safetensors file of the same size (the dominant cost of reloading the pipeline):
   python bench/lora_swap.py --transformer-config configs/models/qwen-image-edit-2511/transformer.json
-Writes bench/results/lora_swap.json (or --out).
+Writes bench/results/lora_swap.json (or --out), after bench.common's report header (command,
+machine, versions, git state, environment).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import report_header  # noqa: E402
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -38,12 +40,13 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 
 def versions() -> dict[str, str]:
+    """Versions of the libraries on the measured path (the header adds python)."""
     import diffusers
     import peft
     import torch
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "peft": peft.__version__, "numpy": np.__version__}
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
+            "numpy": np.__version__}
 
 
 def demo_profile(repeat: int, cache_dir: Path) -> dict:
@@ -193,21 +196,18 @@ def main() -> None:
 
     import torch
 
-    result = {
-        "benchmark": "lora_swap",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"platform": platform.platform(), "cpu_count": __import__("os").cpu_count(),
-                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-        "versions": versions(),
-    }
+    library_versions = versions()  # first: its imports stay out of the timings
+    measured: dict = {}
     if args.transformer_config:
         if not torch.cuda.is_available():
             raise SystemExit("--transformer-config needs CUDA")
-        result["real_size"] = real_size(args.transformer_config, args.rank, args.repeat)
+        measured["real_size"] = real_size(args.transformer_config, args.rank, args.repeat)
     else:
-        result["demo_profile"] = demo_profile(args.repeat, args.cache_dir)
-        result["real_size"] = "not run: needs CUDA and --transformer-config"
+        measured["demo_profile"] = demo_profile(args.repeat, args.cache_dir)
+        measured["real_size"] = "not run: needs CUDA and --transformer-config"
+    header = report_header("lora_swap", **library_versions)
+    header["machine"]["cuda"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    result = {**header, **measured}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

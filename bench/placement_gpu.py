@@ -1,4 +1,4 @@
-"""GPU check of the placement planner (issue #7): predicted vs measured peak GPU memory per phase.
+"""GPU check of the placement planner: predicted vs measured peak GPU memory per phase.
 
 Where CUDA is available: builds the real-size Qwen-Image-Edit-2511 pipeline from the stored configs
 (deployments/model_configs/, no download; parameters on the meta device, then random bf16 on CPU one
@@ -12,7 +12,8 @@ ones (deployments/tiny.py; byte-level, ids < 270, below the real vocab of 152,06
 encoder's image/vision token ids are set to theirs, and both prompts are padded to --text-tokens
 text-encoder tokens (default: the planner's TEXT_TOKENS budget). Writes
 bench/results/placement_gpu.json (or --out): plan, predicted vs measured per phase and GPU, checks
-(within 10 % of the plan's peak, at most its usable memory), step times, machine, versions, command;
+(within 10 % of the plan's peak, at most its usable memory), step times, and bench.common's report
+header (command, machine with the GPUs, versions, git state, environment);
 exit 1 on out-of-memory (still written). Needs ~60 GB of host RAM, torch, diffusers (carried as a
 wheel to the GPU host), transformers, accelerate; no Ray.
 
@@ -27,12 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +40,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+# bench.common imports only the standard library at module level: no Ray, no httpx needed here
+from bench.common import report_header  # noqa: E402
 from deployments import placement, tiny  # noqa: E402
 from deployments.placement import FP8, GB, PlacementConfig  # noqa: E402
 
@@ -204,23 +204,24 @@ def run(pipe, tracker: Phases, size: int, steps: int, cfg: float, text_tokens: i
             "step_s_median_after_first": round(statistics.median(step_s[1:] or step_s), 3)}
 
 
-def environment(cuda: bool) -> dict:
+def header(cuda: bool) -> dict:
+    """bench.common's report header; memory_gb in GB of 1e9 bytes like every figure here (the
+    header's is in GiB), and on CUDA the GPUs and the NVIDIA driver under machine."""
     import accelerate
     import diffusers
     import transformers
     from torch.utils import collect_env
 
-    machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-               "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB, 1)}
+    out = report_header("placement_gpu", torch=torch.__version__, cuda=torch.version.cuda,
+                        cudnn=torch.backends.cudnn.version() if cuda else None, diffusers=diffusers.__version__,
+                        transformers=transformers.__version__, accelerate=accelerate.__version__)
+    out["machine"]["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB, 1)
     if cuda:
-        machine["gpus"] = [{"name": torch.cuda.get_device_name(i),
-                            "total_memory_gb": round(torch.cuda.get_device_properties(i).total_memory / GB, 2)}
-                           for i in range(torch.cuda.device_count())]
-        machine["driver"] = collect_env.get_nvidia_driver_version(collect_env.run)
-    return {"machine": machine, "versions": {
-        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if cuda else None, "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__, "accelerate": accelerate.__version__}}
+        out["machine"]["gpus"] = [{"name": torch.cuda.get_device_name(i),
+                                   "total_memory_gb": round(torch.cuda.get_device_properties(i).total_memory / GB, 2)}
+                                  for i in range(torch.cuda.device_count())]
+        out["machine"]["driver"] = collect_env.get_nvidia_driver_version(collect_env.run)
+    return out
 
 
 def load(args, plan, memory: float) -> tuple:
@@ -308,9 +309,7 @@ def main() -> int:
         tracker.switch("done")
         say(error)
     measured = {p: [round(v, 3) for v in tracker.peaks[p]] for p in (*PHASES, "between") if p in tracker.peaks}
-    report = {"benchmark": "placement_gpu", "mode": "cuda" if cuda else "tiny (CPU, no memory numbers)",
-              "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "command": shlex.join([os.path.relpath(sys.executable), *sys.argv]), **environment(cuda),
+    report = {**header(cuda), "mode": "cuda" if cuda else "tiny (CPU, no memory numbers)",
               "plan": plan.to_dict(), "predicted_gb": predicted, "prediction_matches_plan": consistent,
               "measured_gb": measured or None, "measured_resident_gb": resident, "placement_peak_gb": place_peak,
               "phase_ratio": {p: [round(m / predicted[p][g], 4) for g, m in enumerate(v)]

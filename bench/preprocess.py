@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from io import BytesIO
 from pathlib import Path
 
@@ -29,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps, features
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import report_header  # noqa: E402
 from deployments.preprocess import Preprocess  # noqa: E402
 from deployments.records import ImageSpec  # noqa: E402
 
@@ -143,16 +140,8 @@ def main() -> None:
         )
 
     report = {
-        "benchmark": "preprocess",
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([os.path.relpath(sys.executable), *sys.argv]),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "processor": platform.processor()},
-        "versions": {
-            "python": platform.python_version(),
-            "pillow": PIL.__version__,
-            "libjpeg_turbo": features.version("libjpeg_turbo"),
-            "numpy": np.__version__,
-        },
+        **report_header("preprocess", pillow=PIL.__version__, libjpeg_turbo=features.version("libjpeg_turbo"),
+                        numpy=np.__version__),
         "repeat": args.repeat,
         "baseline": 'Image.open -> ImageOps.exif_transpose -> convert("RGB") -> resize(size, LANCZOS)',
         "goal": GOAL,

@@ -21,14 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
-import shlex
 import statistics
 import sys
-import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +38,8 @@ import yaml  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.util.state import list_actors  # noqa: E402
 
-from bench.common import closed_loop, cluster_env, local_cluster, open_loop, upload  # noqa: E402
+from bench.common import (Caller, closed_loop, cluster_env, cluster_ip, local_cluster, open_loop,  # noqa: E402
+                          report_header, upload)
 from deployments.real import RealModel  # noqa: E402
 from deployments.records import Generated  # noqa: E402
 from serve_app.app import build_graph  # noqa: E402
@@ -96,48 +93,37 @@ def bench_args(replicas: int, cache_dir: Path) -> dict[str, Any]:
     return args
 
 
-class Load:
-    """Sends requests to the service and records (start, latency, status) of each."""
+class Load(Caller):
+    """Sends requests to the service (`Caller`, 300 s client timeout) and measures a closed and an
+    open loop from their outcomes."""
 
     def __init__(self, url: str, body: bytes) -> None:
-        self.url = url
-        self.body = body
-        self.records: list[tuple[float, float, int]] = []
-        self.lock = threading.Lock()
-        self.local = threading.local()
-
-    def one(self) -> None:
-        client = getattr(self.local, "client", None)
-        if client is None:
-            client = self.local.client = httpx.Client(base_url=self.url, timeout=300)
-        start = time.monotonic()
-        response = client.post("/v1/real", files={"image": ("in.jpg", self.body, "image/jpeg")},
-                               data={"steps": "2", "seed": "1"})
-        with self.lock:
-            self.records.append((start, time.monotonic() - start, response.status_code))
+        super().__init__(url, body, timeout_s=300)
 
     def closed_loop(self, clients: int, duration_s: float) -> dict[str, Any]:
         """`clients` callers each sending back to back; completions per second over the window."""
-        self.records = []
-        elapsed = closed_loop(lambda _sent: self.one(), clients, duration_s)
-        ok = [r for r in self.records if r[2] == 200]
+        self.outcomes = []
+        elapsed = closed_loop(self.one, clients, duration_s)
+        ok = [o for o in self.outcomes if o["status"] == 200]
         return {"clients": clients, "window_s": round(elapsed, 2), "completed": len(ok),
-                "errors": len(self.records) - len(ok), "throughput_rps": len(ok) / elapsed,
-                "latency_ms": summary([r[1] for r in ok])}
+                "errors": len(self.outcomes) - len(ok), "throughput_rps": len(ok) / elapsed,
+                "latency_ms": summary([o["latency_s"] for o in ok])}
 
-    def open_loop(self, rate: float, duration_s: float, poisson: bool, seed: int = 0) -> dict[str, Any]:
-        """Arrivals at `rate` per second (evenly spaced, or Poisson), sent from a pool of 64 threads."""
-        self.records = []
-        rng = random.Random(seed)
+    def open_loop(self, rate: float, duration_s: float, poisson: bool) -> dict[str, Any]:
+        """Arrivals at `rate` per second (evenly spaced, or Poisson with seed 0), sent from a pool of
+        64 threads."""
+        self.outcomes = []
+        rng = random.Random(0)
         arrivals, t = [], 0.0
         while t < duration_s:
             arrivals.append(t)
             t += rng.expovariate(rate) if poisson else 1.0 / rate
-        open_loop(lambda _offset: self.one(), arrivals, max_workers=64)
-        ok = [r for r in self.records if r[2] == 200]
+        open_loop(self.one, arrivals, max_workers=64)
+        ok = [o for o in self.outcomes if o["status"] == 200]
+        statuses = {o["status"] for o in self.outcomes}  # None: no response (timeout, dropped connection)
         return {"rate_rps": rate, "arrivals": "poisson" if poisson else "evenly spaced", "sent": len(arrivals),
-                "completed": len(ok), "statuses": sorted({r[2] for r in self.records}),
-                "latency_ms": summary([r[1] for r in ok])}
+                "completed": len(ok), "statuses": sorted(statuses, key=lambda s: (s is None, s or 0)),
+                "latency_ms": summary([o["latency_s"] for o in ok])}
 
 
 def summary(seconds: list[float]) -> dict[str, float]:
@@ -211,7 +197,7 @@ def main() -> None:
                 steady = {}
                 for poisson in (False, True):
                     run = load.open_loop(0.8 * capacity, options.steady, poisson)
-                    run["samples_ms"] = [round(r[1] * 1000, 1) for r in load.records if r[2] == 200]
+                    run["samples_ms"] = [round(o["latency_s"] * 1000, 1) for o in load.outcomes if o["status"] == 200]
                     steady["poisson" if poisson else "even"] = run
                     print(f"80 % load ({run['arrivals']}): p99 {run['latency_ms'].get('p99')} ms", flush=True)
             serve.delete("imgserve")
@@ -220,16 +206,13 @@ def main() -> None:
             row["efficiency"] = round(row["throughput_rps"] / (row["replicas"] * x1), 3)
             row["throughput_rps"] = round(row["throughput_rps"], 3)
         p99 = steady["even"]["latency_ms"]["p99"]
+        header = report_header("scaling", ray=ray.__version__, httpx=httpx.__version__)
+        header["machine"]["loadavg_after"] = list(os.getloadavg())
         result = {
-            "benchmark": "scaling",
-            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": shlex.join([".venv/bin/python", "bench/scaling.py", *sys.argv[1:]]),
-            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                        "loadavg_after": list(os.getloadavg())},
-            "versions": {"python": platform.python_version(), "ray": ray.__version__, "httpx": httpx.__version__},
+            **header,
             "settings": {
                 "cluster": "cluster/local.sh: head (1 CPU, no GPU) + 2 workers (1 CPU, 2 fake GPUs, rtx4090: 2 each), "
-                           "loopback 127.0.0.2; Serve proxy HeadOnly on 127.0.0.1",
+                           f"loopback {cluster_ip(ENV)}; Serve proxy HeadOnly on 127.0.0.1",
                 "config": "configs/rtx4090-cluster.yaml args; real.placement.gpus=1 (1x24 plan, 1 GPU per replica), "
                           "num_replicas fixed per step, tiny stand-ins elsewhere, CPU shares scaled to 2 cores",
                 "model": f"FixedTimeRealModel: sleeps {SERVICE_TIME_S} s, returns its input",

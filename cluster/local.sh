@@ -10,7 +10,7 @@
 # IMGSERVE_WORKER_GPUS (2), IMGSERVE_WORKER_CPUS (1), IMGSERVE_HEAD_CPUS (1),
 # IMGSERVE_DASHBOARD (1: start the dashboard, which `serve deploy` and Ray's state API need; 0 saves
 # ~0.3 GB), IMGSERVE_DASHBOARD_PORT (8265).
-# Then: RAY_ADDRESS=127.0.0.2:6390 serve deploy configs/rtx4090-cluster.yaml (or serve.run from Python).
+# Then: serve deploy -a http://127.0.0.2:8265 configs/rtx4090-cluster.yaml (the head's dashboard; or serve.run from Python).
 # Token authentication is off (RAY_AUTH_MODE=disabled): every port is on a loopback address.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,18 +30,32 @@ def wait_until(condition: Callable[[], Any], what: str, timeout: float = 180.0, 
         time.sleep(interval)
 
 
+def run_fresh(code: str) -> str:
+    """Run `code` (dedented) in a new interpreter in the repository and return its stripped stdout:
+    for what is process-wide (Pillow's settings, which modules were imported)."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
 def demo_args() -> dict[str, Any]:
     """The `args:` of configs/demo.yaml, as a fresh dict a test may change."""
     config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     return copy.deepcopy(config["applications"][0]["args"])
 
 
-@pytest.fixture(scope="session")
-def sample_photo() -> bytes:
-    path = SAMPLES / "photo_1.jpg"
+def sample_path(name: str) -> Path:
+    """The shared sample photo `name` (../shared/samples); skips the test when it is not there."""
+    path = SAMPLES / name
     if not path.is_file():
         pytest.skip("sample photos (../shared/samples) are not present")
-    return path.read_bytes()
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_photo() -> bytes:
+    return sample_path("photo_1.jpg").read_bytes()
 
 
 @pytest.fixture(scope="session")

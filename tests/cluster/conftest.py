@@ -8,7 +8,6 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 import ray
 import yaml
@@ -17,10 +16,8 @@ from ray import serve
 from bench import common
 from serve_app.app import build_graph
 from tests.conftest import REPO
-from tests.serve.conftest import free_port
+from tests.serve.conftest import Service, free_port
 from tests.serve.gate import GATE_NAME, Gate, GatedRealModel
-
-pytestmark = pytest.mark.cluster
 
 PORT = int(os.environ.get("IMGSERVE_TEST_CLUSTER_PORT", "6391"))
 ENV = common.cluster_env(PORT, dashboard_port=8266, worker_gpus=4)
@@ -66,5 +63,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         gate.open.remote()
         cache = tmp_path_factory.mktemp("imgserve-cluster-cache")
         serve.run(build_graph(cluster_args(cache), real_cls=GatedRealModel), name="imgserve", route_prefix="/")
-        with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=120) as http:
-            yield {"http": http, "gate": gate, "port": http_port}
+        service = Service(http_port)
+        try:
+            yield {"service": service, "gate": gate, "port": http_port}
+        finally:
+            service.http.close()

@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 import ray
 from PIL import Image
@@ -24,20 +23,14 @@ from ray.util.state import list_actors
 
 from tests.cluster.conftest import PORT, local_sh
 from tests.conftest import wait_until
+from tests.serve.conftest import Service, small_png, submit, wait_state
 
 pytestmark = pytest.mark.cluster
 
 
-def small_jpeg(seed: int = 0, size: tuple[int, int] = (96, 64)) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG")
-    return buffer.getvalue()
-
-
-def post_real(http: httpx.Client, seed: int = 0) -> httpx.Response:
-    return http.post("/v1/real", files={"image": ("in.jpg", small_jpeg(seed), "image/jpeg")},
-                     data={"steps": "2", "seed": str(seed)})
+def post_real(service: Service, seed: int = 0) -> httpx.Response:
+    """A 2-step `real` request for a small 96×64 PNG."""
+    return service.post_image(small_png(), {"steps": 2, "seed": seed}, content_type="image/png")
 
 
 def nodes() -> dict[str, dict[str, Any]]:
@@ -64,8 +57,7 @@ def replica_stats(deployment: str) -> dict[str, Any]:
 
 
 def test_cluster_config_deploys_with_gpu_replicas_on_workers_only(cluster) -> None:
-    http = cluster["http"]
-    response = post_real(http)
+    response = post_real(cluster["service"])
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(response.content)).size == (96, 64)
@@ -87,12 +79,12 @@ def test_cluster_config_deploys_with_gpu_replicas_on_workers_only(cluster) -> No
 
 
 def test_real_scales_out_under_a_burst_and_back_in_when_idle(cluster) -> None:
-    http, gate = cluster["http"], cluster["gate"]
+    service, gate = cluster["service"], cluster["gate"]
     assert running("RealModel") == 1
     ray.get(gate.close.remote())
     with ThreadPoolExecutor(4) as pool:
         try:
-            futures = [pool.submit(post_real, http, seed) for seed in range(4)]
+            futures = [pool.submit(post_real, service, seed) for seed in range(4)]
             # held requests count as ongoing: 4 against target_ongoing_requests 1, max_replicas 2
             wait_until(lambda: running("RealModel") == 2, "a second RealModel replica")
         finally:
@@ -106,7 +98,7 @@ def test_real_scales_out_under_a_burst_and_back_in_when_idle(cluster) -> None:
 
 
 def test_losing_a_worker_mid_traffic(cluster) -> None:
-    http, gate = cluster["http"], cluster["gate"]
+    service, gate = cluster["service"], cluster["gate"]
     real_node = replica_stats("RealModel")["node_id"]
     worker = nodes()[real_node]["NodeManagerPort"] - PORT - 10  # local.sh numbers node ports this way
     results: list[httpx.Response | Exception] = []
@@ -116,15 +108,14 @@ def test_losing_a_worker_mid_traffic(cluster) -> None:
         seed = 100
         while not stop.is_set():
             try:
-                results.append(post_real(http, seed))
+                results.append(post_real(service, seed))
             except httpx.HTTPError as error:  # a hang or a dropped connection would land here
                 results.append(error)
             seed += 1
 
     # a job is held inside the model on the doomed node when the node goes, with traffic around it
     ray.get(gate.close.remote())
-    job = http.post("/v1/jobs", files={"image": ("in.jpg", small_jpeg(5), "image/jpeg")},
-                    data={"task": "real", "steps": "2", "seed": "5"})
+    job = submit(service, {"steps": 2, "seed": 5})
     assert job.status_code == 202, job.text
     job_id = job.json()["id"]
     threads = [threading.Thread(target=traffic) for _ in range(2)]
@@ -137,7 +128,7 @@ def test_losing_a_worker_mid_traffic(cluster) -> None:
         ray.get(gate.open.remote())
     # the service keeps answering, and a replica comes back on the remaining capacity
     wait_until(lambda: real_node not in nodes(), "the cluster to notice the lost node", timeout=120)
-    wait_until(lambda: post_real(http, 7).status_code == 200, "a request to succeed after the loss", timeout=180)
+    wait_until(lambda: post_real(service, 7).status_code == 200, "a request to succeed after the loss", timeout=180)
     stop.set()
     for thread in threads:
         thread.join(timeout=180)
@@ -153,8 +144,7 @@ def test_losing_a_worker_mid_traffic(cluster) -> None:
         ), (response.status_code, response.text[:300])
     assert any(response.status_code == 200 for response in results)
     # the job lost its replica with the node, was retried on the new one, and succeeded
-    final = wait_until(lambda: (lambda status: status if status["state"] in ("succeeded", "failed") else None)(
-        http.get(f"/v1/jobs/{job_id}").json()), "the job to finish")
+    final = wait_state(service, job_id, "succeeded", "failed")
     assert final["state"] == "succeeded", final
-    result = http.get(f"/v1/jobs/{job_id}/result")
+    result = service.http.get(f"/v1/jobs/{job_id}/result")
     assert result.status_code == 200 and Image.open(io.BytesIO(result.content)).size == (96, 64)

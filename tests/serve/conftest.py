@@ -16,6 +16,7 @@ from ray import serve
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
 from serve_app.app import build_app, build_graph
+from tests.conftest import wait_until
 from tests.hostile import encode
 
 _HERE = Path(__file__).resolve().parent
@@ -60,10 +61,13 @@ class Service:
         self.http = httpx.Client(base_url=self.url, timeout=120)
 
     def post_image(self, data: bytes, fields: dict[str, Any] | None = None, task: str = "real",
-                   filename: str = "input.jpg", content_type: str = "image/jpeg") -> httpx.Response:
+                   filename: str = "input.jpg", content_type: str = "image/jpeg",
+                   headers: dict[str, str] | None = None) -> httpx.Response:
+        """A multipart upload of `data` as `image` with `fields` to `/v1/{task}` (`task` "jobs":
+        a job submission; then `fields` names the task)."""
         return self.http.post(
             f"/v1/{task}", files={"image": (filename, data, content_type)},
-            data={k: str(v) for k, v in (fields or {}).items()},
+            data={k: str(v) for k, v in (fields or {}).items()}, headers=headers,
         )
 
     def model_stats(self) -> dict[str, Any]:
@@ -92,6 +96,24 @@ def run_service(port: int, args: dict[str, Any], logging_config: dict[str, Any] 
 def small_png(size: tuple[int, int] = (96, 64), color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
     """A small one-colour PNG: the upload of every test that needs just some image."""
     return encode(Image.new("RGB", size, color), "PNG")
+
+
+def submit(service: Service, fields: dict[str, Any], task: str = "real", image: bytes | None = None,
+           headers: dict[str, str] | None = None) -> httpx.Response:
+    """Submit a `task` job for `image` (a small PNG by default) with `fields`."""
+    return service.post_image(image or small_png(), {"task": task, **fields}, task="jobs", filename="a.png",
+                              content_type="image/png", headers=headers)
+
+
+def job_status(service: Service, job_id: str) -> dict[str, Any]:
+    response = service.http.get(f"/v1/jobs/{job_id}")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_state(service: Service, job_id: str, *states: str) -> dict[str, Any]:
+    """Poll the job until its state is one of `states`; its status then."""
+    return wait_until(lambda: (s := job_status(service, job_id))["state"] in states and s, f"{job_id} to be {states}")
 
 
 def assert_error(response: httpx.Response, status: int, code: str, field: str | None = None) -> dict:

@@ -17,9 +17,13 @@ GATE_NAME = "imgserve-test-gate"
 
 @ray.remote(num_cpus=0)
 class Gate:
+    """While closed, every `wait` blocks until `open`. `close(step)` also names the denoising step
+    after which a step-aware model (tests/web/hold.py) waits; plain gated models wait on entry."""
+
     def __init__(self) -> None:
         self.event = asyncio.Event()
         self.waiting = 0
+        self.step: int | None = None
 
     async def wait(self) -> None:
         self.waiting += 1
@@ -28,12 +32,16 @@ class Gate:
     def count(self) -> int:
         return self.waiting
 
+    def at_step(self) -> int | None:
+        return self.step
+
     def open(self) -> None:
         self.event.set()
 
-    def close(self) -> None:
+    def close(self, step: int | None = None) -> None:
         self.event = asyncio.Event()
         self.waiting = 0
+        self.step = step
 
 
 class GatedRealModel(RealModel):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from tests.conftest import SAMPLES, demo_args
+from tests.conftest import demo_args, sample_path
 from tests.serve.conftest import Service, assert_error, run_service, small_png
 
 MAX_LONG_EDGE = 384
@@ -27,10 +27,7 @@ def service(ray_cluster: int, model_cache) -> Iterator[Service]:
 
 @pytest.mark.parametrize("name", ["photo_1.jpg", "photo_2.jpg", "photo_3.jpg"])
 def test_sample_photos_come_back_stylised_at_their_size(service: Service, name: str) -> None:
-    path = SAMPLES / name
-    if not path.is_file():
-        pytest.skip("sample photos are not present")
-    data = path.read_bytes()
+    data = sample_path(name).read_bytes()
     upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
     scale = MAX_LONG_EDGE / max(upright.size)
     expected = (round(upright.width * scale), round(upright.height * scale))

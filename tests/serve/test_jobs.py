@@ -10,10 +10,9 @@ import pytest
 import ray
 
 from tests.conftest import demo_args, wait_until
-from tests.serve.conftest import Service, run_service, small_png
+from tests.serve.conftest import Service, job_status, run_service, small_png, submit, wait_state
 from tests.serve.gate import GATE_NAME, Gate, GatedRealModel
 
-DEADLINE_S = 180
 STEPS = 3
 
 
@@ -28,22 +27,6 @@ def jobs(ray_cluster: int, model_cache, tmp_path_factory) -> Iterator[tuple[Serv
     for service in run_service(ray_cluster, args, real_cls=GatedRealModel):
         yield service, gate
     ray.kill(gate)
-
-
-def submit(service: Service, fields: dict, task: str = "real", image: bytes | None = None):
-    return service.http.post("/v1/jobs", files={"image": ("a.png", image or small_png(), "image/png")},
-                             data={"task": task, **{k: str(v) for k, v in fields.items()}})
-
-
-def status(service: Service, job_id: str) -> dict:
-    response = service.http.get(f"/v1/jobs/{job_id}")
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-
-def wait_state(service: Service, job_id: str, *states: str) -> dict:
-    return wait_until(lambda: (s := status(service, job_id))["state"] in states and s, f"{job_id} to be {states}")
 
 
 def events(service: Service, job_id: str) -> list[dict]:
@@ -72,7 +55,7 @@ def test_real_job_events_result_and_sync_equality(jobs) -> None:
     running = [(stage, step) for state, stage, step in stages if state == "running"]
     assert [s for s, _ in running if s != "denoise"] == ["queued", "preprocess", "encode_prompt", "decode", "postprocess"]
     assert [step for s, step in running if s == "denoise"] == list(range(1, STEPS + 1))
-    final = status(service, job_id)
+    final = job_status(service, job_id)
     assert final["state"] == "succeeded" and final["finished_at"] >= final["created_at"]
     result = service.http.get(f"/v1/jobs/{job_id}/result")
     assert result.status_code == 200 and result.headers["x-imgserve-lora"] == "v2511-0801"
@@ -108,16 +91,16 @@ def test_queue_positions_admission_and_cancel_while_queued_and_running(jobs) -> 
     wait_until(lambda: ray.get(gate.count.remote()) >= 1, "the first job to reach the model")
     second = submit(service, {"steps": STEPS, "seed": 2}).json()["id"]
     third = submit(service, {"steps": STEPS, "seed": 3}).json()["id"]
-    assert status(service, first)["state"] == "running" and status(service, first)["queue_position"] is None
-    assert status(service, second)["queue_position"] == 0
-    assert status(service, third)["queue_position"] == 1
+    assert job_status(service, first)["state"] == "running" and job_status(service, first)["queue_position"] is None
+    assert job_status(service, second)["queue_position"] == 0
+    assert job_status(service, third)["queue_position"] == 1
     # admission: the queue holds 2; the next submission is refused, nothing accepted is dropped
     refused = submit(service, {"steps": STEPS, "seed": 4})
     assert refused.status_code == 503 and refused.headers["retry-after"]
     assert refused.json()["error"]["code"] == "queue_full"
     # cancel while queued: immediately
     assert service.http.delete(f"/v1/jobs/{second}").json()["state"] == "cancelled"
-    assert status(service, third)["queue_position"] == 0
+    assert job_status(service, third)["queue_position"] == 0
     # cancel while running: stops at the next denoising step, and the next job starts
     service.http.delete(f"/v1/jobs/{first}")
     gate.open.remote()

@@ -16,7 +16,7 @@ from ray import serve
 from deployments.lora import TINY_VERSIONS
 from deployments.preprocess import Preprocess
 from deployments.real import RealModel, RealModelConfig, RealParams
-from tests.conftest import demo_args
+from tests.conftest import demo_args, wait_until
 from tests.serve.conftest import Service, run_service, small_png
 from tests.serve.gate import GATE_NAME, Gate, GatedRealModel
 
@@ -131,12 +131,12 @@ def test_a_burst_for_one_version_is_served_by_both_replicas(routed) -> None:
     image = small_png((64, 64))
     with ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(post, service, image, C, i) for i in range(6)]
-        deadline = time.monotonic() + DEADLINE_S
-        # both replicas hold a request of the burst at the gate: the hot version was not pinned
-        while ray.get(gate.count.remote()) < 2:
-            assert time.monotonic() < deadline, "the burst never reached the second replica"
-            time.sleep(0.05)
-        gate.open.remote()
+        try:
+            # both replicas hold a request of the burst at the gate: the hot version was not pinned
+            wait_until(lambda: ray.get(gate.count.remote()) >= 2, "the burst to reach the second replica",
+                       timeout=DEADLINE_S)
+        finally:
+            gate.open.remote()
         responses = [f.result(timeout=DEADLINE_S) for f in futures]
     assert {r.headers["x-imgserve-lora"] for r in responses} == {C}
     assert len({r.headers["x-imgserve-replica"] for r in responses}) == 2

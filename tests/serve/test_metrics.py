@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import urllib.request
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -20,7 +19,7 @@ from deployments import metrics
 from deployments.lora import TINY_VERSIONS
 from tests.conftest import REPO, demo_args, wait_until
 from tests.serve import conftest as serve_conftest
-from tests.serve.conftest import Service, run_service, small_png
+from tests.serve.conftest import Service, run_service, small_png, submit, wait_state
 from tests.serve.gate import GATE_NAME, Gate, GatedRealModel
 from tests.unit.test_dashboard import dashboard_metric_names
 
@@ -111,37 +110,43 @@ def send_traffic(service: Service, gate) -> dict[str, float]:
     assert layers.status_code == 200, layers.text
     assert post({"steps": 0}).status_code == 422
     assert post({}, task="sketch").status_code == 404
-    job = service.http.post("/v1/jobs", files={"image": ("a.png", image, "image/png")}, data={"task": "anime"})
+    job = submit(service, {}, task="anime", image=image)
     assert job.status_code == 202, job.text
-    wait_until(lambda: service.http.get(f"/v1/jobs/{job.json()['id']}").json()["state"] == "succeeded",
-               "the job to succeed")
+    wait_state(service, job.json()["id"], "succeeded")
     return {"refused": len(refused), "real_ok": accepted + 4}
+
+
+def shows_all_traffic(result: Scrape) -> bool:
+    """Each process's last record of the module's traffic is in `result` (a process reports all its
+    metrics at once)."""
+    return (result.total("ray_imgserve_requests_total", api="jobs", status="202") >= 1  # Ingress
+            and result.total("ray_imgserve_stage_seconds_count", task="anime", stage="preprocess") >= 2
+            and result.total("ray_imgserve_stage_seconds_count", task="anime", stage="postprocess") >= 2
+            and result.total("ray_imgserve_stage_seconds_count", task="anime", stage="stylize") >= 2
+            and result.total("ray_imgserve_stage_seconds_count", task="layers", stage="decode") >= 1
+            and result.total("ray_imgserve_lora_events_total", event="evict") >= 1  # RealModel
+            and result.total("ray_imgserve_jobs_finished_total") >= 1  # JobRunner
+            # the queue gauges, present and back to empty (the dispatcher refreshes them every second)
+            and "ray_imgserve_jobs_queued" in result.samples and "ray_imgserve_jobs_running" in result.samples
+            and result.total("ray_imgserve_jobs_queued") == result.total("ray_imgserve_jobs_running") == 0
+            and "ray_serve_num_http_requests_total" in result.samples)
 
 
 @pytest.fixture(scope="module")
 def scraped(traffic) -> Scrape:
     """The first scrape that shows all of the module's traffic (Ray flushes every few seconds)."""
-    _, expected = traffic
     replicas = app_replicas()
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
-        result = Scrape(scrape(), replicas)
-        # each process's last record of the traffic (a process reports all its metrics at once)
-        if (result.total("ray_imgserve_requests_total", api="jobs", status="202") >= 1  # Ingress
-                and result.total("ray_imgserve_stage_seconds_count", task="anime", stage="preprocess") >= 2
-                and result.total("ray_imgserve_stage_seconds_count", task="anime", stage="postprocess") >= 2
-                and result.total("ray_imgserve_stage_seconds_count", task="anime", stage="stylize") >= 2
-                and result.total("ray_imgserve_stage_seconds_count", task="layers", stage="decode") >= 1
-                and result.total("ray_imgserve_lora_events_total", event="evict") >= 1  # RealModel
-                and result.total("ray_imgserve_jobs_finished_total") >= 1  # JobRunner
-                # the queue gauges, present and back to empty (the dispatcher refreshes them every second)
-                and "ray_imgserve_jobs_queued" in result.samples and "ray_imgserve_jobs_running" in result.samples
-                and result.total("ray_imgserve_jobs_queued") == result.total("ray_imgserve_jobs_running") == 0
-                and "ray_serve_num_http_requests_total" in result.samples):
-            break
-        assert time.monotonic() < deadline, "the metrics did not appear:\n" + "\n".join(
-            line for line in result.text.splitlines() if "imgserve" in line)
-        time.sleep(1)
+    last: list[Scrape] = []
+
+    def complete() -> Scrape | None:
+        last[:] = [Scrape(scrape(), replicas)]
+        return last[0] if shows_all_traffic(last[0]) else None
+
+    try:
+        result = wait_until(complete, "the metrics of the module's traffic", timeout=DEADLINE_S, interval=1.0)
+    except AssertionError as error:  # with what the last scrape did show
+        raise AssertionError(f"{error}; the imgserve lines of the last scrape:\n" + "\n".join(
+            line for shown in last for line in shown.text.splitlines() if "imgserve" in line)) from None
     dump = os.environ.get("IMGSERVE_METRICS_DUMP")
     if dump:
         Path(dump).write_text(result.text)

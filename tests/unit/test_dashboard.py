@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from deployments import metrics
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "cluster" / "grafana-dashboard.json"
 _SERIES = re.compile(r"\b(ray_[A-Za-z0-9_]+)")
 _SUFFIXES = ("", "_total", "_bucket", "_sum", "_count")

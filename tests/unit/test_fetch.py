@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from serve_app import cli, fetch
+from tests.conftest import REPO
 
 COMMIT = "a" * 40
 
@@ -105,7 +106,7 @@ def test_bad_manifests_are_refused_before_anything_is_written(tmp_path: Path, fa
 
 
 def test_the_shipped_manifest_loads_and_fetches_only_safe_patterns() -> None:
-    entries = fetch.load_manifest(Path(__file__).resolve().parents[2] / "models.yaml")
+    entries = fetch.load_manifest(REPO / "models.yaml")
     assert {entry.repo for entry in entries} == {"Qwen/Qwen-Image-Edit-2511", "Qwen/Qwen-Image-Layered"}
     for entry in entries:
         assert not any(pattern.endswith(fetch.PICKLE_SUFFIXES) for pattern in entry.include)

@@ -3,22 +3,12 @@ bounded, and invisible in the results (same bytes as with Pillow's defaults)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 from deployments import imagememory
+from tests.conftest import run_fresh
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def run_fresh(code: str) -> str:
-    """Run `code` in a new interpreter: Pillow's settings are process-wide and start at its defaults."""
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout.strip()
+# Pillow's settings are process-wide and start at its defaults: each check runs in a new interpreter.
 
 
 def test_constructing_a_cpu_stage_keeps_freed_blocks_within_the_bound() -> None:

@@ -5,8 +5,6 @@ nothing recorded for a failed stage, and plain use without Ray neither imports R
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from io import BytesIO
 
 import numpy as np
@@ -21,7 +19,7 @@ from deployments.lora import TINY_VERSIONS
 from deployments.postprocess import Postprocess
 from deployments.preprocess import Preprocess
 from deployments.real import RealModel, RealModelConfig, RealParams
-from tests.conftest import REPO
+from tests.conftest import run_fresh
 
 A, B, C = TINY_VERSIONS
 DIFFUSION_STAGES = {"encode_prompt", "encode_image", "denoise", "decode"}
@@ -64,9 +62,7 @@ def test_without_ray_recording_is_a_no_op_that_never_imports_ray() -> None:
         "assert seen[0] == ('imgserve_requests', 1.0, {'task': 'real', 'status': '200', 'api': 'sync'}), seen\n"
         "print(len(seen))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "3"
+    assert run_fresh(code) == "3"
 
 
 def test_exported_names_follow_rays_prefix_and_suffixes() -> None:

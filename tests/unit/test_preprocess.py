@@ -6,7 +6,6 @@ import random
 import struct
 import zlib
 from io import BytesIO
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +15,8 @@ from pydantic import ValidationError
 from deployments.errors import BadImage, ImgserveError, TooLarge, UnsupportedFormat
 from deployments.preprocess import Preprocess, PreprocessConfig
 from deployments.records import ImageSpec
+from tests.conftest import sample_path
 
-SAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "samples"
 RGB = ImageSpec(multiple=1)
 RGBA = ImageSpec(multiple=1, alpha=True)
 
@@ -379,10 +378,7 @@ def test_unknown_config_keys_are_rejected():
 
 @pytest.mark.parametrize("name", ["photo_1.jpg", "photo_2.jpg", "photo_3.jpg"])
 def test_sample_photo_comes_out_at_1024_correctly_oriented(pre, name):
-    path = SAMPLES / name
-    if not path.exists():
-        pytest.skip(f"{path} not present")
-    data = path.read_bytes()
+    data = sample_path(name).read_bytes()
     raw = Image.open(BytesIO(data))
     rotated = raw.getexif().get(0x0112, 1) in (5, 6, 7, 8)
     out = pre.prepare(data, ImageSpec(multiple=16))

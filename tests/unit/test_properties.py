@@ -14,8 +14,6 @@ the file runs in well under a minute.
 from __future__ import annotations
 
 import math
-import struct
-import zlib
 from io import BytesIO
 from typing import Any
 from urllib.parse import urlencode
@@ -35,6 +33,7 @@ from serve_app.config import AppConfig
 from serve_app.forms import parse_query
 from serve_app.pipeline import TASKS, Pipeline
 from tests.conftest import demo_args
+from tests.hostile import png_from_rows
 
 
 def examples(count: int) -> settings:
@@ -173,11 +172,7 @@ def test_mangled_images_raise_only_the_documented_image_errors(upload, edits, cu
 @given(width=st.integers(1, 2**31 - 1), height=st.integers(1, 2**31 - 1))
 def test_any_header_size_over_the_pixel_limit_is_too_large_before_decoding(width: int, height: int) -> None:
     assume(width * height > 1_000_000)
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    data = png_from_rows(width, height, 8, 2, b"\0" * 64)  # 8-bit RGB header over a tiny body
     with pytest.raises(TooLarge):
         Preprocess(PreprocessConfig(max_pixels=1_000_000)).prepare(data)
 

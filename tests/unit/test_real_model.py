@@ -79,43 +79,57 @@ def test_resolve_fills_defaults_and_a_seed() -> None:
     assert 0 <= resolved.seed < 2**32
 
 
-class Steps:
-    """A progress sink that records the steps it hears; the first one lasts until `hold_until`."""
+class Clock:
+    """Stands in for the `time` module that `deployments.records.Deadline` reads (`time.time()`):
+    the deadline passes exactly when a test says, whatever the machine's speed."""
 
-    def __init__(self, hold_until: float = 0.0) -> None:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+
+class Steps:
+    """A progress sink that records the steps it hears; `during_first` runs while step 1 is reported."""
+
+    def __init__(self, during_first=None) -> None:
         self.steps: list[int] = []
-        self.hold_until = hold_until
+        self.during_first = during_first
 
     def stage(self, name: str) -> None:
         pass
 
     def step(self, step: int, total: int) -> bool:
-        import time
-
         self.steps.append(step)
-        while step == 1 and time.time() <= self.hold_until:
-            time.sleep(0.05)
+        if step == 1 and self.during_first is not None:
+            self.during_first()
         return False
 
 
-def test_a_deadline_stops_generation_at_the_next_step_and_is_recorded(model: RealModel) -> None:
-    import time
-
+def test_a_deadline_stops_generation_at_the_next_step_and_is_recorded(model: RealModel, monkeypatch) -> None:
+    from deployments import records
     from deployments.errors import TimedOut
     from deployments.records import Deadline
 
+    clock = Clock()
+    monkeypatch.setattr(records, "time", clock)
     # the deadline passes during step 1: the boundary after it raises, the other 5 never run
-    until = time.time() + 1.0
-    heard = Steps(hold_until=until)
+    until = clock.now + 1.0
+
+    def pass_the_deadline() -> None:
+        clock.now = until + 1.0
+
+    heard = Steps(during_first=pass_the_deadline)
     with pytest.raises(TimedOut, match="after step 1 of 6"):
         model.generate(prepared(), RealParams(steps=6, seed=1), Deadline(until=until, limit_s=1.0, inner=heard))
     assert heard.steps == [1]  # the inner progress still heard the step that ran
     with pytest.raises(TimedOut, match="before encode_prompt"):  # already late: nothing runs
-        model.generate(prepared(), RealParams(steps=6, seed=1), Deadline(until=time.time() - 1, limit_s=1.0))
+        model.generate(prepared(), RealParams(steps=6, seed=1), Deadline(until=clock.now - 1, limit_s=1.0))
     assert model.stats()["last_stop"]["reason"] == "timeout"
     # a deadline in the future changes nothing: same bytes as without one
     plain = model.generate(prepared(), RealParams(steps=2, seed=3))
-    timed = model.generate(prepared(), RealParams(steps=2, seed=3), Deadline(time.time() + 600, 600))
+    timed = model.generate(prepared(), RealParams(steps=2, seed=3), Deadline(clock.now + 600, 600))
     assert np.array_equal(plain.array, timed.array)
 
 

@@ -20,7 +20,8 @@ from ray import serve
 
 from tests.conftest import REPO, demo_args
 from tests.serve.conftest import Service, free_port, run_service
-from tests.web.hold import HOLD_NAME, HOLD_NAMESPACE, HeldRealModel, StepHold
+from tests.serve.gate import Gate
+from tests.web.hold import HOLD_NAME, HOLD_NAMESPACE, HeldRealModel
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -61,7 +62,7 @@ def serve_port() -> int | None:
 
 @pytest.fixture(scope="package")
 def hold(web_cluster: int) -> Iterator[object]:
-    actor = StepHold.options(name=HOLD_NAME, namespace=HOLD_NAMESPACE).remote()
+    actor = Gate.options(name=HOLD_NAME, namespace=HOLD_NAMESPACE).remote()
     yield actor
     ray.kill(actor)
 

@@ -1,12 +1,11 @@
 """A signal for the page tests: hold a `real` job right after a chosen denoising step.
 
 The page then shows "step i/N" for as long as the test needs (a screenshot, a second job waiting
-in the queue, a third refused) without sleeps tuned to this machine; `release` lets it finish.
+in the queue, a third refused) without sleeps tuned to this machine. The test closes the shared
+test `Gate` at a step (`close(step)`) and opens it to let the job finish.
 """
 
 from __future__ import annotations
-
-import asyncio
 
 import ray
 
@@ -16,36 +15,11 @@ HOLD_NAME = "imgserve-web-hold"
 HOLD_NAMESPACE = "imgserve-tests"
 
 
-@ray.remote(num_cpus=0)
-class StepHold:
-    def __init__(self) -> None:
-        self.step: int | None = None
-        self.event = asyncio.Event()
-        self.held = 0
-
-    def hold_at(self, step: int) -> None:
-        self.step, self.event, self.held = step, asyncio.Event(), 0
-
-    def target(self) -> int | None:
-        return self.step
-
-    async def wait(self) -> None:
-        self.held += 1
-        await self.event.wait()
-
-    def holding(self) -> int:
-        return self.held
-
-    def release(self) -> None:
-        self.step = None
-        self.event.set()
-
-
 class _Holding:
-    """A job's progress sink that waits on the hold after reporting step `at`."""
+    """A job's progress sink that waits on the gate after reporting step `at`."""
 
-    def __init__(self, progress, hold, at: int) -> None:
-        self.progress, self.hold, self.at = progress, hold, at
+    def __init__(self, progress, gate, at: int) -> None:
+        self.progress, self.gate, self.at = progress, gate, at
 
     def stage(self, name: str) -> None:
         self.progress.stage(name)
@@ -53,17 +27,17 @@ class _Holding:
     def step(self, step: int, total: int) -> bool:
         stop = self.progress.step(step, total)
         if step == self.at:
-            ray.get(self.hold.wait.remote())
+            ray.get(self.gate.wait.remote())
         return stop
 
 
 class HeldRealModel(RealModel):
-    """RealModel whose jobs stop after the hold's step until the test releases them."""
+    """RealModel whose jobs stop after the gate's step while the gate is closed."""
 
     def generate(self, prepared, params, progress=None):
         if progress is not None:
-            hold = ray.get_actor(HOLD_NAME, namespace=HOLD_NAMESPACE)
-            at = ray.get(hold.target.remote())
+            gate = ray.get_actor(HOLD_NAME, namespace=HOLD_NAMESPACE)
+            at = ray.get(gate.at_step.remote())
             if at is not None:
-                progress = _Holding(progress, hold, at)
+                progress = _Holding(progress, gate, at)
         return super().generate(prepared, params, progress)

@@ -17,7 +17,7 @@ import pytest
 import ray
 from PIL import Image
 
-from tests.conftest import SAMPLES
+from tests.conftest import sample_path
 
 pytestmark = [pytest.mark.serve, pytest.mark.browser]
 
@@ -31,13 +31,6 @@ WATCH_PROGRESS = """() => {
   new MutationObserver(() => window.seen.states.push(state.textContent))
     .observe(state, {childList: true, characterData: true, subtree: true});
 }"""
-
-
-def sample(name: str) -> Path:
-    path = SAMPLES / name
-    if not path.is_file():
-        pytest.skip("sample photos (../shared/samples) are not present")
-    return path
 
 
 def natural_size(page, selector: str) -> tuple[int, int]:
@@ -98,7 +91,7 @@ def shot(page, screenshots: Path, name: str, selector: str | None = None) -> Non
 def test_anime_shows_sizes_progress_and_the_result(page, web_service, screenshots) -> None:
     open_page(page)
     models = web_service.http.get("/v1/models").json()
-    choose_image(page, sample("photo_1.jpg"))
+    choose_image(page, sample_path("photo_1.jpg"))
     # the upload and the size it will be processed at (long edge capped, aspect kept)
     assert natural_size(page, "#preview") == (1280, 853)
     info = page.text_content("#image-info")
@@ -138,7 +131,7 @@ def test_anime_shows_sizes_progress_and_the_result(page, web_service, screenshot
 def test_real_progress_queue_cancel_and_the_chosen_version(context, web_service, hold, screenshots) -> None:
     models = web_service.http.get("/v1/models").json()
     lora = models["tasks"]["real"]["lora"]
-    ray.get(hold.hold_at.remote(2))  # the first job stops after denoising step 2 until released
+    ray.get(hold.close.remote(2))  # the first job stops after denoising step 2 until opened
     try:
         first = open_page(context.new_page())
         # the form offers the versions in numeric order with the default preselected, and the defaults
@@ -147,7 +140,7 @@ def test_real_progress_queue_cancel_and_the_chosen_version(context, web_service,
         assert first.input_value("#real-lora") == lora["default"] == "v2511-0823"
         assert first.input_value("#real-prompt") == models["tasks"]["real"]["defaults"]["prompt"]
         assert first.is_hidden("#steps")  # folded away
-        choose_image(first, sample("photo_2.jpg"))
+        choose_image(first, sample_path("photo_2.jpg"))
         first.select_option("#real-lora", "v2511-0801")
         advanced(first)
         assert first.input_value("#steps") == str(models["tasks"]["real"]["defaults"]["steps"])
@@ -164,7 +157,7 @@ def test_real_progress_queue_cancel_and_the_chosen_version(context, web_service,
 
         # a second job waits in the queue and shows its position; it can be cancelled there
         second = open_page(context.new_page())
-        choose_image(second, sample("photo_3.jpg"))
+        choose_image(second, sample_path("photo_3.jpg"))
         advanced(second, steps=2)
         second.click("#submit")
         second.wait_for_function("document.getElementById('progress').dataset.state === 'queued'")
@@ -173,7 +166,7 @@ def test_real_progress_queue_cancel_and_the_chosen_version(context, web_service,
 
         # the queue holds one job: a third is refused with a sentence, not JSON
         third = open_page(context.new_page())
-        choose_image(third, sample("photo_3.jpg"))
+        choose_image(third, sample_path("photo_3.jpg"))
         third.click("#submit")
         third.wait_for_selector("#error:not([hidden])")
         assert third.text_content("#error-title") == "The service is busy"
@@ -188,7 +181,7 @@ def test_real_progress_queue_cancel_and_the_chosen_version(context, web_service,
         assert second.text_content("#progress-state") == "Cancelled"
         assert second.is_hidden("#cancel") and second.is_hidden("#result") and second.is_hidden("#error")
     finally:
-        ray.get(hold.release.remote())
+        ray.get(hold.open.remote())
 
     wait_for_result(first)
     assert first.text_content("#progress-state") == "Done"
@@ -208,7 +201,7 @@ def test_layers_show_tiles_and_download_zip_and_psd(page, web_service, screensho
     from psd_tools import PSDImage
 
     open_page(page)
-    choose_image(page, sample("photo_1.jpg"))
+    choose_image(page, sample_path("photo_1.jpg"))
     page.check('input[name="task"][value="layers"]')
     layers = web_service.http.get("/v1/models").json()["tasks"]["layers"]
     assert page.input_value("#layers-count") == str(layers["default_layers"])
@@ -268,7 +261,7 @@ def test_errors_are_sentences(page, tmp_path, screenshots) -> None:
     shot(page, screenshots, "error-bad-file")
 
     # a version that is not (or no longer) on the service: the field is named and marked
-    choose_image(page, sample("photo_3.jpg"))
+    choose_image(page, sample_path("photo_3.jpg"))
     assert page.is_hidden("#error")
     page.eval_on_selector("#real-lora", "s => s.add(new Option('v2511-9999', 'v2511-9999', true, true))")
     page.click("#submit")

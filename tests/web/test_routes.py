@@ -11,7 +11,7 @@ from importlib import resources
 import pytest
 
 from tests.conftest import REPO
-from tests.serve.conftest import Service
+from tests.serve.conftest import Service, assert_error
 
 pytestmark = pytest.mark.serve
 
@@ -38,9 +38,7 @@ def test_root_is_the_page_and_assets_have_their_content_types(web_service: Servi
 
 def test_only_the_page_files_are_served(web_service: Service) -> None:
     for path in ("/web/ingress.py", "/web/..%2Fingress.py", "/web/", "/web/index.htm"):
-        response = web_service.http.get(path)
-        assert response.status_code == 404, path
-        assert response.json()["error"]["code"] == "not_found"
+        assert_error(web_service.http.get(path), 404, "not_found")
     # the API's own document stays about the API
     paths = web_service.http.get("/openapi.json").json()["paths"]
     assert "/" not in paths and "/web/{name}" not in paths
