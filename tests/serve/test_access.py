@@ -203,13 +203,10 @@ def _serve_logs() -> Path:
     return Path(ray._private.worker._global_node.get_logs_dir_path())
 
 
-def _request_line(logs: Path, request_id: str) -> dict | None:
-    """The ingress's JSON `http_request` line for `request_id`, once it is in the replica's log."""
-    for path in (logs / "serve").glob("replica_imgserve_Ingress_*.log"):
-        for line in path.read_text(errors="replace").splitlines():
-            if request_id in line and '"http_request"' in line:
-                return json.loads(line)
-    return None
+def _ingress_lines(logs: Path, request_id: str) -> list[dict]:
+    """The ingress replica's JSON log lines that mention `request_id`, as written so far."""
+    return [json.loads(line) for path in (logs / "serve").glob("replica_imgserve_Ingress_*.log")
+            for line in path.read_text(errors="replace").splitlines() if request_id in line]
 
 
 def _logged_under(logs: Path, request_id: str, deployments: set[str]) -> set[str]:
@@ -223,15 +220,20 @@ def test_ingress_logs_are_json_lines_with_request_ids_and_key_ids_never_keys(ser
     own = f"log-check-{secrets.token_hex(4)}"
     assert service.http.get("/v1/models", headers={**bearer("auth"), "X-Request-Id": own}).status_code == 200
     logs = _serve_logs()
-    record = wait_until(lambda: _request_line(logs, own),
-                        "a JSON request line for the request id in the ingress replica's log", interval=0.5)
+    # this service's request line and Serve's own access line, both written after the response
+    def both_lines() -> list[dict] | None:
+        found = _ingress_lines(logs, own)
+        return found if len(found) >= 2 else None
+
+    lines = wait_until(both_lines, "two JSON lines for the request id in the ingress replica's log", interval=0.5)
+    records = [line for line in lines if line.get("event") == "http_request"]
+    assert len(records) == 1, lines
+    record = records[0]
     assert record["request_id"] == own and record["status"] == 200 and record["method"] == "GET"
     assert record["key_id"] == key_id(hash_key(KEYS["auth"])) and record["duration_ms"] >= 0
     assert record["deployment"].endswith("Ingress") and record["replica"]
     # Serve's own access line for the same request carries the same id
-    lines = [json.loads(line) for path in (logs / "serve").glob("replica_imgserve_Ingress_*.log")
-             for line in path.read_text(errors="replace").splitlines() if own in line]
-    assert len(lines) >= 2 and all(line["request_id"] == own for line in lines)
+    assert all(line["request_id"] == own for line in lines)
     # the replicas a request's handle calls reach log under the same id
     own = f"log-model-{secrets.token_hex(4)}"
     response = service.post_image(small_png(), task="anime", filename="a.png", content_type="image/png",
