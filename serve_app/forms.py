@@ -11,7 +11,7 @@ plain 400 whatever it was, and a text part over 1 MiB is refused without naming 
 - broken framing (no boundary, garbage, a missing `name`) is a 400 `bad_image` on `image`, like any
   other upload that cannot be read.
 
-The body is read (and size-limited) by the caller before it gets here.
+The body's size is limited by the caller, in the chunks it hands over.
 """
 
 from __future__ import annotations
@@ -61,16 +61,13 @@ class _StrictMultiPartParser(MultiPartParser):
         super().on_part_end()
 
 
-async def parse_multipart(headers: Headers, body: bytes) -> FormData:
-    """The form in a multipart/form-data `body` (already read and size-limited). The caller closes it."""
-
-    async def stream() -> AsyncIterator[bytes]:
-        yield body
-
+async def parse_multipart(headers: Headers, chunks: AsyncIterator[bytes], limit: int) -> FormData:
+    """The form in a multipart/form-data body, parsed from its `chunks` as they arrive; the caller
+    size-limits them to `limit` bytes (raising its own error past it) and closes the form."""
     # Text parts may be as large as the body: the body limit already bounds them, and a long
     # prompt is then refused by name (422) instead of as an unreadable form.
-    parser = _StrictMultiPartParser(headers, stream(), max_files=MAX_FILES, max_fields=MAX_FIELDS,
-                                    max_part_size=len(body) + 1)
+    parser = _StrictMultiPartParser(headers, chunks, max_files=MAX_FILES, max_fields=MAX_FIELDS,
+                                    max_part_size=limit + 1)
     try:
         return await parser.parse()
     except ImgserveError:

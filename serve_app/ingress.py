@@ -10,6 +10,7 @@ Preprocess → model → Postprocess through deployment handles and answers with
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 
@@ -54,17 +55,22 @@ api.add_middleware(RequestMetrics)
 openapi.install(api)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) as soon as it passes `limit` bytes: never read it all first."""
+async def _body_chunks(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The request body as it arrives, refusing (413) as soon as it passes `limit` bytes: never
+    read it all first."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise TooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes", "image")
-    body = bytearray()
+    size = 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
+        size += len(chunk)
+        if size > limit:
             raise TooLarge(f"body exceeds the limit of {limit} bytes", "image")
-    return bytes(body)
+        yield chunk
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    return b"".join([chunk async for chunk in _body_chunks(request, limit)])
 
 
 def _add_field(fields: dict[str, str], key: str, value: str) -> None:
@@ -80,8 +86,9 @@ async def read_upload(request: Request, max_image_bytes: int) -> tuple[bytes, di
         _add_field(fields, key, value)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        body = await _read_body(request, max_image_bytes + _FORM_OVERHEAD_BYTES)
-        form = await forms.parse_multipart(request.headers, body)
+        # parsed as it arrives: the image is copied once, into the form's file, not first into a body
+        limit = max_image_bytes + _FORM_OVERHEAD_BYTES
+        form = await forms.parse_multipart(request.headers, _body_chunks(request, limit), limit)
         image: bytes | None = None
         try:
             for key, value in form.multi_items():
