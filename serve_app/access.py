@@ -23,6 +23,7 @@ inside the cluster are trusted.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -59,6 +60,9 @@ CORS_MAX_AGE_S = 600
 NO_RETRY_AFTER = 1
 """`error_response`'s fallback wait, never sent from here: 401 and 422 carry no Retry-After, and a
 429 carries the rate limiter's own wait."""
+CLIENT_CLOSED = 499
+"""The status logged and counted for a request whose client left before the answer began (the
+"client closed request" of common proxies): not a server error."""
 MAX_BUCKETS = 10_000
 """Rate-limit buckets kept per replica; full (idle) buckets are dropped first, then the oldest."""
 
@@ -256,11 +260,12 @@ class AccessMiddleware:
         allow_origin = settings.cors_origin(headers.get("origin"))
         facts: dict[str, Any] = {"task": _task_of(method, path), "key_id": None}
         scope.setdefault("state", {})["imgserve"] = facts
-        status = [500]
+        status = [500]  # until a response starts; CLIENT_CLOSED if the client leaves before that
+        responded = [False]
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status[0], responded[0] = message["status"], True
                 out = MutableHeaders(scope=message)
                 if own_request_id:
                     out["X-Request-Id"] = request_id
@@ -290,6 +295,10 @@ class AccessMiddleware:
                 await response(scope, receive, send_with_headers)
             else:
                 await self.app(scope, receive, send_with_headers)
+        except asyncio.CancelledError:
+            if not responded[0]:
+                status[0] = CLIENT_CLOSED
+            raise
         finally:
             duration_ms = (time.perf_counter() - started) * 1000.0
             line = {"event": "http_request", "request_id": request_id, "method": method, "path": path[:200],

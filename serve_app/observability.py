@@ -4,8 +4,10 @@ Counts and times every task request — `POST /v1/{task}` (`api=sync`) and `POST
 (`api=jobs`) — by task and the HTTP status it was answered with, whichever code path produced
 the answer (validation, backpressure, time limits, an unexpected 500), and counts the refusals
 for capacity or time (429, 503, 504) by the JSON error code (`queue_full`, `unavailable`, ...).
-A request the client abandons is answered by Serve's proxy itself (408/499, outside this app), so
-it reaches this middleware as a cancellation and is recorded with status 500. The metrics themselves are `deployments.metrics` (names, types and tags documented there).
+A request the client abandons reaches this middleware as a cancellation (Serve's proxy answers
+it, outside this app): it is recorded with status 499, the "client closed request" of common
+proxies, so a dashboard's server-error rate does not count clients that gave up. The metrics
+themselves are `deployments.metrics` (names, types and tags documented there).
 
 The task label is the path's task when it is one the service knows; for `POST /v1/jobs` it is
 the form's `task` field, which the route notes in the request's facts (`access.note(request,
@@ -16,13 +18,14 @@ outer one and also sees that middleware's refusals (401, 429).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
 from typing import Any
 
 from deployments import metrics
-from serve_app.access import route_path
+from serve_app.access import CLIENT_CLOSED, route_path
 from serve_app.pipeline import TASKS
 
 REJECTION_STATUSES = frozenset({429, 503, 504})
@@ -60,18 +63,23 @@ class RequestMetrics:
         state = scope.setdefault("state", {})
         started = time.perf_counter()
         status = 500
+        responded = False
         body = b""
 
         async def watching_send(message: dict) -> None:
-            nonlocal status, body
+            nonlocal status, body, responded
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, responded = message["status"], True
             elif message["type"] == "http.response.body" and status in REJECTION_STATUSES and len(body) < 4096:
                 body += message.get("body", b"")
             await send(message)
 
         try:
             await self.app(scope, receive, watching_send)
+        except asyncio.CancelledError:
+            if not responded:
+                status = CLIENT_CLOSED
+            raise
         finally:
             facts = state.get("imgserve")
             noted = facts.get("task") if isinstance(facts, dict) else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import urllib.request
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -99,6 +100,7 @@ def send_traffic(service: Service, gate) -> dict[str, float]:
         assert not pending
     accepted = sum(f.result().status_code == 200 for f in futures)
     assert accepted + len(refused) == BURST
+    abandon(service, gate, image)
     # 2. LoRA: A from disk, A resident, B from disk, C from disk evicting A (two resident per replica)
     for version, load in ((A, "cold"), (A, "warm"), (B, "cold"), (C, "cold")):
         response = post({**REAL, "lora": version})
@@ -113,7 +115,26 @@ def send_traffic(service: Service, gate) -> dict[str, float]:
     job = submit(service, {}, task="anime", image=image)
     assert job.status_code == 202, job.text
     wait_state(service, job.json()["id"], "succeeded")
-    return {"refused": len(refused), "real_ok": accepted + 4}
+    return {"refused": len(refused), "real_ok": accepted + 4, "abandoned": 1}
+
+
+def abandon(service: Service, gate, image: bytes) -> None:
+    """A client that hangs up while its request is in the model (held at the closed gate)."""
+    request_id = f"abandoned-{os.getpid()}"
+    ray.get(gate.close.remote())
+    port = int(service.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall((f"POST /v1/real?steps={REAL['steps']}&seed=99&lora=none HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      f"Content-Type: image/png\r\nX-Request-Id: {request_id}\r\n"
+                      f"Content-Length: {len(image)}\r\n\r\n").encode() + image)
+        wait_until(lambda: ray.get(gate.count.remote()) >= 1, "the request to enter the model")
+    # Serve cancels the ingress's task; the ingress logs the request (and counts it) as 499
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    wait_until(lambda: any(request_id in line and " /v1/real 499 " in line
+                           for path in logs.glob("replica_imgserve_Ingress_*.log")
+                           for line in path.read_text(errors="replace").splitlines()),
+               "the ingress to log the abandoned request as 499", interval=0.5)
+    gate.open.remote()  # the model finishes the abandoned request (nobody waits for its result)
 
 
 def shows_all_traffic(result: Scrape) -> bool:
@@ -159,6 +180,9 @@ def test_requests_are_counted_by_task_status_and_api(traffic, scraped: Scrape) -
     assert count("ray_imgserve_requests_total", task="real", status="200", api="sync") == expected["real_ok"]
     assert count("ray_imgserve_requests_total", task="real", status="503", api="sync") == expected["refused"]
     assert count("ray_imgserve_requests_total", task="real", status="422", api="sync") == 1
+    # a client that hung up is not a server error
+    assert count("ray_imgserve_requests_total", task="real", status="499", api="sync") == expected["abandoned"]
+    assert count("ray_imgserve_requests_total", task="real", status="500", api="sync") == 0
     assert count("ray_imgserve_requests_total", task="unknown", status="404", api="sync") == 1
     assert count("ray_imgserve_requests_total", task="anime", status="200", api="sync") == 1
     assert count("ray_imgserve_requests_total", task="layers", status="200", api="sync") == 1
@@ -181,8 +205,11 @@ def test_every_stage_has_a_latency_histogram(traffic, scraped: Scrape) -> None:
     count = scraped.total
     for stage in REAL_STAGES:
         observed = count("ray_imgserve_stage_seconds_count", task="real", stage=stage)
-        # refused requests were preprocessed before the model's queue refused them
-        assert observed == expected["real_ok"] + (expected["refused"] if stage == "preprocess" else 0), stage
+        # refused requests were preprocessed before the model's queue refused them; the abandoned
+        # one ran through the model, but nobody asked for its encoding
+        refused = expected["refused"] if stage == "preprocess" else 0
+        abandoned = expected["abandoned"] if stage != "postprocess" else 0
+        assert observed == expected["real_ok"] + refused + abandoned, stage
     for stage in LAYERS_STAGES:
         assert count("ray_imgserve_stage_seconds_count", task="layers", stage=stage) == 1, stage
     for stage in ("preprocess", "stylize", "postprocess"):  # the synchronous request and the job
@@ -191,7 +218,7 @@ def test_every_stage_has_a_latency_histogram(traffic, scraped: Scrape) -> None:
     buckets = {labels["le"] for labels, _ in scraped.samples["ray_imgserve_stage_seconds_bucket"]}
     assert {"0.005", "1.0", "60.0", "1800.0", "+Inf"} <= buckets
     denoise = count("ray_imgserve_stage_seconds_bucket", task="real", stage="denoise", le="1800.0")
-    assert denoise == expected["real_ok"]
+    assert denoise == expected["real_ok"] + expected["abandoned"]
 
 
 def test_lora_loads_hits_and_evictions(scraped: Scrape) -> None:

@@ -4,6 +4,9 @@ and labels a client controls stay within the known tasks."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -13,6 +16,8 @@ from starlette.testclient import TestClient
 
 from deployments import metrics
 from serve_app.errors import error_body
+from serve_app import access
+from serve_app.access import AccessMiddleware
 from serve_app.observability import RequestMetrics, error_code
 
 
@@ -85,3 +90,49 @@ def test_labels_a_client_controls_stay_known(client) -> None:
     assert recorded(records, "imgserve_rejections")[0][1] == {"task": "unknown", "reason": "queue_full"}
     assert error_code(b'{"error": {"code": "Bad Code!"}}', 503) == "http_503"
     assert error_code(b"not json", 504) == "http_504"
+
+
+def test_a_request_its_client_abandons_is_counted_and_logged_as_499() -> None:
+    """Serve cancels the app's task when the client leaves. Before the answer began, that is a
+    499 in the metrics and the access log (not a 500 that would page someone); once the answer
+    has begun, its status stands."""
+    lines: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = lines.append  # type: ignore[method-assign]
+    access.log.addHandler(handler)
+
+    async def abandon(answer_first: bool) -> None:
+        entered = asyncio.Event()
+
+        async def app(scope, receive, send) -> None:
+            if answer_first:
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+            entered.set()
+            await asyncio.Event().wait()  # the model is still working when the client leaves
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict) -> None:
+            pass
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/real", "root_path": "", "query_string": b"",
+                 "headers": [(b"x-request-id", b"left-early")]}
+        # as in the ingress: the metrics middleware outside the access middleware
+        task = asyncio.create_task(RequestMetrics(AccessMiddleware(app))(scope, receive, send))
+        await entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    try:
+        with metrics.capture() as records:
+            asyncio.run(abandon(answer_first=False))
+            asyncio.run(abandon(answer_first=True))
+    finally:
+        access.log.removeHandler(handler)
+    counted = [tags for _, tags in recorded(records, "imgserve_requests")]
+    assert counted == [{"task": "real", "status": "499", "api": "sync"}, {"task": "real", "status": "200", "api": "sync"}]
+    assert not recorded(records, "imgserve_rejections")
+    logged = [line.status for line in lines if getattr(line, "event", None) == "http_request"]
+    assert logged == [499, 200]
