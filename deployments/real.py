@@ -34,20 +34,16 @@ from deployments.validation import at_least
 DEFAULT_PROMPT = "transform the image to realistic photograph, high quality, 4k, natural skin texture"
 
 
-def step_callback(progress: Progress | None, total: int, fault: Callable[[], None] | None = None) -> Callable | None:
+def step_callback(progress: Progress | None, total: int) -> Callable | None:
     """A diffusers `callback_on_step_end` that reports each step and stops a cancelled request.
 
     diffusers calls it after each step (a step is the `denoise` stage); the last one announces
-    `decode`. `fault` (test-only) runs first at every step and may raise, as a failing GPU would.
+    `decode`.
     """
-    if progress is None and fault is None:
+    if progress is None:
         return None
 
     def callback(pipe: Any, index: int, timestep: Any, tensors: dict) -> dict:
-        if fault is not None:
-            fault()
-        if progress is None:
-            return tensors
         if progress.step(index + 1, total):
             raise Cancelled(f"cancelled after step {index + 1} of {total}")
         if index + 1 == total:
@@ -145,7 +141,6 @@ class RealModel:
         """Requests the pipeline call stopped or failed, by reason (cancelled, timeout,
         out_of_memory); a time limit already past before the call is not counted."""
         self.last_stop: dict[str, Any] | None = None
-        self._faults: list[str] = []
 
     # -- loading ---------------------------------------------------------------------------------
     def load(self) -> None:
@@ -174,21 +169,6 @@ class RealModel:
             "stops": dict(self.stops),
             "last_stop": self.last_stop,
         }
-
-    def inject_fault(self, kind: str = "oom") -> None:
-        """Test-only fault hook: the next request fails at its first denoising step as if the GPU
-        ran out of memory (a real `torch.cuda.OutOfMemoryError`), to show what a client and the
-        replica see. Never called by the service itself."""
-        if kind != "oom":
-            raise ValueError(f"unknown fault {kind!r}; known: oom")
-        self._faults.append(kind)
-
-    def _fault(self) -> None:
-        import torch
-
-        if self._faults:
-            self._faults.pop(0)
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by the test-only fault hook)")
 
     # -- LoRA ------------------------------------------------------------------------------------
     def ensure_adapter(self, version: str) -> str:
@@ -307,7 +287,7 @@ class RealModel:
                     width=width,
                     generator=generator,
                     output_type="np",
-                    callback_on_step_end=step_callback(progress, params.steps, self._fault if self._faults else None),
+                    callback_on_step_end=step_callback(progress, params.steps),
                 )
         except (Cancelled, TimedOut) as exc:
             self._stopped(exc.code, str(exc))

@@ -1,4 +1,5 @@
-"""A signal for tests: a model that holds each request until the test opens the gate.
+"""Test models: one that holds each request until the test opens a gate, one that is slow, and
+a real out-of-memory error on demand.
 
 Lets a test fill a queue deterministically (no sleeps tuned to this machine): requests enter the
 model and wait on a Ray actor; the test watches how many are waiting and opens the gate.
@@ -56,9 +57,28 @@ class GatedRealModel(RealModel):
 SLOW_STEP_S = 0.25
 
 
+def raise_oom_once(model: RealModel) -> None:
+    """The next transformer call of `model` raises a real `torch.cuda.OutOfMemoryError`, inside the
+    pipeline, as a card that ran out of memory would; the calls after it run normally."""
+    import torch
+
+    transformer = model.pipe.transformer
+    forward = transformer.forward
+
+    def out_of_memory(*args, **kwargs):
+        transformer.forward = forward
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (raised by the test model)")
+
+    transformer.forward = out_of_memory
+
+
 class SlowRealModel(RealModel):
     """RealModel whose every transformer call first sleeps SLOW_STEP_S: a slow test model, so a
-    request outlives a short time limit at any machine speed."""
+    request outlives a short time limit at any machine speed. `inject_oom()` (called through a
+    handle) makes its next request fail with a real out-of-memory error."""
+
+    def inject_oom(self) -> None:
+        raise_oom_once(self)
 
     def load(self) -> None:
         super().load()

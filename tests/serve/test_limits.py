@@ -47,7 +47,7 @@ def test_a_gpu_out_of_memory_fails_that_request_only(service) -> None:
     from ray import serve
 
     before = service.model_stats()
-    serve.get_deployment_handle("RealModel", "imgserve").inject_fault.remote("oom").result()
+    serve.get_deployment_handle("RealModel", "imgserve").inject_oom.remote().result()
     response = service.post_image(small_png(color=(30, 30, 200)), {"steps": 2, "seed": 2}, content_type="image/png", filename="in.png")
     error = assert_error(response, 507, "out_of_memory")
     assert "out of memory" in error["message"]

@@ -133,16 +133,17 @@ def test_a_deadline_stops_generation_at_the_next_step_and_is_recorded(model: Rea
     assert np.array_equal(plain.array, timed.array)
 
 
-def test_an_injected_out_of_memory_fails_one_request_and_the_next_one_runs(model: RealModel) -> None:
+def test_an_out_of_memory_in_the_pipeline_fails_one_request_and_the_next_one_runs(model: RealModel) -> None:
     from deployments.errors import OutOfMemory
+    from tests.serve.gate import raise_oom_once
 
-    model.inject_fault("oom")
-    with pytest.raises(OutOfMemory, match="injected"):
+    before = model.stats()["stops"].get("out_of_memory", 0)
+    raise_oom_once(model)
+    with pytest.raises(OutOfMemory, match="GPU out of memory at 96x64, 2 steps"):
         model.generate(prepared(), RealParams(steps=2, seed=1))
-    assert model.stats()["stops"]["out_of_memory"] >= 1
+    assert model.stats()["stops"]["out_of_memory"] == before + 1
+    assert model.stats()["last_stop"]["reason"] == "out_of_memory"
     assert model.generate(prepared(), RealParams(steps=2, seed=1)).array.shape == (64, 96, 3)
-    with pytest.raises(ValueError, match="unknown fault"):
-        model.inject_fault("disk")
 
 
 @pytest.mark.parametrize(
