@@ -3,20 +3,23 @@
 `DiffusionParams` holds the per-request fields both `real` and `layers` take (prompt, negative
 prompt, steps, cfg, seed); `DiffusionConfig` the settings both deployments have (source, device,
 dtype, defaults and limits) with `resolve_common` checking the shared fields and `open_pipeline`
-reading a local (or tiny) diffusers directory onto the right device. Knows nothing about HTTP.
+reading a local (or tiny) diffusers directory onto the right device; `step_callback` reports a
+request's denoising steps and stops it when asked. Knows nothing about HTTP.
 """
 
 from __future__ import annotations
 
 import secrets
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
-from deployments.errors import InvalidParameter
+from deployments.errors import Cancelled, InvalidParameter
 from deployments import placement
 from deployments.placement import PlacementConfig, Plan
+from deployments.records import Progress
 from deployments.validation import at_least
 
 MIN_STEPS = 2
@@ -151,6 +154,25 @@ class DiffusionConfig(BaseModel):
             placement.place_pipeline(pipe, plan)
             return pipe, device
         return pipe.to(device), device
+
+
+def step_callback(progress: Progress | None, total: int) -> Callable | None:
+    """A diffusers `callback_on_step_end` that reports each step and stops a cancelled request.
+
+    diffusers calls it after each step (a step is the `denoise` stage); the last one announces
+    `decode`.
+    """
+    if progress is None:
+        return None
+
+    def callback(pipe: Any, index: int, timestep: Any, tensors: dict) -> dict:
+        if progress.step(index + 1, total):
+            raise Cancelled(f"cancelled after step {index + 1} of {total}")
+        if index + 1 == total:
+            progress.stage("decode")
+        return tensors
+
+    return callback
 
 
 def release_gpu_memory() -> None:

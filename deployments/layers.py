@@ -63,8 +63,8 @@ import numpy as np
 from pydantic import field_validator, model_validator
 
 from deployments import metrics
-from deployments.errors import Cancelled, InvalidParameter, ModelFailure, OutOfMemory
-from deployments.diffusion import DiffusionConfig, DiffusionParams, release_gpu_memory, replica_location
+from deployments.errors import InvalidParameter, ModelFailure, OutOfMemory
+from deployments.diffusion import DiffusionConfig, DiffusionParams, release_gpu_memory, replica_location, step_callback
 from deployments.placement import Plan
 from deployments.records import Generated, ImageSpec, Prepared, Progress
 from deployments.validation import at_least
@@ -73,7 +73,6 @@ from deployments.validation import at_least
 RESOLUTIONS: tuple[int, ...] = (640, 1024)
 #: Used as the prompt when the caption comes out blank: the pipeline would caption again otherwise.
 BLANK_CAPTION_PROMPT = "an image"
-_STAGES = ("caption", "encode_prompt", "encode_image", "denoise", "decode", "total")
 
 
 class LayersParams(DiffusionParams):
@@ -169,77 +168,6 @@ class LayersModelConfig(DiffusionConfig):
             raise InvalidParameter(f"must be between 1 and {self.max_layers}, got {layers}", "layers")
         common = self.resolve_common(params, prompt)
         return LayersParams(**common, layers=layers, resolution=resolution, cfg_normalize=normalize)
-
-
-class _StageClock:
-    """Seconds spent in each pipeline stage of one call, measured by wrapping the pipeline's own
-    methods on the instance for the duration of the call (the model thread is the only user).
-
-    encode_prompt: `pipe.encode_prompt` (positive and negative prompt); encode_image:
-    `pipe.prepare_latents` (VAE encode of the condition image plus the initial noise); denoise: from
-    the end of `prepare_latents` to the end of the last step (`callback_on_step_end`); decode:
-    `pipe.vae.decode`. On CUDA each wrapped method and the last step synchronise the devices, so
-    kernels count in the stage that queued them (`deployments.metrics.sync_cuda`).
-
-    With a `progress`, each finished step is reported (the first one also announces `denoise`,
-    the last one `decode`), and a request whose progress says stop raises `Cancelled` between steps.
-    """
-
-    def __init__(self, progress: Progress | None = None, total_steps: int = 0) -> None:
-        self.seconds: dict[str, float] = dict.fromkeys(_STAGES, 0.0)
-        self.progress = progress
-        self.total_steps = total_steps
-        self._latents_ready = 0.0
-        self.last_step_end = 0.0
-        self.steps_done = 0
-
-    def on_step_end(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-        self.steps_done = step + 1
-        if step + 1 == self.total_steps:
-            metrics.sync_cuda()
-        self.last_step_end = time.perf_counter()
-        if self.progress is not None:
-            if self.progress.step(step + 1, self.total_steps):
-                raise Cancelled(f"cancelled after step {step + 1} of {self.total_steps}")
-            if step + 1 == self.total_steps:
-                self.progress.stage("decode")
-        return {}
-
-    @contextlib.contextmanager
-    def around(self, pipe: Any) -> Iterator[None]:
-        def timed(owner: Any, method: str, stage: str, then: Any = None):
-            original = getattr(owner, method)
-
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                metrics.sync_cuda()
-                start = time.perf_counter()
-                try:
-                    return original(*args, **kwargs)
-                finally:
-                    metrics.sync_cuda()
-                    end = time.perf_counter()
-                    self.seconds[stage] += end - start
-                    if then is not None:
-                        then(end)
-
-            setattr(owner, method, wrapper)
-            return owner, method
-
-        def latents_ready(at: float) -> None:
-            self._latents_ready = at
-
-        patched = [
-            timed(pipe, "encode_prompt", "encode_prompt"),
-            timed(pipe, "prepare_latents", "encode_image", latents_ready),
-            timed(pipe.vae, "decode", "decode"),
-        ]
-        try:
-            yield
-        finally:
-            for owner, method in patched:
-                owner.__dict__.pop(method, None)  # back to the class's method
-            if self.last_step_end and self._latents_ready:
-                self.seconds["denoise"] = self.last_step_end - self._latents_ready
 
 
 class LayersModel:
@@ -356,7 +284,8 @@ class LayersModel:
         self.check_health()
         height, width = array.shape[:2]
         image = Image.fromarray(np.ascontiguousarray(array), "RGBA")
-        clock = _StageClock(progress, params.steps)
+        stages = metrics.DiffusionStages()
+        caption_s = 0.0
         if progress is not None:
             progress.stage("encode_prompt")  # the caption, when there is one, is part of it
         try:
@@ -371,11 +300,11 @@ class LayersModel:
                 if not prompt:
                     start = time.perf_counter()
                     prompt = self.caption(image, bucket) or BLANK_CAPTION_PROMPT
-                    clock.seconds["caption"] = time.perf_counter() - start
+                    caption_s = time.perf_counter() - start
                     source = "caption"
                 # 3. run
                 generator = torch.Generator(device="cpu").manual_seed(params.seed)
-                with clock.around(self.pipe), torch.inference_mode():
+                with stages.around(self.pipe), torch.inference_mode():
                     output = self.pipe(
                         image=image,
                         prompt=prompt,
@@ -389,7 +318,7 @@ class LayersModel:
                         use_en_prompt=self.config.caption_language == "en",
                         generator=generator,
                         output_type="np",
-                        callback_on_step_end=clock.on_step_end,
+                        callback_on_step_end=step_callback(progress, params.steps),
                     )
         except torch.cuda.OutOfMemoryError as exc:
             release_gpu_memory()
@@ -407,8 +336,8 @@ class LayersModel:
                 f"{(params.layers, bucket[1], bucket[0], 4)}"
             )
         result = (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-        clock.seconds["total"] = time.perf_counter() - started
-        metrics.record_stages(self.task, clock.seconds)
+        seconds = {"caption": caption_s, **stages.seconds, "total": time.perf_counter() - started}
+        metrics.record_stages(self.task, seconds)
         metrics.record_gpu_peak(self.task)
         used = {
             "task": self.task,
@@ -417,7 +346,7 @@ class LayersModel:
             "prompt_source": source,
             "layer_size": f"{bucket[0]}x{bucket[1]}",
         }
-        served = {"replica": self.replica, "timings_s": {k: round(v, 6) for k, v in clock.seconds.items()}}
+        served = {"replica": self.replica, "timings_s": {k: round(v, 6) for k, v in seconds.items()}}
         return Generated(array=result, info=prepared.info, params=used, served=served)
 
 

@@ -34,8 +34,8 @@ and `ray_serve_http_request_latency_ms_bucket`, per-deployment
 `ray_serve_deployment_processing_latency_ms_bucket`, and multiplexing
 `ray_serve_multiplexed_models_load_counter_total`. `cluster/grafana-dashboard.json` uses both.
 
-Stage times are measured around the pipeline's own methods (`DiffusionStages` for real; layers
-keeps its own clock, whose `denoise` ends at the last step's callback): `encode_prompt`
+Stage times are measured around the pipeline's own methods (`DiffusionStages`, for real and
+layers alike; layers adds its `caption` time): `encode_prompt`
 (the text encoder, positive and negative prompt), `encode_image` (`prepare_latents`: VAE encode of
 the condition image plus the initial noise), `denoise` (from the latents being ready to the start
 of the VAE decode: every step, the scheduler and the step callbacks) and `decode` (`vae.decode`).

@@ -15,7 +15,6 @@ import os
 import socket
 import warnings
 from collections import Counter, OrderedDict
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import numpy as np
 from pydantic import field_validator
 
 from deployments import metrics
-from deployments.diffusion import DiffusionConfig, DiffusionParams, release_gpu_memory, replica_location
+from deployments.diffusion import DiffusionConfig, DiffusionParams, release_gpu_memory, replica_location, step_callback
 from deployments.errors import Cancelled, InvalidParameter, ModelFailure, OutOfMemory, TimedOut
 from deployments.placement import Plan
 from deployments.lora import NONE, LoraStore, check_name, diffusers_state_dict, ensure_tiny_loras, inspect_lora, linear_shapes
@@ -32,25 +31,6 @@ from deployments.records import Generated, ImageSpec, Prepared, Progress
 from deployments.validation import at_least
 
 DEFAULT_PROMPT = "transform the image to realistic photograph, high quality, 4k, natural skin texture"
-
-
-def step_callback(progress: Progress | None, total: int) -> Callable | None:
-    """A diffusers `callback_on_step_end` that reports each step and stops a cancelled request.
-
-    diffusers calls it after each step (a step is the `denoise` stage); the last one announces
-    `decode`.
-    """
-    if progress is None:
-        return None
-
-    def callback(pipe: Any, index: int, timestep: Any, tensors: dict) -> dict:
-        if progress.step(index + 1, total):
-            raise Cancelled(f"cancelled after step {index + 1} of {total}")
-        if index + 1 == total:
-            progress.stage("decode")
-        return tensors
-
-    return callback
 
 
 class RealParams(DiffusionParams):
