@@ -36,8 +36,8 @@ log = logging.getLogger("imgserve")
 # Type hints stay real objects (no `from __future__ import annotations`): FastAPI reads them to
 # tell a `Request` parameter from a query parameter on Serve's class-based routes.
 
-# Multipart framing and the text fields ride on top of the image itself.
-_FORM_OVERHEAD_BYTES = 256 * 1024
+FORM_OVERHEAD_BYTES = 256 * 1024
+"""What a multipart body may carry on top of the image limit: its framing and the text fields."""
 # Response headers echo these result-metadata keys (ASCII only: prompts stay in the PNG chunk).
 _HEADER_KEYS = ("task", "size", "steps", "cfg", "seed", "scale", "lora", "style", "layers", "resolution", "layer_size")
 
@@ -87,7 +87,7 @@ async def read_upload(request: Request, max_image_bytes: int) -> tuple[bytes, di
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         # parsed as it arrives: the image is copied once, into the form's file, not first into a body
-        limit = max_image_bytes + _FORM_OVERHEAD_BYTES
+        limit = max_image_bytes + FORM_OVERHEAD_BYTES
         form = await forms.parse_multipart(request.headers, _body_chunks(request, limit), limit)
         image: bytes | None = None
         try:

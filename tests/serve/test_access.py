@@ -15,6 +15,7 @@ import pytest
 import ray
 
 from serve_app.access import hash_key, key_id
+from serve_app.ingress import FORM_OVERHEAD_BYTES
 from tests.conftest import demo_args, wait_until
 from tests.serve.conftest import Service, assert_error, run_service, small_png, submit
 
@@ -167,20 +168,32 @@ def test_a_declared_huge_body_is_refused_before_it_is_sent(service: Service, ray
     assert UUID.match(headers["x-request-id"])
 
 
-def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_limit(service: Service, ray_cluster: int) -> None:
-    # One chunk past the limit (1 MiB), and the body never ends (no terminating chunk): only a server
-    # that refuses as soon as the limit is passed answers at all; one that waited for the end of the
-    # body would leave the read below to run into the socket's timeout.
+BOUNDARY = "imgserve-test-boundary"
+FORM_HEAD = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+             "Content-Type: image/png\r\n\r\n").encode()
+
+
+@pytest.mark.parametrize("form", [False, True], ids=["raw-body", "multipart"])
+def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_limit(service: Service, ray_cluster: int,
+                                                                  form: bool) -> None:
+    # One chunk past the limit, and the body never ends (no terminating chunk): only a server that
+    # refuses as soon as the limit is passed answers at all; one that waited for the end of the body
+    # would leave the read below to run into the socket's timeout. A form is parsed from the same
+    # chunks as they arrive, and may carry FORM_OVERHEAD_BYTES of framing and fields on top.
+    limit = MAX_BYTES + (FORM_OVERHEAD_BYTES if form else 0)
+    content_type = f"multipart/form-data; boundary={BOUNDARY}" if form else "image/png"
     chunk = 64 * 1024
-    chunks = MAX_BYTES // chunk + 1
+    chunks = limit // chunk + 1
     sock = _connect(ray_cluster)
     sent = 0
     try:
-        sock.sendall((f"POST /v1/anime HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+        sock.sendall((f"POST /v1/anime HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
                       f"X-API-Key: {KEYS['upload']}\r\nTransfer-Encoding: chunked\r\n\r\n").encode())
-        for _ in range(chunks):
+        for index in range(chunks):
+            data = FORM_HEAD if form and index == 0 else b""
+            data += b"\1" * (chunk - len(data))
             try:
-                sock.sendall(f"{chunk:x}\r\n".encode() + b"\1" * chunk + b"\r\n")
+                sock.sendall(f"{chunk:x}\r\n".encode() + data + b"\r\n")
             except (BrokenPipeError, ConnectionResetError):
                 break  # the server answered and stopped reading: its answer is waiting
             sent += chunk
@@ -188,7 +201,25 @@ def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_limit(service: Servi
     finally:
         sock.close()
     assert status == 413 and json.loads(body)["error"]["code"] == "too_large"
-    assert MAX_BYTES <= sent <= chunks * chunk, sent  # not refused before the limit was passed
+    assert limit <= sent <= chunks * chunk, sent  # not refused before the limit was passed
+
+
+def test_a_broken_form_is_refused_before_the_rest_of_its_body_arrives(service: Service, ray_cluster: int) -> None:
+    # 512 KiB announced, 64 KiB sent of a body with no multipart framing at all, and then nothing:
+    # only a server that parses the form as it arrives answers; one that waited for the whole body
+    # would leave the read below to run into the socket's timeout.
+    sock = _connect(ray_cluster)
+    try:
+        sock.sendall((f"POST /v1/anime HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+                      f"X-API-Key: {KEYS['upload']}\r\nContent-Length: {512 * 1024}\r\n\r\n").encode()
+                     + b"\1" * (64 * 1024))
+        status, _, body = _read_response(sock)
+    finally:
+        sock.close()
+    assert status == 400, body
+    error = json.loads(body)["error"]
+    assert error["code"] == "bad_image" and error["field"] == "image" and "multipart" in error["message"]
 
 
 def test_the_ingress_serves_normally_after_refused_uploads(service: Service) -> None:
