@@ -236,6 +236,24 @@ def _task_of(method: str, path: str) -> str | None:
     return None
 
 
+class AnswerStatus:
+    """The status a request was answered with, as a middleware's `send` wrapper sees it: 500 until
+    a response starts (an error nothing turned into a response); CLIENT_CLOSED where the request is
+    cancelled before that (Serve cancels the app's task when its client hangs up)."""
+
+    def __init__(self) -> None:
+        self.code = 500
+        self._started = False
+
+    def see(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.code, self._started = message["status"], True
+
+    def cancelled(self) -> None:
+        if not self._started:
+            self.code = CLIENT_CLOSED
+
+
 # -- the middleware ---------------------------------------------------------------------------------
 class AccessMiddleware:
     """CORS, request-id check, API key, rate limit, then the app; CORS headers and one JSON log line
@@ -260,12 +278,11 @@ class AccessMiddleware:
         allow_origin = settings.cors_origin(headers.get("origin"))
         facts: dict[str, Any] = {"task": _task_of(method, path), "key_id": None}
         scope.setdefault("state", {})["imgserve"] = facts
-        status = [500]  # until a response starts; CLIENT_CLOSED if the client leaves before that
-        responded = [False]
+        answer = AnswerStatus()
 
         async def send_with_headers(message: Message) -> None:
+            answer.see(message)
             if message["type"] == "http.response.start":
-                status[0], responded[0] = message["status"], True
                 out = MutableHeaders(scope=message)
                 if own_request_id:
                     out["X-Request-Id"] = request_id
@@ -296,14 +313,13 @@ class AccessMiddleware:
             else:
                 await self.app(scope, receive, send_with_headers)
         except asyncio.CancelledError:
-            if not responded[0]:
-                status[0] = CLIENT_CLOSED
+            answer.cancelled()
             raise
         finally:
             duration_ms = (time.perf_counter() - started) * 1000.0
             line = {"event": "http_request", "request_id": request_id, "method": method, "path": path[:200],
-                    "status": status[0], "duration_ms": round(duration_ms, 1), **facts}
-            log.info("%s %s %s %.1fms task=%s key=%s job=%s", method, path[:200], status[0], duration_ms,
+                    "status": answer.code, "duration_ms": round(duration_ms, 1), **facts}
+            log.info("%s %s %s %.1fms task=%s key=%s job=%s", method, path[:200], answer.code, duration_ms,
                      facts.get("task") or "-", facts.get("key_id") or "-", facts.get("job_id") or "-",
                      extra=line)
 

@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from deployments import metrics
-from serve_app.access import CLIENT_CLOSED, route_path
+from serve_app.access import AnswerStatus, route_path
 from serve_app.pipeline import TASKS
 
 REJECTION_STATUSES = frozenset({429, 503, 504})
@@ -62,30 +62,27 @@ class RequestMetrics:
         api = "jobs" if match.group(1) == "jobs" else "sync"
         state = scope.setdefault("state", {})
         started = time.perf_counter()
-        status = 500
-        responded = False
+        answer = AnswerStatus()
         body = b""
 
         async def watching_send(message: dict) -> None:
-            nonlocal status, body, responded
-            if message["type"] == "http.response.start":
-                status, responded = message["status"], True
-            elif message["type"] == "http.response.body" and status in REJECTION_STATUSES and len(body) < 4096:
+            nonlocal body
+            answer.see(message)
+            if message["type"] == "http.response.body" and answer.code in REJECTION_STATUSES and len(body) < 4096:
                 body += message.get("body", b"")
             await send(message)
 
         try:
             await self.app(scope, receive, watching_send)
         except asyncio.CancelledError:
-            if not responded:
-                status = CLIENT_CLOSED
+            answer.cancelled()
             raise
         finally:
             facts = state.get("imgserve")
             noted = facts.get("task") if isinstance(facts, dict) else None
             task = task_label(noted if api == "jobs" else match.group(1))
-            tags = {"task": task, "status": str(status), "api": api}
+            tags = {"task": task, "status": str(answer.code), "api": api}
             metrics.requests.inc(tags=tags)
             metrics.request_seconds.observe(time.perf_counter() - started, tags=tags)
-            if status in REJECTION_STATUSES:
-                metrics.rejections.inc(tags={"task": task, "reason": error_code(body, status)})
+            if answer.code in REJECTION_STATUSES:
+                metrics.rejections.inc(tags={"task": task, "reason": error_code(body, answer.code)})
