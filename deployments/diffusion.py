@@ -10,8 +10,8 @@ request's denoising steps and stops it when asked. Knows nothing about HTTP.
 from __future__ import annotations
 
 import secrets
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
