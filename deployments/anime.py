@@ -51,17 +51,19 @@ import re
 import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from deployments import metrics
 from deployments.cachedir import build_once
 from deployments.errors import InvalidParameter, ModelFailure, OutOfMemory
+from deployments.model import Model, ModelSettings
+from deployments.options import DeploymentOptions, model_defaults
 from deployments.records import Progress, Generated, ImageSpec, Prepared
+from deployments.task import Task, choice_schema
 from deployments.validation import at_least
 
 #: The released styles of the published PyTorch port; `styles_dir: tiny` makes random-weight ones.
@@ -81,17 +83,19 @@ _LEAN_MIN_PIXELS = 160 * 160
 class AnimeParams(BaseModel):
     """Per-request choices for `anime`; None means "use the configured default"."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     style: str | None = None
-    """Style name: a file stem in the styles directory (e.g. `face_paint_512_v2`, `paprika`)."""
+    """Style name: a file stem in the styles directory (e.g. `face_paint_512_v2`, `paprika`;
+    GET /v1/models lists them)."""
 
 
-class AnimeModelConfig(BaseModel):
-    """Settings of the AnimeModel deployment."""
+class AnimeModelConfig(ModelSettings):
+    """The `anime` section: the AnimeModel deployment's settings and Serve options."""
 
-    model_config = ConfigDict(extra="forbid")
-
+    serve: DeploymentOptions = Field(default_factory=lambda: model_defaults(num_cpus=1))
+    """Ray Serve options of the AnimeModel deployment (a CPU replica by default; the model is
+    small enough for CPUs, or a GPU fraction such as num_gpus: 0.25)."""
     styles_dir: str = "tiny"
     """`tiny`: the four published style names with seeded random weights, generated into
     `cache_dir/anime-styles-v1` (demo, tests; outputs look like noise). Otherwise a local directory
@@ -102,8 +106,6 @@ class AnimeModelConfig(BaseModel):
     Never downloaded at run time."""
     default_style: str = DEFAULT_STYLE
     """Style used when the request names none; must exist in the styles directory."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """`auto`: CUDA when this replica sees a GPU, else CPU."""
     dtype: Literal["auto", "float32", "float16"] = "auto"
     """Compute dtype; `auto`: float16 on CUDA, float32 on CPU (float16 on CPU is slow)."""
     align_corners: bool = True
@@ -121,14 +123,12 @@ class AnimeModelConfig(BaseModel):
     max_batch_pixels: int = 1024 * 1024
     """Most padded pixels run as one tensor batch; a larger group of same-size requests runs in
     chunks. Bounds peak memory: about 1 GB per 1024² image on CPU in float32. Raise it on GPUs."""
-    num_threads: int | None = None
-    """torch intra-op threads on CPU; None keeps torch's default (the machine's cores)."""
     workspace_mb: int = 1024
     """CPU only: activation memory kept between calls (MiB), so a call does not page-fault its
     activations in afresh (the largest single saving on CPU). One 1024² image needs ~960 MiB; the
     kept memory stays resident. 0 turns it off (plain allocations)."""
 
-    _positive = at_least(1, "max_long_edge", "max_batch_size", "max_batch_pixels", "num_threads")
+    _positive = at_least(1, "max_long_edge", "max_batch_size", "max_batch_pixels")
     _non_negative = at_least(0, "workspace_mb")
 
     @field_validator("batch_wait_timeout_s")
@@ -174,7 +174,20 @@ class AnimeModelConfig(BaseModel):
             return list(TINY_STYLES)
         return sorted(self.style_files())
 
-    def resolve(self, params: AnimeParams) -> AnimeParams:
+    def available_styles(self) -> list[str]:
+        """`styles()`, or none where the directory is only on the model replicas' machines."""
+        try:
+            return self.styles()
+        except FileNotFoundError:
+            return []
+
+    def describe(self, catalog: Any = None) -> dict[str, Any]:
+        return {"styles": self.available_styles(), "default_style": self.default_style}
+
+    def limits(self, catalog: Any = None) -> dict[str, dict[str, Any]]:
+        return {"style": {**choice_schema(self.available_styles()), "default": self.default_style}}
+
+    def resolve(self, params: AnimeParams, catalog: Any = None) -> AnimeParams:
         """Fill the default style and check it exists; raises InvalidParameter naming `style`.
 
         Loads nothing: the check is one listing of the styles directory (tiny: the fixed names).
@@ -239,29 +252,25 @@ def padding_for(height: int, width: int) -> tuple[int, int, int, int]:
     return pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2
 
 
-class AnimeModel:
+class AnimeModel(Model):
     """AnimeGANv2 generator, all styles resident: Prepared → Generated of the same size."""
 
     input_spec = ImageSpec(multiple=1, alpha=False)
     task = "anime"
+    cuda_dtype = "float16"
+    config_class = AnimeModelConfig
 
     def __init__(self, config: AnimeModelConfig | None = None, cache_dir: Path | str = "~/.cache/imgserve") -> None:
-        self.config = config or AnimeModelConfig()
-        self.cache_dir = Path(cache_dir).expanduser()
+        super().__init__(config, cache_dir)
         self.nets: dict[str, Any] = {}
         """Resident generators by style name (torch modules on `device`, in `dtype`)."""
-        self.device = "cpu"
-        self.dtype: Any = None
         self.styles_path: Path | None = None
-        self.loads = 0
-        """How many times load() read the styles (a user-visible cost)."""
         self.batches = 0
         self.items = 0
         self.largest_batch = 0
         self._lock = threading.Lock()
         self._workspace: Any = None
         self._forward_lock = threading.Lock()  # one forward at a time owns the workspace
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anime-model")
         self._batched = None
         if self.config.max_batch_size > 1 and _in_serve_replica():
             from ray import serve
@@ -274,19 +283,9 @@ class AnimeModel:
             )(self.handle_batch)
 
     # -- loading ---------------------------------------------------------------------------------
-    def load(self) -> None:
-        """Read every style of the styles directory onto the device; a separate step from construction."""
-        import torch
-
+    def load_model(self) -> None:
+        """Read every style of the styles directory onto the device."""
         cfg = self.config
-        if cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
-            self._executor.submit(torch.set_num_threads, cfg.num_threads).result()
-        self.device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-        if cfg.dtype == "auto":
-            self.dtype = torch.float16 if self.device == "cuda" else torch.float32
-        else:
-            self.dtype = {"float32": torch.float32, "float16": torch.float16}[cfg.dtype]
         if cfg.styles_dir == "tiny":
             self.styles_path = ensure_tiny_styles(self.cache_dir)
         else:
@@ -304,7 +303,9 @@ class AnimeModel:
         nets = {name: self._read(path) for name, path in sorted(files.items())}
         with self._lock:
             self.nets = nets
-        self.loads += 1
+
+    def loaded(self) -> bool:
+        return bool(self.nets)
 
     def _read(self, path: Path) -> Any:
         import torch
@@ -333,24 +334,15 @@ class AnimeModel:
             return sorted(style_files(self.styles_path))
         return self.config.styles()
 
-    def stats(self) -> dict[str, Any]:
-        """Which process serves, on which device, what is resident, how often styles were loaded."""
+    def extra_stats(self) -> dict[str, Any]:
+        """The resident styles, the batches run, the kept workspace."""
         return {
-            "pid": os.getpid(),
-            "device": self.device,
-            "dtype": str(self.dtype).removeprefix("torch.") if self.dtype is not None else None,
-            "loads": self.loads,
             "styles": sorted(self.nets),
             "batches": self.batches,
             "items": self.items,
             "largest_batch": self.largest_batch,
             "workspace_mb": round(self._workspace.kept_bytes / 2**20, 1) if self._workspace is not None else 0,
         }
-
-    def check_health(self) -> None:
-        """Raises when the generators are not usable, so Ray Serve replaces the replica."""
-        if not self.nets:
-            raise RuntimeError("AnimeModel styles are not loaded")
 
     # -- serving ---------------------------------------------------------------------------------
     async def __call__(self, prepared: Prepared, params: AnimeParams, progress: Progress | None = None) -> Generated:
@@ -371,8 +363,7 @@ class AnimeModel:
         self, prepared: list[Prepared], params: list[AnimeParams]
     ) -> list[Generated | BaseException]:
         """The batch handler: one result or one error per request, in order, on the model's thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.generate_batch, prepared, params)
+        return await self.on_model_thread(self.generate_batch, prepared, params)
 
     def generate(self, prepared: Prepared, params: AnimeParams) -> Generated:
         """One request, synchronously (tests, benchmarks): the batch path with a batch of one."""
@@ -514,3 +505,13 @@ def _in_serve_replica() -> bool:
         return True
     except Exception:  # RayServeException outside a replica; ImportError without Ray
         return False
+
+
+TASK = Task(
+    name="anime",
+    summary="photo → anime style (AnimeGANv2)",
+    model=AnimeModel,
+    params=AnimeParams,
+    section=AnimeModelConfig,
+    headers=("style",),
+)

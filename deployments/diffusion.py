@@ -1,26 +1,36 @@
-"""What the two Qwen-Image diffusion models share: request fields, limits, and pipeline loading.
+"""What the Qwen-Image diffusion models share: request fields, settings, and one serving scaffold.
 
 `DiffusionParams` holds the per-request fields both `real` and `layers` take (prompt, negative
-prompt, steps, cfg, seed); `DiffusionConfig` the settings both deployments have (source, device,
-dtype, defaults and limits) with `resolve_common` checking the shared fields and `open_pipeline`
-reading a local (or tiny) diffusers directory onto the right device; `step_callback` reports a
-request's denoising steps and stops it when asked. Knows nothing about HTTP.
+prompt, steps, cfg, seed); `DiffusionConfig` the settings both sections have (source, dtype,
+defaults, limits, placement) with `resolve_common` checking the shared fields. `DiffusionModel` is
+the base of both model classes: it loads the pipeline (planned placement on CUDA), runs requests on
+the model thread, and wraps each pipeline call in `guarded` (stage metrics and peak GPU memory;
+out of memory → `OutOfMemory`, 507; cancellation and time limits counted in `stats()`; any other
+failure → `ModelFailure`). Subclasses keep only what differs: what they pass to the pipeline and
+what they do around it. Knows nothing about HTTP.
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from deployments.errors import Cancelled, InvalidParameter
-from deployments import placement
-from deployments.placement import PlacementConfig, Plan
-from deployments.records import Progress
+from deployments import metrics, placement
+from deployments.errors import Cancelled, InvalidParameter, ModelFailure, OutOfMemory, TimedOut
+from deployments.model import Model, ModelSettings
+from deployments.options import DeploymentOptions, model_defaults
+from deployments.placement import DoesNotFit, PlacementConfig, Plan
+from deployments.records import Generated, Prepared, Progress
 from deployments.validation import at_least
+
+if TYPE_CHECKING:
+    from deployments.checkpoints import Kind
 
 MIN_STEPS = 2
 """Fewest denoising steps: with the Qwen-Image scheduler config (shift_terminal) one step divides
@@ -31,7 +41,7 @@ MAX_SEED = 2**32 - 1
 class DiffusionParams(BaseModel):
     """Per-request choices shared by the diffusion tasks; None means "use the configured default"."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     prompt: str | None = None
     """What the result should show."""
@@ -42,20 +52,24 @@ class DiffusionParams(BaseModel):
     cfg: float | None = None
     """true_cfg_scale: > 1 enables classifier-free guidance (two transformer passes per step)."""
     seed: int | None = None
-    """Random seed; the same seed and input give the same bytes. None → a fresh random seed."""
+    """Random seed; the same seed and input give the same bytes. None → a fresh random seed, echoed."""
 
 
-class DiffusionConfig(BaseModel):
-    """Settings shared by the diffusion model deployments."""
+class DiffusionConfig(ModelSettings):
+    """Settings shared by the diffusion model sections."""
 
-    model_config = ConfigDict(extra="forbid")
+    task: ClassVar[Literal["real", "layers"]]
+    """The section's name in the config, and what the placement planner plans for."""
+    tiny_only: ClassVar[tuple[str, ...]] = ()
+    """Settings that exist for the tiny demo models only: refused with any other `source`."""
 
+    serve: DeploymentOptions = Field(default_factory=lambda: model_defaults(num_cpus=1, num_gpus=1))
+    """Ray Serve options of the model deployment (a GPU replica by default). With `placement`,
+    leave out `num_gpus`: the builder asks for the GPUs (and `placement_group_bundles`) the plan needs."""
     source: str = "tiny"
     """`tiny`: a tiny random-weight pipeline of the same classes generated into the cache directory
     (demo, tests); otherwise a local directory in diffusers layout, prepared ahead. Never
     downloaded at run time."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """`auto`: CUDA when this replica sees a GPU, else CPU (fake GPU resources on a CPU machine)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weight dtype; `auto`: bfloat16 on CUDA, float32 on CPU. With `placement` on CUDA the plan
     casts every component to bfloat16 (fp8 storage where it says so), whatever this says."""
@@ -71,15 +85,13 @@ class DiffusionConfig(BaseModel):
     """Largest `cfg` a request may ask for."""
     max_prompt_chars: int = 2000
     """Longest prompt or negative prompt accepted, in characters."""
-    num_threads: int | None = None
-    """torch intra-op threads on CPU; None keeps torch's default."""
     placement: PlacementConfig | None = None
     """How a replica spreads the pipeline over the GPUs it owns (`deployments.placement`): the
-    builder asks Ray for the GPUs the plan needs, and `open_pipeline` applies the plan when CUDA is
+    builder asks Ray for the GPUs the plan needs, and the model applies the plan when CUDA is
     present. None: the whole pipeline on one device (CUDA when visible, else CPU), as in the demo."""
 
     _steps = at_least(MIN_STEPS, "default_steps", "max_steps")
-    _diffusion_positive = at_least(1, "max_prompt_chars", "num_threads")
+    _diffusion_positive = at_least(1, "max_prompt_chars")
 
     @field_validator("default_cfg", "max_cfg")
     @classmethod
@@ -94,7 +106,26 @@ class DiffusionConfig(BaseModel):
             raise ValueError(f"default_steps must be <= max_steps ({self.max_steps}), got {self.default_steps}")
         if self.default_cfg > self.max_cfg:
             raise ValueError(f"default_cfg must be <= max_cfg ({self.max_cfg}), got {self.default_cfg}")
+        if self.source != "tiny":
+            for name in self.tiny_only:
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{self.task}.{name} ({getattr(self, name)}) is for the tiny demo models only "
+                                     f"(source: tiny), not for source {self.source!r}: remove it")
+        if self.placement is not None:
+            self.check_placement_request()
+            options = self.serve.ray_actor_options
+            if "num_gpus" in options:
+                raise ValueError(
+                    f"{self.task}.serve.ray_actor_options.num_gpus ({options['num_gpus']}) conflicts with "
+                    f"{self.task}.placement: the plan decides how many GPUs a replica asks for; remove num_gpus")
+            try:
+                self.plan()
+            except DoesNotFit as error:
+                raise ValueError(f"{self.task}.placement does not fit: {error}") from None
         return self
+
+    def check_placement_request(self) -> None:
+        """Raise ValueError when the placement cannot hold the largest request this section admits."""
 
     def resolve_common(self, params: DiffusionParams, prompt: str) -> dict[str, Any]:
         """Defaults and range checks of the shared fields (`prompt` is the task's resolved prompt);
@@ -114,46 +145,111 @@ class DiffusionConfig(BaseModel):
                 raise InvalidParameter(f"longer than {self.max_prompt_chars} characters ({len(text)})", name)
         return {"prompt": prompt, "negative_prompt": negative or " ", "steps": steps, "cfg": cfg, "seed": seed}
 
-    def plan(self, task: Literal["real", "layers"]) -> Plan | None:
+    def limits(self, catalog: Any = None) -> dict[str, dict[str, Any]]:
+        return {
+            "prompt": {"maxLength": self.max_prompt_chars},
+            "negative_prompt": {"maxLength": self.max_prompt_chars},
+            "steps": {"minimum": MIN_STEPS, "maximum": self.max_steps, "default": self.default_steps},
+            "cfg": {"minimum": 1.0, "maximum": self.max_cfg, "default": self.default_cfg},
+            "seed": {"minimum": 0, "maximum": MAX_SEED},
+        }
+
+    def plan(self) -> Plan | None:
         """The placement plan for this model, from the configs of `source` when that directory is
         here, else from the published configs stored in the package (what `tiny` stands in for)."""
         if self.placement is None:
             return None
         directory = None if self.source == "tiny" else Path(self.source).expanduser()
         sizes = placement.component_sizes(directory) if directory and (directory / "model_index.json").is_file() else None
-        return placement.plan(task, self.placement, sizes)
+        return placement.plan(self.task, self.placement, sizes)
 
-    def open_pipeline(
-        self, kind: Literal["edit", "layered"], cache_dir: Path, section: str, plan: Plan | None
-    ) -> tuple[Any, str]:
-        """(pipeline on its device, device name) from `source`; applies `num_threads`, and `plan`
-        (the caller's `self.plan(task)`) when CUDA is present (on fake GPUs it is not applied)."""
+    def serve_options(self) -> dict[str, Any]:
+        """From config, and with `placement` the GPUs, custom resources and placement-group bundle
+        its plan needs (exactly those, no more)."""
+        options = self.serve.serve_options()
+        plan = self.plan()
+        if plan is None:
+            return options
+        actor = dict(options["ray_actor_options"])
+        planned = placement.ray_options(plan, self.placement, num_cpus=actor.get("num_cpus", 1))
+        resources = {**actor.get("resources", {}), **planned["ray_actor_options"].get("resources", {})}
+        options["ray_actor_options"] = {**actor, **planned["ray_actor_options"],
+                                        **({"resources": resources} if resources else {})}
+        for key in ("placement_group_bundles", "placement_group_strategy"):
+            if key in planned:
+                options[key] = planned[key]
+        return options
+
+
+class DiffusionModel(Model):
+    """A Qwen-Image pipeline as a model deployment: load, the model thread, the guarded call."""
+
+    kind: ClassVar[Kind]
+    """Which pipeline class (`deployments.checkpoints`)."""
+    config_class = DiffusionConfig
+
+    def __init__(self, config: DiffusionConfig | None = None, cache_dir: Path | str = "~/.cache/imgserve") -> None:
+        super().__init__(config, cache_dir)
+        self.pipe: Any = None
+
+    def loaded(self) -> bool:
+        return self.pipe is not None
+
+    def load_model(self) -> None:
+        """The pipeline from `source` on this replica's device; the plan applied when CUDA is present
+        (on fake GPUs it is not)."""
+        from deployments import tiny
+        from deployments.checkpoints import load_pipeline
+
+        config = self.config
+        self.plan = config.plan()
+        if config.source == "tiny":
+            directory = tiny.ensure_tiny(self.kind, self.cache_dir)
+        else:
+            directory = Path(config.source).expanduser()
+            if not (directory / "model_index.json").is_file():
+                raise FileNotFoundError(f"{config.task}.source {str(directory)!r} is not a local diffusers directory "
+                                        "(no model_index.json); prepare it ahead")
+        pipe = load_pipeline(self.kind, directory, torch_dtype=self.dtype)
+        pipe.set_progress_bar_config(disable=True)
+        if self.device == "cuda" and self.plan is not None:
+            # loaded on CPU first: the plan may cast to fp8 or offload before anything reaches a GPU
+            placement.place_pipeline(pipe, self.plan)
+        else:
+            pipe = pipe.to(self.device)
+        self.pipe = pipe
+
+    async def __call__(self, prepared: Prepared, params: Any, progress: Progress | None = None) -> Generated:
+        """Serve entry point: runs `generate` on the model thread."""
+        return await self.on_model_thread(self.generate, prepared, params, progress)
+
+    def generate(self, prepared: Prepared, params: Any, progress: Progress | None = None) -> Generated:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def guarded(self, what: str) -> Iterator[metrics.DiffusionStages]:
+        """Around one request's model work (`what` describes its size for the out-of-memory
+        message): stage times and the GPU peak recorded when it succeeds, and every failure turned
+        into the request's own error; the replica keeps serving."""
         import torch
 
-        from deployments import tiny
+        try:
+            with metrics.diffusion_request(self.pipe, self.task) as stages, torch.inference_mode():
+                yield stages
+        except (Cancelled, TimedOut) as exc:
+            self.stopped(exc.code, str(exc))
+            raise
+        except torch.cuda.OutOfMemoryError as exc:
+            release_gpu_memory()
+            self.stopped(OutOfMemory.code, str(exc))
+            raise OutOfMemory(f"GPU out of memory at {what}: {exc}") from None
+        except (RuntimeError, ValueError) as exc:
+            raise ModelFailure(f"the model failed on this request: {exc}") from None
 
-        if self.num_threads:
-            torch.set_num_threads(self.num_threads)
-        device = "cuda" if self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available()) else "cpu"
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-            self.dtype, torch.bfloat16 if device == "cuda" else torch.float32
-        )
-        if self.source == "tiny":
-            directory = tiny.ensure_tiny(kind, cache_dir)
-        else:
-            directory = Path(self.source).expanduser()
-            if not (directory / "model_index.json").is_file():
-                raise FileNotFoundError(
-                    f"{section}.source {str(directory)!r} is not a local diffusers directory (no model_index.json); "
-                    "prepare it ahead"
-                )
-        pipe = tiny.load_pipeline(kind, directory, torch_dtype=dtype)
-        pipe.set_progress_bar_config(disable=True)
-        if device == "cuda" and plan is not None:
-            # loaded on CPU first: the plan may cast to fp8 or offload before anything reaches a GPU
-            placement.place_pipeline(pipe, plan)
-            return pipe, device
-        return pipe.to(device), device
+
+def to_uint8(images: Any) -> np.ndarray:
+    """A pipeline's float output in [0, 1] → uint8, rounded."""
+    return (np.clip(np.asarray(images), 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
 def step_callback(progress: Progress | None, total: int) -> Callable | None:
@@ -185,20 +281,3 @@ def release_gpu_memory() -> None:
 
     gc.collect()
     torch.cuda.empty_cache()
-
-
-def replica_location() -> dict[str, Any]:
-    """Where this process runs: pid, and under Ray the node id and the GPU ids Ray assigned (fake
-    GPUs included). Lets operators and tests see which node and cards a replica landed on."""
-    import os
-
-    location: dict[str, Any] = {"pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
-    try:
-        import ray
-
-        if ray.is_initialized():
-            location["node_id"] = ray.get_runtime_context().get_node_id()
-            location["gpu_ids"] = [str(gpu) for gpu in ray.get_gpu_ids()]
-    except ImportError:  # plain use without Ray (tests, GPU benchmarks)
-        pass
-    return location

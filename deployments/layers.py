@@ -50,23 +50,18 @@ raises `Cancelled` between steps when `progress.step` says stop.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
-import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
 import numpy as np
 from pydantic import field_validator, model_validator
 
-from deployments import metrics
-from deployments.errors import InvalidParameter, ModelFailure, OutOfMemory
-from deployments.diffusion import DiffusionConfig, DiffusionParams, release_gpu_memory, replica_location, step_callback
-from deployments.placement import Plan
+from deployments.diffusion import DiffusionConfig, DiffusionModel, DiffusionParams, step_callback, to_uint8
+from deployments.errors import InvalidParameter, ModelFailure
+from deployments.postprocess import LAYER_FORMATS
 from deployments.records import Generated, ImageSpec, Prepared, Progress
+from deployments.task import Task
 from deployments.validation import at_least
 
 #: The buckets `QwenImageLayeredPipeline` accepts (it asserts `resolution in [640, 1024]`).
@@ -79,6 +74,8 @@ class LayersParams(DiffusionParams):
     """Per-request choices for `layers`; None means "use the configured default". A None or blank
     `prompt` makes the model caption the image itself."""
 
+    prompt: str | None = None
+    """The whole image's description; blank → the model captions the image."""
     layers: int | None = None
     """How many RGBA layers to return (1 … `max_layers`)."""
     resolution: int | None = None
@@ -88,7 +85,11 @@ class LayersParams(DiffusionParams):
 
 
 class LayersModelConfig(DiffusionConfig):
-    """Settings of the LayersModel deployment (the shared ones are documented on DiffusionConfig)."""
+    """The `layers` section: the LayersModel deployment's settings (the shared ones are documented
+    on DiffusionConfig) and Serve options."""
+
+    task: ClassVar[Literal["layers"]] = "layers"
+    tiny_only: ClassVar[tuple[str, ...]] = ("tiny_edge",)
 
     default_steps: int = 50
     """Denoising steps when the request gives none."""
@@ -135,7 +136,24 @@ class LayersModelConfig(DiffusionConfig):
             raise ValueError(f"default_layers must be <= max_layers ({self.max_layers}), got {self.default_layers}")
         return self
 
-    def describe(self) -> dict[str, Any]:
+    def check_placement_request(self) -> None:
+        """The plan must hold the largest request this section admits."""
+        if self.placement.layers < self.max_layers:
+            raise ValueError(f"layers.placement.layers ({self.placement.layers}) must be >= layers.max_layers "
+                             f"({self.max_layers}): a request may ask for that many")
+        if self.placement.resolution < max(self.resolutions):
+            raise ValueError(f"layers.placement.resolution ({self.placement.resolution}) must be >= the largest "
+                             f"of layers.resolutions ({max(self.resolutions)})")
+
+    def limits(self, catalog: Any = None) -> dict[str, dict[str, Any]]:
+        return {
+            **super().limits(),
+            "layers": {"minimum": 1, "maximum": self.max_layers, "default": self.default_layers},
+            "resolution": {"enum": list(self.resolutions), "default": self.default_resolution},
+            "cfg_normalize": {"default": self.default_cfg_normalize},
+        }
+
+    def describe(self, catalog: Any = None) -> dict[str, Any]:
         """Defaults and limits a client may rely on (for `GET /v1/models`); loads nothing."""
         return {
             "resolutions": list(self.resolutions),
@@ -151,7 +169,7 @@ class LayersModelConfig(DiffusionConfig):
             "max_prompt_chars": self.max_prompt_chars,
         }
 
-    def resolve(self, params: LayersParams) -> LayersParams:
+    def resolve(self, params: LayersParams, catalog: Any = None) -> LayersParams:
         """Fill defaults and check ranges; raises InvalidParameter naming the field.
 
         A None or blank prompt resolves to "" (= caption the image); the caption itself is made
@@ -170,7 +188,7 @@ class LayersModelConfig(DiffusionConfig):
         return LayersParams(**common, layers=layers, resolution=resolution, cfg_normalize=normalize)
 
 
-class LayersModel:
+class LayersModel(DiffusionModel):
     """Qwen-Image-Layered (`QwenImageLayeredPipeline`): Prepared (RGBA) → Generated (N RGBA layers).
 
     `Generated.array` is a single uint8 array of shape (N, H, W, 4): the N layers, index 0 at the
@@ -181,40 +199,12 @@ class LayersModel:
 
     input_spec = ImageSpec(multiple=1, alpha=True)
     task = "layers"
-
-    def __init__(self, config: LayersModelConfig | None = None, cache_dir: Path | str = "~/.cache/imgserve") -> None:
-        self.config = config or LayersModelConfig()
-        self.cache_dir = Path(cache_dir).expanduser()
-        self.pipe: Any = None
-        self.device = "cpu"
-        self.plan: Plan | None = None
-        """The placement plan this replica was loaded with (None: one device, no planning)."""
-        self.loads = 0
-        """How many times the pipeline was loaded by this instance (a user-visible cost)."""
-        self.replica = f"{socket.gethostname()}:{os.getpid()}"
-        """Names the process serving a request (reported to clients, never embedded)."""
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layers-model")
-
-    # -- loading ---------------------------------------------------------------------------------
-    def load(self) -> None:
-        """Build or read the pipeline and move it to the device; a separate step from construction."""
-        self.plan = self.config.plan("layers")
-        self.pipe, self.device = self.config.open_pipeline("layered", self.cache_dir, "layers", self.plan)
-        self.loads += 1
-
-    def stats(self) -> dict[str, Any]:
-        """Which process serves, on which device, and how often the pipeline was loaded."""
-        return {**replica_location(), "device": self.device, "loads": self.loads,
-                "plan": self.plan.to_dict() if self.plan else None}
-
-    def check_health(self) -> None:
-        """Raises when the pipeline is not usable, so Ray Serve replaces the replica."""
-        if self.pipe is None:
-            raise RuntimeError("LayersModel pipeline is not loaded")
+    kind = "layered"
+    config_class = LayersModelConfig
 
     # -- sizes -----------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _sizes(self) -> Iterator[None]:
+    def sizes(self) -> Iterator[None]:
         """The tiny size patch around one call when `tiny_edge` is set; nothing otherwise."""
         if self.config.tiny_edge is None:
             yield
@@ -228,7 +218,7 @@ class LayersModel:
         """(width, height) the pipeline resizes a width×height input to, and its layers' size.
 
         Exactly the pipeline's computation: `calculate_dimensions(resolution², aspect)` (looked up
-        in diffusers' module at call time, so the tiny size patch applies inside `_sizes()`),
+        in diffusers' module at call time, so the tiny size patch applies inside `sizes()`),
         sides rounded to 32, then floored to the VAE factor × 2 (16).
         """
         from diffusers.pipelines.qwenimage import pipeline_qwenimage_layered as layered
@@ -262,18 +252,12 @@ class LayersModel:
         return text.strip()
 
     # -- serving ---------------------------------------------------------------------------------
-    async def __call__(self, prepared: Prepared, params: LayersParams, progress: Progress | None = None) -> Generated:
-        """Serve entry point: runs `generate` on the model's own thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.generate, prepared, params, progress)
-
     def generate(self, prepared: Prepared, params: LayersParams, progress: Progress | None = None) -> Generated:
         """One request: `progress` (optional) hears the stages and steps and can cancel between steps."""
         import torch
         from PIL import Image
 
         started = time.perf_counter()
-        metrics.reset_gpu_peak()
         # 1. validate
         params = self.config.resolve(params)
         array = prepared.array
@@ -284,50 +268,39 @@ class LayersModel:
         self.check_health()
         height, width = array.shape[:2]
         image = Image.fromarray(np.ascontiguousarray(array), "RGBA")
-        stages = metrics.DiffusionStages()
-        caption_s = 0.0
         if progress is not None:
             progress.stage("encode_prompt")  # the caption, when there is one, is part of it
-        try:
-            with self._sizes():
-                bucket = self.bucket_size(width, height, params.resolution)
-                if min(bucket) < 16:
-                    raise InvalidParameter(
-                        f"aspect ratio {width}x{height} is too extreme for the {params.resolution} bucket "
-                        f"(layers would be {bucket[0]}x{bucket[1]})", "image")
+        with self.sizes():
+            bucket = self.bucket_size(width, height, params.resolution)
+            if min(bucket) < 16:
+                raise InvalidParameter(
+                    f"aspect ratio {width}x{height} is too extreme for the {params.resolution} bucket "
+                    f"(layers would be {bucket[0]}x{bucket[1]})", "image")
+            with self.guarded(f"resolution {params.resolution}, {params.layers} layers, {params.steps} steps") as stages:
                 # 2. caption (only when the request has no prompt)
                 prompt, source = params.prompt, "request"
                 if not prompt:
                     start = time.perf_counter()
                     prompt = self.caption(image, bucket) or BLANK_CAPTION_PROMPT
-                    caption_s = time.perf_counter() - start
+                    stages.seconds["caption"] = time.perf_counter() - start
                     source = "caption"
                 # 3. run
                 generator = torch.Generator(device="cpu").manual_seed(params.seed)
-                with stages.around(self.pipe), torch.inference_mode():
-                    output = self.pipe(
-                        image=image,
-                        prompt=prompt,
-                        # only used with cfg > 1; passing it otherwise just logs a warning
-                        negative_prompt=params.negative_prompt if params.cfg > 1 else None,
-                        true_cfg_scale=params.cfg,
-                        layers=params.layers,
-                        num_inference_steps=params.steps,
-                        resolution=params.resolution,
-                        cfg_normalize=params.cfg_normalize,
-                        use_en_prompt=self.config.caption_language == "en",
-                        generator=generator,
-                        output_type="np",
-                        callback_on_step_end=step_callback(progress, params.steps),
-                    )
-        except torch.cuda.OutOfMemoryError as exc:
-            release_gpu_memory()
-            raise OutOfMemory(
-                f"GPU out of memory at resolution {params.resolution}, {params.layers} layers, "
-                f"{params.steps} steps: {exc}"
-            ) from None
-        except (RuntimeError, ValueError) as exc:
-            raise ModelFailure(f"the model failed on this request: {exc}") from None
+                output = self.pipe(
+                    image=image,
+                    prompt=prompt,
+                    # only used with cfg > 1; passing it otherwise just logs a warning
+                    negative_prompt=params.negative_prompt if params.cfg > 1 else None,
+                    true_cfg_scale=params.cfg,
+                    layers=params.layers,
+                    num_inference_steps=params.steps,
+                    resolution=params.resolution,
+                    cfg_normalize=params.cfg_normalize,
+                    use_en_prompt=self.config.caption_language == "en",
+                    generator=generator,
+                    output_type="np",
+                    callback_on_step_end=step_callback(progress, params.steps),
+                )
         # 4. package
         frames = np.asarray(output.images[0])  # (layers, H, W, 4) float in [0, 1]
         if frames.shape != (params.layers, bucket[1], bucket[0], 4):
@@ -335,10 +308,8 @@ class LayersModel:
                 f"the pipeline returned layers of shape {frames.shape}, expected "
                 f"{(params.layers, bucket[1], bucket[0], 4)}"
             )
-        result = (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-        seconds = {"caption": caption_s, **stages.seconds, "total": time.perf_counter() - started}
-        metrics.record_stages(self.task, seconds)
-        metrics.record_gpu_peak(self.task)
+        seconds = {"caption": stages.seconds.pop("caption", 0.0), **stages.seconds,
+                   "total": time.perf_counter() - started}
         used = {
             "task": self.task,
             **params.model_dump(),
@@ -347,7 +318,15 @@ class LayersModel:
             "layer_size": f"{bucket[0]}x{bucket[1]}",
         }
         served = {"replica": self.replica, "timings_s": {k: round(v, 6) for k, v in seconds.items()}}
-        return Generated(array=result, info=prepared.info, params=used, served=served)
+        return Generated(array=to_uint8(frames), info=prepared.info, params=used, served=served)
 
 
-__all__ = ["BLANK_CAPTION_PROMPT", "RESOLUTIONS", "LayersModel", "LayersModelConfig", "LayersParams"]
+TASK = Task(
+    name="layers",
+    summary="image → N RGBA layers as ZIP or PSD (Qwen-Image-Layered)",
+    model=LayersModel,
+    params=LayersParams,
+    section=LayersModelConfig,
+    formats=LAYER_FORMATS,
+    headers=("steps", "cfg", "seed", "layers", "resolution", "layer_size"),
+)

@@ -1,33 +1,28 @@
-"""RealModel deployment: 2.5D / anime / cartoon art → photoreal person with Qwen-Image-Edit-2511.
+"""The `real` task: 2.5D / anime / cartoon art → photoreal person with Qwen-Image-Edit-2511.
 
-Receives a `Prepared` array and resolved `RealParams`, runs diffusers' `QwenImageEditPlusPipeline`
-and returns a `Generated` array at the model size. Knows nothing about HTTP, jobs or encoding.
-Construction only stores the config; `load()` builds or reads the pipeline (a separate step, so a
-test or a GPU benchmark can construct the class directly, without Ray). Torch work runs on one
-long-lived thread, because torch's intra-op thread pool is per thread and a fresh thread per
-request costs tens of milliseconds.
+`RealModel` receives a `Prepared` array and resolved `RealParams`, runs diffusers'
+`QwenImageEditPlusPipeline` with the request's LoRA version active, and returns a `Generated` array
+at the model size. LoRA versions are hot-swapped on the loaded base: a replica keeps
+`max_adapters_per_replica` of them resident (LRU), and Serve routes a request to a replica that
+holds its version (`TASK.route`). Knows nothing about HTTP, jobs or encoding.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import socket
 import warnings
 from collections import Counter, OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import field_validator
 
 from deployments import metrics
-from deployments.diffusion import DiffusionConfig, DiffusionParams, release_gpu_memory, replica_location, step_callback
-from deployments.errors import Cancelled, InvalidParameter, ModelFailure, OutOfMemory, TimedOut
-from deployments.placement import Plan
+from deployments.diffusion import MIN_STEPS, DiffusionConfig, DiffusionModel, DiffusionParams, step_callback, to_uint8
+from deployments.errors import InvalidParameter
 from deployments.lora import NONE, LoraStore, check_name, diffusers_state_dict, ensure_tiny_loras, inspect_lora, linear_shapes
 from deployments.records import Generated, ImageSpec, Prepared, Progress
+from deployments.task import Task, choice_schema
 from deployments.validation import at_least
 
 DEFAULT_PROMPT = "transform the image to realistic photograph, high quality, 4k, natural skin texture"
@@ -36,13 +31,19 @@ DEFAULT_PROMPT = "transform the image to realistic photograph, high quality, 4k,
 class RealParams(DiffusionParams):
     """Per-request choices for `real`; None means "use the configured default"."""
 
+    prompt: str | None = None
+    """What the result should show; blank → the default prompt."""
     lora: str | None = None
-    """LoRA version (a file stem in the LoRA directory) or `none` for the base alone;
-    None → the configured default (the newest version unless `default_lora` says otherwise)."""
+    """LoRA version (a file stem in the LoRA directory; GET /v1/models lists them) or `none` for the
+    base alone; None → the configured default (the newest version unless `default_lora` says otherwise)."""
 
 
 class RealModelConfig(DiffusionConfig):
-    """Settings of the RealModel deployment (the shared ones are documented on DiffusionConfig)."""
+    """The `real` section: the RealModel deployment's settings (the shared ones are documented on
+    DiffusionConfig) and Serve options."""
+
+    task: ClassVar[Literal["real"]] = "real"
+    tiny_only: ClassVar[tuple[str, ...]] = ("condition_area",)
 
     default_prompt: str = DEFAULT_PROMPT
     """Prompt used when the request gives none."""
@@ -75,12 +76,30 @@ class RealModelConfig(DiffusionConfig):
                 raise ValueError(f"default_lora: {exc.message}") from None
         return value
 
+    def check_input_edge(self, max_long_edge: int) -> None:
+        if self.placement is not None and self.placement.resolution < max_long_edge:
+            raise ValueError(f"real.placement.resolution ({self.placement.resolution}) must be >= "
+                             f"preprocess.max_long_edge ({max_long_edge}): inputs reach the model that large")
+
+    def resident_limit(self) -> int:
+        return self.max_adapters_per_replica
+
     def lora_store(self, cache_dir: Path | str) -> LoraStore | None:
         """The store of LoRA versions this config names (generating the tiny ones if asked)."""
         if self.lora_dir is None:
             return None
         directory = ensure_tiny_loras(cache_dir) if self.lora_dir == "tiny" else Path(self.lora_dir)
         return LoraStore(directory, rescan_s=self.lora_rescan_s)
+
+    catalog = lora_store
+
+    def transformer_dir(self, cache_dir: Path | str) -> Path:
+        """The base transformer's directory (what LoRA files are checked against)."""
+        if self.source == "tiny":
+            from deployments.tiny import ensure_tiny
+
+            return ensure_tiny("edit", Path(cache_dir).expanduser()) / "transformer"
+        return Path(self.source).expanduser() / "transformer"
 
     def resolve(self, params: RealParams, store: LoraStore | None = None) -> RealParams:
         """Fill defaults and check ranges; raises InvalidParameter naming the field."""
@@ -93,38 +112,37 @@ class RealModelConfig(DiffusionConfig):
             store.path(lora)  # refuses paths and unknown versions, listing the valid ones
         return RealParams(**common, lora=lora)
 
+    def describe(self, store: LoraStore | None = None) -> dict[str, Any]:
+        versions = store.versions() if store else []
+        return {
+            "defaults": {"prompt": self.default_prompt, "negative_prompt": self.default_negative_prompt,
+                         "steps": self.default_steps, "cfg": self.default_cfg},
+            "limits": {"steps": [MIN_STEPS, self.max_steps], "cfg": [1.0, self.max_cfg]},
+            "lora": {"versions": [NONE, *versions],
+                     "default": self.default_lora or (versions[-1] if versions else NONE)},
+        }
 
-class RealModel:
+    def limits(self, store: LoraStore | None = None) -> dict[str, dict[str, Any]]:
+        return {**super().limits(), "lora": choice_schema([NONE, *(store.versions() if store else [])])}
+
+
+class RealModel(DiffusionModel):
     """Qwen-Image-Edit-2511 (`QwenImageEditPlusPipeline`): Prepared → Generated."""
 
     input_spec = ImageSpec(multiple=16, alpha=False)
     task = "real"
+    kind = "edit"
+    config_class = RealModelConfig
 
     def __init__(self, config: RealModelConfig | None = None, cache_dir: Path | str = "~/.cache/imgserve") -> None:
-        self.config = config or RealModelConfig()
-        self.cache_dir = Path(cache_dir).expanduser()
-        self.pipe: Any = None
-        self.device = "cpu"
-        self.plan: Plan | None = None
-        """The placement plan this replica was loaded with (None: one device, no planning)."""
-        self.loads = 0
-        """How many times the base pipeline was loaded by this instance (a user-visible cost)."""
+        super().__init__(config, cache_dir)
         self.store: LoraStore | None = None
         self.adapter_loads: Counter[str] = Counter()
         """LoRA version → how many times it was read from disk into this replica."""
         self._resident: OrderedDict[str, None] = OrderedDict()  # LRU of loaded versions
         self._linear_shapes: dict[str, tuple[int, int]] = {}
-        self.replica = f"{socket.gethostname()}:{os.getpid()}"
-        """Names the process serving a request (reported to clients, never embedded)."""
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="real-model")
-        self.stops: Counter[str] = Counter()
-        """Requests the pipeline call stopped or failed, by reason (cancelled, timeout,
-        out_of_memory); a time limit already past before the call is not counted."""
-        self.last_stop: dict[str, Any] | None = None
 
-    # -- loading ---------------------------------------------------------------------------------
-    def load(self) -> None:
-        """Build or read the pipeline and move it to the device; a separate step from construction."""
+    def load_model(self) -> None:
         from deployments import tiny
 
         # Several named adapters on one transformer is exactly what hot swapping means here.
@@ -132,23 +150,11 @@ class RealModel:
         self.store = self.config.lora_store(self.cache_dir)
         if self.config.condition_area:
             tiny.set_condition_areas(self.config.condition_area, self.config.condition_area)
-        self.plan = self.config.plan("real")
-        self.pipe, self.device = self.config.open_pipeline("edit", self.cache_dir, "real", self.plan)
+        super().load_model()
         self._linear_shapes = linear_shapes(self.pipe.transformer)
-        self.loads += 1
 
-    def stats(self) -> dict[str, Any]:
-        """Which process serves, on which device, and how often the base pipeline was loaded."""
-        return {
-            **replica_location(),
-            "device": self.device,
-            "plan": self.plan.to_dict() if self.plan else None,
-            "loads": self.loads,
-            "adapters": list(self._resident),
-            "adapter_loads": dict(self.adapter_loads),
-            "stops": dict(self.stops),
-            "last_stop": self.last_stop,
-        }
+    def extra_stats(self) -> dict[str, Any]:
+        return {"adapters": list(self._resident), "adapter_loads": dict(self.adapter_loads)}
 
     # -- LoRA ------------------------------------------------------------------------------------
     def ensure_adapter(self, version: str) -> str:
@@ -188,8 +194,7 @@ class RealModel:
     async def adapter(self, version: str) -> str:
         """Serve path: make `version` resident on the model thread. The app builder wraps this with
         `serve.multiplexed`, which tells the router which replica holds which version."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.ensure_adapter, version)
+        return await self.on_model_thread(self.ensure_adapter, version)
 
     def _activate(self, version: str) -> None:
         if version == NONE:
@@ -200,31 +205,23 @@ class RealModel:
         self.pipe.enable_lora()
         self.pipe.set_adapters([version])
 
-    def check_health(self) -> None:
-        """Raises when the pipeline is not usable, so Ray Serve replaces the replica."""
-        if self.pipe is None:
-            raise RuntimeError("RealModel pipeline is not loaded")
-
     # -- serving ---------------------------------------------------------------------------------
     async def __call__(self, prepared: Prepared, params: RealParams, progress: Progress | None = None) -> Generated:
-        """Serve entry point: runs `generate` on the model's own thread."""
+        """Serve entry point: the version made resident, then `generate` on the model thread."""
         loads_before = self.adapter_loads.total()
         if params.lora and params.lora != NONE:
             await self.adapter(params.lora)
-        loop = asyncio.get_running_loop()
-        generated = await loop.run_in_executor(self._executor, self.generate, prepared, params, progress)
+        generated = await self.on_model_thread(self.generate, prepared, params, progress)
         if params.lora != NONE:
             generated.served["lora_load"] = "cold" if self.adapter_loads.total() > loads_before else "warm"
             if generated.served["lora_load"] == "warm":  # loads are counted where they happen
                 metrics.lora_events.inc(tags={"event": "hit", "version": params.lora})
         return generated
 
-    def _stopped(self, reason: str, message: str) -> None:
-        self.stops[reason] += 1
-        self.last_stop = {"reason": reason, "message": message}
-
     def generate(self, prepared: Prepared, params: RealParams, progress: Progress | None = None) -> Generated:
         import torch
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
+        from PIL import Image
 
         # 1. validate
         params = self.config.resolve(params, self.store)
@@ -235,8 +232,6 @@ class RealModel:
         multiple = self.input_spec.multiple
         if height % multiple or width % multiple:
             raise InvalidParameter(f"sides must be multiples of {multiple}, got {width}x{height}", "image")
-        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
-
         # diffusers resizes the input to about CONDITION_IMAGE_SIZE and VAE_IMAGE_SIZE pixels at its
         # aspect, each side rounded to 32: a side rounded to 0 fails inside the pipeline (a 500), so
         # an aspect that extreme (e.g. 1x10000 with the demo's small condition areas) is refused here
@@ -246,43 +241,45 @@ class RealModel:
             raise InvalidParameter(f"aspect ratio {width}x{height} is too extreme for this model (its condition "
                                    f"images would be {' and '.join(f'{w}x{h}' for w, h in conditions)})", "image")
         self.check_health()
-        # 2. resolve adapter
+        # 2. the request's adapter
         loads_before = self.adapter_loads.total()
         self._activate(params.lora)
         # 3. run
-        from PIL import Image
-
         generator = torch.Generator(device="cpu").manual_seed(params.seed)
         if progress is not None:
             progress.stage("encode_prompt")
-        try:
-            with metrics.diffusion_request(self.pipe, self.task), torch.inference_mode():
-                output = self.pipe(
-                    image=[Image.fromarray(array)],
-                    prompt=params.prompt,
-                    negative_prompt=params.negative_prompt,
-                    true_cfg_scale=params.cfg,
-                    num_inference_steps=params.steps,
-                    height=height,
-                    width=width,
-                    generator=generator,
-                    output_type="np",
-                    callback_on_step_end=step_callback(progress, params.steps),
-                )
-        except (Cancelled, TimedOut) as exc:
-            self._stopped(exc.code, str(exc))
-            raise
-        except torch.cuda.OutOfMemoryError as exc:
-            release_gpu_memory()
-            self._stopped(OutOfMemory.code, str(exc))
-            raise OutOfMemory(f"GPU out of memory at {width}x{height}, {params.steps} steps: {exc}") from None
-        except (RuntimeError, ValueError) as exc:
-            raise ModelFailure(f"the model failed on this request: {exc}") from None
+        with self.guarded(f"{width}x{height}, {params.steps} steps"):
+            output = self.pipe(
+                image=[Image.fromarray(array)],
+                prompt=params.prompt,
+                negative_prompt=params.negative_prompt,
+                true_cfg_scale=params.cfg,
+                num_inference_steps=params.steps,
+                height=height,
+                width=width,
+                generator=generator,
+                output_type="np",
+                callback_on_step_end=step_callback(progress, params.steps),
+            )
         # 4. package
-        image = np.asarray(output.images[0])
-        result = (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
         served: dict[str, Any] = {"replica": self.replica}
         if params.lora != NONE:
             served["lora_load"] = "cold" if self.adapter_loads.total() > loads_before else "warm"
-        return Generated(array=result, info=prepared.info, params={"task": self.task, **params.model_dump()},
-                         served=served)
+        return Generated(array=to_uint8(output.images[0]), info=prepared.info,
+                         params={"task": self.task, **params.model_dump()}, served=served)
+
+
+def _route(params: RealParams) -> str | None:
+    """Requests for one version go to a replica that holds it (the base alone needs no routing)."""
+    return params.lora if params.lora and params.lora != NONE else None
+
+
+TASK = Task(
+    name="real",
+    summary="2.5D / anime / cartoon art → photoreal person (Qwen-Image-Edit-2511 with LoRA versions)",
+    model=RealModel,
+    params=RealParams,
+    section=RealModelConfig,
+    headers=("steps", "cfg", "seed", "lora"),
+    route=_route,
+)

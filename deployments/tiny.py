@@ -3,24 +3,21 @@ offline demo profile; writes them in diffusers layout into a directory; never do
 classes are ``QwenImageEditPlusPipeline`` (Qwen-Image-Edit-2509/2511) and
 ``QwenImageLayeredPipeline`` (Qwen-Image-Layered); their outputs are noise, but every code path of
 the real pipelines runs (Qwen2.5-VL prompt encoding with the processor, VAE encode/decode, MMDiT
-transformer, flow-matching scheduler, true CFG, LoRA loading), and ``load_pipeline`` loads a real
-local checkout the same way.
+transformer, flow-matching scheduler, true CFG, LoRA loading), and they load like a real local
+checkout (``deployments.checkpoints.load_pipeline``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator
 
 import torch
-from transformers import Qwen2VLProcessor
 
 from deployments.cachedir import build_once
-
-Kind = Literal["edit", "layered"]
+from deployments.checkpoints import Kind, NoVideoProcessor, pipeline_class
 
 #: Bump when the tiny architecture/configs below change, so cached directories are rebuilt.
 TINY_VERSION = "v1"
@@ -59,34 +56,8 @@ QWEN_IMAGE_SCHEDULER_CONFIG = {
 }
 
 
-class NoVideoProcessor(Qwen2VLProcessor):
-    """A ``Qwen2VLProcessor`` without the video sub-processor.
-
-    In transformers 5.x ``Qwen2VLProcessor`` insists on a video processor, which needs torchvision;
-    there is no CPU torchvision build here. The Qwen-Image pipelines only ever pass images, so this
-    subclass passes ``None`` for the video processor. Built fresh it gets a
-    ``Qwen2VLImageProcessorPil``; loaded with ``NoVideoProcessor.from_pretrained(dir)`` from a
-    directory written by a ``Qwen2VLProcessor`` (tiny or real), ``AutoImageProcessor`` resolves the
-    saved ``Qwen2VLImageProcessor`` config to that same PIL backend when torchvision is missing.
-    """
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        kwargs.pop("video_processor", None)
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-
 # --------------------------------------------------------------------------------------------
 # building
-
-
-def _pipeline_class(kind: Kind):
-    """The one place that maps a task kind to its diffusers pipeline class."""
-    from diffusers import QwenImageEditPlusPipeline, QwenImageLayeredPipeline
-
-    classes = {"edit": QwenImageEditPlusPipeline, "layered": QwenImageLayeredPipeline}
-    if kind not in classes:
-        raise ValueError(f"kind must be one of {sorted(classes)}, got {kind!r}")
-    return classes[kind]
 
 
 def _tiny_tokenizer():
@@ -203,7 +174,7 @@ def _build(kind: Kind, seed: int):
         # RGBA VAE; z_dim must differ from 4, or a 4-channel image is mistaken for latents.
         vae = _tiny_vae(seed, input_channels=4, z_dim=8)
         transformer = _tiny_transformer(seed, z_dim=8, layered=True)
-    return _pipeline_class(kind)(
+    return pipeline_class(kind)(
         scheduler=_tiny_scheduler(),
         vae=vae,
         text_encoder=_tiny_text_encoder(tokenizer, seed),
@@ -237,7 +208,7 @@ def save_tiny(pipe, directory: Path) -> None:
     is rewritten to ``["transformers", "Qwen2VLProcessor"]`` as in the real checkpoints (and so is
     ``processor_class`` in ``processor/processor_config.json``, which also gets the video processor
     entry that a stock ``Qwen2VLProcessor`` needs), so the directory looks and loads like a real
-    one (see :func:`load_pipeline`).
+    one (see ``deployments.checkpoints.load_pipeline``).
     """
     directory = Path(directory)
     pipe.save_pretrained(directory)
@@ -267,7 +238,7 @@ def save_tiny(pipe, directory: Path) -> None:
 
 def tiny_dir(kind: Kind, cache_dir: Path) -> Path:
     """Where :func:`ensure_tiny` keeps the tiny pipeline of ``kind``."""
-    _pipeline_class(kind)  # validates kind
+    pipeline_class(kind)  # validates kind
     return Path(cache_dir) / f"tiny-qwen-{kind}-{TINY_VERSION}"
 
 
@@ -281,30 +252,6 @@ def ensure_tiny(kind: Kind, cache_dir: Path) -> Path:
         lambda tmp: save_tiny(_build(kind, seed=0), tmp),
         lambda final: (final / "model_index.json").is_file(),
     )
-
-
-# --------------------------------------------------------------------------------------------
-# loading
-
-
-def _torchvision_available() -> bool:
-    return importlib.util.find_spec("torchvision") is not None
-
-
-def load_pipeline(kind: Kind, directory: Path, torch_dtype: torch.dtype = torch.float32):
-    """Load a Qwen-Image pipeline of ``kind`` from a local diffusers directory; never downloads.
-
-    Works for the tiny directories written here and for real local checkouts of
-    Qwen-Image-Edit-2509/2511 (``kind="edit"``) and Qwen-Image-Layered (``kind="layered"``).
-    Where torchvision is importable the processor is loaded by diffusers as usual; where it is not,
-    the stock ``Qwen2VLProcessor`` cannot be built, so :class:`NoVideoProcessor` is loaded from
-    ``directory / "processor"`` and passed in.
-    """
-    directory = Path(directory)
-    kwargs = {"local_files_only": True, "dtype": torch_dtype}  # diffusers 0.42: `torch_dtype` is deprecated
-    if not _torchvision_available():
-        kwargs["processor"] = NoVideoProcessor.from_pretrained(directory / "processor", local_files_only=True)
-    return _pipeline_class(kind).from_pretrained(directory, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,12 +315,10 @@ def small_layered_sizes(edge_per_640: int = 64) -> Iterator[None]:
 __all__ = [
     "DEFAULT_TEXT_AREA",
     "DEFAULT_VAE_AREA",
-    "NoVideoProcessor",
     "QWEN_IMAGE_SCHEDULER_CONFIG",
     "build_tiny_edit_pipeline",
     "build_tiny_layered_pipeline",
     "ensure_tiny",
-    "load_pipeline",
     "save_tiny",
     "set_condition_areas",
     "small_layered_sizes",

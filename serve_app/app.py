@@ -1,8 +1,11 @@
 """Builds the one driver graph from a validated config: `serve_app.app:build_app(args)`.
 
-Ingress → Preprocess (CPU) → model (GPU or CPU) → Postprocess (CPU), composed by handles passed to
-`.bind()`. Deployment classes are plain classes; this module alone attaches Ray Serve options from
-config, and for model classes makes Serve call their separate `load()` step when a replica starts.
+Ingress → Preprocess (CPU) → each task's model (GPU or CPU) → Postprocess (CPU), plus the job
+runner, composed by handles passed to `.bind()`. The builder loops over a task registry: one model
+deployment per task, named after its model class, with the Serve options its section asks for
+(placement included). Deployment classes are plain classes; this module alone attaches Ray Serve
+options, makes Serve call a model's separate `load()` step when a replica starts, and routes a
+task's requests by its choice (`serve.multiplexed`) where the task says so.
 """
 
 from __future__ import annotations
@@ -12,23 +15,22 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from deployments import placement
-from deployments.anime import AnimeModel
-from deployments.layers import LayersModel
+from deployments.options import DeploymentOptions
 from deployments.postprocess import Postprocess
 from deployments.preprocess import Preprocess
-from deployments.real import RealModel
-from serve_app.config import AppConfig, DeploymentOptions, LayersSection, RealSection, load_config
+from deployments.task import Task, Tasks, TaskSection
+from deployments.tasks import TASKS
+from serve_app.config import JobsSection, load_config
 from serve_app.ingress import Ingress
 from serve_app.jobs import JobRunner
-from serve_app.pipeline import Pipeline
+from serve_app.orchestrator import Handles, Orchestrator
 
 
-def loading(cls: type, max_adapters: int | None = None) -> type:
+def loading(cls: type, resident: int | None = None) -> type:
     """A subclass of a model class whose constructor also loads it: what a Serve replica needs.
 
-    With `max_adapters`, the class's `adapter(version)` method is wrapped with `serve.multiplexed`,
-    so Serve routes a request for a version to a replica that already holds it.
+    With `resident`, the class's `adapter(choice)` method is wrapped with `serve.multiplexed`, so
+    Serve routes a request for a choice to a replica that already holds it.
     """
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -36,19 +38,19 @@ def loading(cls: type, max_adapters: int | None = None) -> type:
         self.load()
 
     namespace: dict[str, Any] = {"__init__": __init__}
-    if max_adapters is not None:
-        namespace["adapter"] = serve.multiplexed(max_num_models_per_replica=max_adapters)(cls.adapter)
+    if resident is not None:
+        namespace["adapter"] = serve.multiplexed(max_num_models_per_replica=resident)(cls.adapter)
     return type(cls.__name__, (cls,), namespace)
 
 
 class ServedJobRunner(JobRunner):
-    """The job runner as a Serve replica: builds its pipeline from handles, reaches itself through
-    its own handle (model replicas report progress there), and starts dispatching."""
+    """The job runner as a Serve replica: reaches itself through its own handle (model replicas
+    report progress there), and starts dispatching."""
 
-    async def __init__(self, config: AppConfig, preprocess: Any, models: dict[str, Any], postprocess: Any) -> None:
+    async def __init__(self, config: JobsSection, orchestrator: Orchestrator) -> None:
         context = serve.get_replica_context()
         handle = serve.get_deployment_handle(context.deployment, context.app_name)
-        JobRunner.__init__(self, config.jobs, Pipeline(config, preprocess, models, postprocess), handle)
+        JobRunner.__init__(self, config, orchestrator, handle)
         await self.start()
 
 
@@ -59,21 +61,11 @@ def deployment(cls: type, options: DeploymentOptions | dict[str, Any], name: str
     return serve.deployment(cls, name=name or cls.__name__).options(**options)
 
 
-def model_options(section: RealSection | LayersSection, task: str) -> dict[str, Any]:
-    """Serve options of a diffusion model deployment: from config, and with `placement` the GPUs,
-    custom resources and placement-group bundle its plan needs (exactly those, no more)."""
-    options = section.serve.serve_options()
-    plan = section.plan(task)
-    if plan is None:
-        return options
-    actor = dict(options["ray_actor_options"])
-    planned = placement.ray_options(plan, section.placement, num_cpus=actor.get("num_cpus", 1))
-    resources = {**actor.get("resources", {}), **planned["ray_actor_options"].get("resources", {})}
-    options["ray_actor_options"] = {**actor, **planned["ray_actor_options"], **({"resources": resources} if resources else {})}
-    for key in ("placement_group_bundles", "placement_group_strategy"):
-        if key in planned:
-            options[key] = planned[key]
-    return options
+def model_deployment(task: Task, section: TaskSection, cache_dir: Any, cls: type | None = None) -> Application:
+    """The task's model deployment, bound to its section; `cls` substitutes a subclass of its model."""
+    resident = section.resident_limit() if task.route is not None else None
+    served = loading(cls or task.model, resident)
+    return deployment(served, section.serve_options(), name=task.deployment).bind(section, cache_dir)
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -81,16 +73,22 @@ def build_app(args: dict[str, Any]) -> Application:
     return build_graph(args)
 
 
-def build_graph(args: dict[str, Any] | AppConfig | None = None, *, real_cls: type = RealModel) -> Application:
-    """The graph; `real_cls` lets tests substitute a subclass of the model (e.g. a gated one)."""
-    config = load_config(args)
-    preprocess = deployment(Preprocess, config.preprocess.serve).bind(config.preprocess)
-    postprocess = deployment(Postprocess, config.postprocess.serve).bind(config.postprocess)
-    real_cls = loading(real_cls, max_adapters=config.real.max_adapters_per_replica)
-    real = deployment(real_cls, model_options(config.real, "real"), name="RealModel").bind(config.real, config.cache_dir)
-    layers = deployment(loading(LayersModel), model_options(config.layers, "layers"), name="LayersModel").bind(
-        config.layers, config.cache_dir)
-    anime = deployment(loading(AnimeModel), config.anime.serve, name="AnimeModel").bind(config.anime, config.cache_dir)
-    models = {"real": real, "anime": anime, "layers": layers}
-    jobs = deployment(ServedJobRunner, config.jobs.serve, name="JobRunner").bind(config, preprocess, models, postprocess)
-    return deployment(Ingress, config.ingress.serve).bind(config, preprocess, models, postprocess, jobs)
+def build_graph(args: dict[str, Any] | None = None, *, tasks: Tasks = TASKS,
+                models: dict[str, type] | None = None) -> Application:
+    """The graph of `tasks` (the built-in ones by default); `models` lets tests substitute a
+    subclass of a task's model class (e.g. a gated one), by task name."""
+    config = load_config(args, tasks)
+    models = models or {}
+    unknown = sorted(set(models) - set(tasks.names))
+    if unknown:
+        raise ValueError(f"models given for tasks that are not in the registry: {unknown}")
+    handles = Handles(
+        preprocess=deployment(Preprocess, config.preprocess.serve).bind(config.preprocess),
+        models={task.name: model_deployment(task, config.section(task.name), config.cache_dir, models.get(task.name))
+                for task in tasks},
+        postprocess=deployment(Postprocess, config.postprocess.serve).bind(config.postprocess),
+    )
+    orchestrator = Orchestrator(tasks, config.sections(), config.preprocess, config.cache_dir, handles)
+    jobs = deployment(ServedJobRunner, config.jobs.serve, name="JobRunner").bind(config.jobs, orchestrator)
+    return deployment(serve.ingress()(Ingress), config.ingress.serve, name="Ingress").bind(
+        config.ingress, orchestrator, jobs)

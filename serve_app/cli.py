@@ -21,6 +21,7 @@ import os
 import sys
 from pathlib import Path
 
+from deployments.tasks import TASKS
 from serve_app.client import Client, ServiceError, progress_line
 
 
@@ -43,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     real.add_argument("--format", default="png", choices=["png", "webp", "jpeg"])
     submit = commands.add_parser("submit", help="queue a job, show its progress, save the result")
     submit.add_argument("image", help="input image file")
-    submit.add_argument("--task", required=True, choices=["real", "anime", "layers"])
+    submit.add_argument("--task", required=True, choices=TASKS.names)
     submit.add_argument("-o", "--output", required=True, help="where to write the result")
     submit.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a task field, e.g. --set steps=20 --set lora=v2511-0823 (repeatable)")
@@ -54,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     base.add_argument("--config", help="a Serve config YAML: check against its real.source")
     base.add_argument("--base", help="a local Qwen-Image-Edit directory (diffusers layout)")
     plan = commands.add_parser("plan", help="memory placement of a diffusion replica on given GPUs (offline)")
-    plan.add_argument("--task", required=True, choices=["real", "layers"])
+    plan.add_argument("--task", required=True, choices=[task.name for task in TASKS if "placement" in task.section.model_fields])
     plan.add_argument("--gpus", required=True, help="GPUs one replica owns, COUNTxGB (e.g. 1x24, 2x24, 1x80)")
     plan.add_argument("--resolution", type=int, default=1024, help="longest pixel edge to plan for")
     plan.add_argument("--layers", type=int, default=8, help="layers task: layer count to plan for")
@@ -117,11 +118,7 @@ def _transformer_dir(config_path: str | None, base: str | None) -> Path | None:
 
     document = yaml.safe_load(Path(config_path).read_text())
     config = load_config(document["applications"][0]["args"])
-    if config.real.source == "tiny":
-        from deployments.tiny import ensure_tiny
-
-        return ensure_tiny("edit", config.cache_dir) / "transformer"
-    return Path(config.real.source).expanduser() / "transformer"
+    return config.section("real").transformer_dir(config.cache_dir)
 
 
 def lora_inspect(file: str, config_path: str | None, base: str | None) -> int:
@@ -140,7 +137,7 @@ def key_command(command: str) -> int:
     """`imgserve key new`: a key (give it to the client) and its digest (put it into
     `ingress.api_keys_sha256` or $IMGSERVE_API_KEYS_SHA256); `imgserve key hash`: the digest of a
     key read from stdin (one line; surrounding whitespace ignored)."""
-    from serve_app.access import hash_key, key_id, new_key
+    from serve_app.keys import hash_key, key_id, new_key
 
     if command == "new":
         key, digest = new_key()

@@ -1,90 +1,30 @@
-"""The application's configuration: one pydantic model (`AppConfig`) validating a Serve YAML's `args`.
+"""The application's configuration: one pydantic model validating a Serve YAML's `args`.
 
-Each deployment owns its own small config model (in `deployments/`); a section here is that model
-plus a `serve:` block of Ray Serve options (`DeploymentOptions`). Every field is documented where it
-is declared; bad values are refused with a message naming the field and the value, never repaired.
+`AppConfig` has the fixed sections (ingress, preprocess, postprocess, jobs) and one section per
+task of the registry (`deployments.tasks.TASKS`: `real`, `anime`, `layers`), each the task's own
+section model (`Task.section`: its model's settings plus a `serve:` block of Ray Serve options).
+`config_model(tasks)` builds the model for another registry (a test's extra task). Every field is
+documented where it is declared; bad values are refused with a message naming the field and the
+value, never repaired. A leaf: imports pydantic and the section models, never Ray, FastAPI or
+Starlette, so `imgserve plan`, `imgserve kuberay` and `imgserve lora inspect` run without them.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from deployments.anime import AnimeModelConfig
-from deployments.placement import DoesNotFit
-from deployments.validation import at_least
-from deployments.layers import LayersModelConfig
+from deployments.options import DeploymentOptions
 from deployments.postprocess import PostprocessConfig
 from deployments.preprocess import PreprocessConfig
-from deployments.real import RealModelConfig
-from serve_app.access import check_digest
-from serve_app.jobs import JobsConfig
-
-_ACTOR_OPTION_KEYS = {"num_cpus", "num_gpus", "memory", "resources", "runtime_env", "accelerator_type"}
-
-
-class DeploymentOptions(BaseModel):
-    """Ray Serve options of one deployment, applied by the builder with `.options(...)`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    num_replicas: int | None = 1
-    """Fixed replica count; must be None (null) when `autoscaling_config` is given."""
-    autoscaling_config: dict[str, Any] | None = None
-    """Ray Serve autoscaling (min_replicas, max_replicas, target_ongoing_requests, delays)."""
-    max_ongoing_requests: int = 4
-    """Requests a replica works on at once; model replicas use 1: never batch diffusion prompts."""
-    max_queued_requests: int = -1
-    """Requests waiting per caller for this deployment beyond which callers get backpressure
-    (HTTP 503 with Retry-After); -1 means unbounded."""
-    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0.25})
-    """Ray resources per replica: num_cpus, num_gpus, memory, resources (e.g. {"rtx4090": 1}),
-    runtime_env. Fractional values are allowed, so the demo fits a 2-core machine."""
-    health_check_period_s: float = 10.0
-    """Seconds between `check_health` calls on each replica."""
-    graceful_shutdown_timeout_s: float = 20.0
-    """Seconds a stopping replica gets to finish the requests it holds."""
-
-    _counts = at_least(1, "num_replicas", "max_ongoing_requests")
-
-    @field_validator("max_queued_requests")
-    @classmethod
-    def _queued(cls, value: int) -> int:
-        if value < -1 or value == 0:
-            raise ValueError(f"max_queued_requests must be -1 (unbounded) or >= 1, got {value}")
-        return value
-
-    @field_validator("ray_actor_options")
-    @classmethod
-    def _actor_options(cls, value: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(value) - _ACTOR_OPTION_KEYS)
-        if unknown:
-            raise ValueError(f"ray_actor_options has unknown keys {unknown}; allowed: {sorted(_ACTOR_OPTION_KEYS)}")
-        for key in ("num_cpus", "num_gpus"):
-            if key in value and not (isinstance(value[key], (int, float)) and value[key] >= 0):
-                raise ValueError(f"ray_actor_options.{key} must be a number >= 0, got {value[key]!r}")
-        return value
-
-    @model_validator(mode="after")
-    def _one_scaling_mode(self) -> DeploymentOptions:
-        if self.autoscaling_config is not None and self.num_replicas is not None:
-            raise ValueError(
-                f"num_replicas ({self.num_replicas}) and autoscaling_config are exclusive: set num_replicas: null"
-            )
-        if self.autoscaling_config is None and self.num_replicas is None:
-            raise ValueError("num_replicas is null but no autoscaling_config is given")
-        return self
-
-    def serve_options(self) -> dict[str, Any]:
-        """The keyword arguments for `serve.deployment(...).options(...)`."""
-        return self.model_dump(exclude_none=True)
-
-
-def _model_defaults(**ray_actor_options: Any) -> DeploymentOptions:
-    return DeploymentOptions(max_ongoing_requests=1, max_queued_requests=8, ray_actor_options=ray_actor_options)
+from deployments.task import Tasks, TaskSection
+from deployments.tasks import TASKS
+from deployments.validation import at_least
+from serve_app.keys import check_digest
 
 
 class IngressSection(BaseModel):
@@ -170,72 +110,41 @@ class PostprocessSection(PostprocessConfig):
     """Ray Serve options of the postprocess deployment (CPU replicas)."""
 
 
-def _check_placement(section: RealSection | LayersSection, task: Literal["real", "layers"]) -> None:
-    """A placement plan owns the GPU request, and must fit the cards it is given. `task` is also the
-    section's name in the config."""
-    if section.placement is None:
-        return
-    options = section.serve.ray_actor_options
-    if "num_gpus" in options:
-        raise ValueError(
-            f"{task}.serve.ray_actor_options.num_gpus ({options['num_gpus']}) conflicts with "
-            f"{task}.placement: the plan decides how many GPUs a replica asks for; remove num_gpus"
-        )
-    try:
-        section.plan(task)
-    except DoesNotFit as error:
-        raise ValueError(f"{task}.placement does not fit: {error}") from None
+class JobsSection(BaseModel):
+    """The job runner and its store: settings plus Serve options (exactly one replica: it owns the store)."""
 
-
-class RealSection(RealModelConfig):
-    """The `real` task's model deployment: its own settings plus Serve options."""
-
-    serve: DeploymentOptions = Field(default_factory=lambda: _model_defaults(num_cpus=1, num_gpus=1))
-    """Ray Serve options of the RealModel deployment (a GPU replica by default). With `placement`,
-    leave out `num_gpus`: the builder asks for the GPUs (and `placement_group_bundles`) the plan needs."""
-
-    @model_validator(mode="after")
-    def _placement(self) -> RealSection:
-        _check_placement(self, "real")
-        return self
-
-
-class AnimeSection(AnimeModelConfig):
-    """The `anime` task's model deployment: its own settings plus Serve options."""
-
-    serve: DeploymentOptions = Field(default_factory=lambda: _model_defaults(num_cpus=1))
-    """Ray Serve options of the AnimeModel deployment (a CPU replica by default; the model is
-    small enough for CPUs, or a GPU fraction such as num_gpus: 0.25)."""
-
-
-class LayersSection(LayersModelConfig):
-    """The `layers` task's model deployment: its own settings plus Serve options."""
-
-    serve: DeploymentOptions = Field(default_factory=lambda: _model_defaults(num_cpus=1, num_gpus=1))
-    """Ray Serve options of the LayersModel deployment (a GPU replica by default); with
-    `placement`, leave out `num_gpus` as for `real`."""
-
-    @model_validator(mode="after")
-    def _placement(self) -> LayersSection:
-        if self.placement is not None:
-            # the plan must hold the largest request this section admits
-            if self.placement.layers < self.max_layers:
-                raise ValueError(f"layers.placement.layers ({self.placement.layers}) must be >= layers.max_layers "
-                                 f"({self.max_layers}): a request may ask for that many")
-            if self.placement.resolution < max(self.resolutions):
-                raise ValueError(f"layers.placement.resolution ({self.placement.resolution}) must be >= the largest "
-                                 f"of layers.resolutions ({max(self.resolutions)})")
-        _check_placement(self, "layers")
-        return self
-
-
-class JobsSection(JobsConfig):
-    """The job runner: its own settings plus Serve options (exactly one replica: it owns the store)."""
+    model_config = ConfigDict(extra="forbid")
 
     serve: DeploymentOptions = Field(
         default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
     )
     """Ray Serve options of the JobRunner deployment; `num_replicas` must stay 1."""
+    directory: Path = Path("~/.cache/imgserve/jobs")
+    """Where the SQLite database and the job inputs/results live (on the head node)."""
+    max_queued: int = 100
+    """Jobs waiting to start beyond which new submissions get 503 + Retry-After."""
+    concurrency: int = 2
+    """Jobs running at once; the model deployments' own queues still bound the GPU work."""
+    max_attempts: int = 2
+    """Runs of one job before it fails (2: one retry when a replica dies)."""
+    retention_s: float = 7 * 24 * 3600.0
+    """Finished jobs (rows and files) are forgotten this long after they end."""
+    backpressure_retry_s: float = 0.5
+    """Pause before a job refused by a full model queue is tried again (it keeps its place)."""
+
+    _positive = at_least(1, "max_queued", "concurrency", "max_attempts")
+
+    @field_validator("retention_s", "backpressure_retry_s")
+    @classmethod
+    def _positive_float(cls, value: float, info: Any) -> float:
+        if not value > 0:
+            raise ValueError(f"{info.field_name} must be > 0, got {value}")
+        return value
+
+    @field_validator("directory")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
 
     @model_validator(mode="after")
     def _single_owner(self) -> JobsSection:
@@ -244,10 +153,13 @@ class JobsSection(JobsConfig):
         return self
 
 
-class AppConfig(BaseModel):
-    """Everything `serve_app.app:build_app` needs; the `args:` of a Serve config YAML."""
+class BaseAppConfig(BaseModel):
+    """The sections every imgserve application has; `config_model` adds one per task."""
 
     model_config = ConfigDict(extra="forbid")
+
+    tasks: ClassVar[Tasks] = Tasks()
+    """The registry whose tasks this model has sections for."""
 
     name: Literal["imgserve"] = "imgserve"
     """Application name used with `serve.get_app_handle`; fixed so clients can rely on it."""
@@ -257,12 +169,6 @@ class AppConfig(BaseModel):
     """HTTP ingress settings."""
     preprocess: PreprocessSection = Field(default_factory=PreprocessSection)
     """Decode/validate/resize settings and Serve options."""
-    real: RealSection = Field(default_factory=RealSection)
-    """The `real` task (Qwen-Image-Edit-2511 + LoRA)."""
-    anime: AnimeSection = Field(default_factory=AnimeSection)
-    """The `anime` task (AnimeGANv2 styles)."""
-    layers: LayersSection = Field(default_factory=LayersSection)
-    """The `layers` task (Qwen-Image-Layered → RGBA layers as ZIP/PSD)."""
     postprocess: PostprocessSection = Field(default_factory=PostprocessSection)
     """Encoding settings and Serve options."""
     jobs: JobsSection = Field(default_factory=JobsSection)
@@ -274,16 +180,39 @@ class AppConfig(BaseModel):
         return value.expanduser()
 
     @model_validator(mode="after")
-    def _plan_holds_largest_input(self) -> AppConfig:
-        placement = self.real.placement
-        if placement is not None and placement.resolution < self.preprocess.max_long_edge:
-            raise ValueError(f"real.placement.resolution ({placement.resolution}) must be >= "
-                             f"preprocess.max_long_edge ({self.preprocess.max_long_edge}): inputs reach the model that large")
+    def _inputs_reach_every_model(self) -> BaseAppConfig:
+        for section in self.sections().values():
+            section.check_input_edge(self.preprocess.max_long_edge)
         return self
 
+    def section(self, task: str) -> TaskSection:
+        """The config section of `task`."""
+        return getattr(self, task)
 
-def load_config(args: dict[str, Any] | AppConfig | None) -> AppConfig:
-    """Validate Serve `args` (a dict from YAML) into an `AppConfig`."""
-    if isinstance(args, AppConfig):
+    def sections(self) -> dict[str, TaskSection]:
+        """{task: its section}, in the registry's order."""
+        return {task.name: getattr(self, task.name) for task in self.tasks}
+
+
+@functools.cache
+def config_model(tasks: Tasks) -> type[BaseAppConfig]:
+    """The config model with one section per task of `tasks` (the section's key is the task's name)."""
+    fields: dict[str, Any] = {task.name: (task.section, Field(default_factory=task.section, description=task.summary))
+                              for task in tasks}
+    model = create_model("AppConfig", __base__=BaseAppConfig, __module__=__name__, **fields)
+    model.__doc__ = "Everything `serve_app.app:build_app` needs; the `args:` of a Serve config YAML."
+    model.tasks = tasks
+    return model
+
+
+AppConfig = config_model(TASKS)
+"""The config of the built-in tasks."""
+
+
+def load_config(args: dict[str, Any] | BaseAppConfig | None, tasks: Tasks = TASKS) -> BaseAppConfig:
+    """Validate Serve `args` (a dict from YAML) into the config of `tasks`."""
+    if isinstance(args, BaseAppConfig):
+        if args.tasks != tasks:
+            raise ValueError(f"a config of {args.tasks} given where one of {tasks} is needed")
         return args
-    return AppConfig.model_validate(args or {})
+    return config_model(tasks).model_validate(args or {})

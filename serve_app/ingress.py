@@ -2,9 +2,13 @@
 
 Reads the upload (multipart `image` + fields, or a raw `image/*` body + query), validates the
 request's fields against the task's config (422 before any pixel is decoded), then drives the graph
-Preprocess → model → Postprocess through deployment handles and answers with the encoded bytes and
+Preprocess → model → Postprocess through the orchestrator and answers with the encoded bytes and
 `X-Imgserve-*` headers. Errors from anywhere become the one JSON shape
 (`serve_app.errors.error_response`), here and in the access middleware that runs before the routes.
+
+`Ingress` is a plain class; the builder makes it a Serve ingress whose FastAPI app the replica
+builds once it is constructed (`__serve_build_asgi_app__` → `make_api`), so the middlewares and
+the OpenAPI document get their settings where they are constructed, never through module state.
 """
 
 import asyncio
@@ -17,18 +21,17 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from ray import serve
-from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.errors import BadImage, ImgserveError, InvalidParameter, TooLarge, UnsupportedFormat
 from deployments.postprocess import Encoded
-from serve_app import access, forms, openapi
-from serve_app.config import AppConfig
+from serve_app import forms, openapi
+from serve_app.access import AccessMiddleware, AccessSettings, note
+from serve_app.config import IngressSection
 from serve_app.errors import MethodNotAllowed, NotFound, NotReady, error_body, error_response
-from serve_app.observability import RequestMetrics
-from serve_app.pipeline import Pipeline
+from serve_app.observability import Observability
+from serve_app.orchestrator import Orchestrator
 from serve_app.store import FINAL_STATES
 
 log = logging.getLogger("imgserve")
@@ -38,21 +41,10 @@ log = logging.getLogger("imgserve")
 
 FORM_OVERHEAD_BYTES = 256 * 1024
 """What a multipart body may carry on top of the image limit: its framing and the text fields."""
-# Response headers echo these result-metadata keys (ASCII only: prompts stay in the PNG chunk).
-_HEADER_KEYS = ("task", "size", "steps", "cfg", "seed", "scale", "lora", "style", "layers", "resolution", "layer_size")
-
-api = FastAPI(
-    title="imgserve",
-    description="Image-to-image models behind one HTTP API: real (art → photo), anime, layers.",
-    version="0.1.0",
-)
-# Keys, rate limit, CORS, request-id check and the per-request log line (serve_app/access.py); it
-# uses the settings each replica hands it in `Ingress.__init__`.
-api.add_middleware(access.AccessMiddleware)
-# Outermost: task requests by status, latency and refusals (serve_app/observability.py).
-api.add_middleware(RequestMetrics)
-# /openapi.json: the upload routes' bodies, limits and error responses (serve_app/openapi.py).
-openapi.install(api)
+# Every result's headers echo these metadata keys, and each task's own (`Task.headers`); ASCII
+# only: prompts stay in the PNG chunk.
+COMMON_HEADERS = ("task", "size", "scale")
+APP_NAME = "imgserve"
 
 
 async def _body_chunks(request: Request, limit: int) -> AsyncIterator[bytes]:
@@ -116,9 +108,9 @@ async def read_upload(request: Request, max_image_bytes: int) -> tuple[bytes, di
     )
 
 
-def result_headers(encoded: Encoded) -> dict[str, str]:
-    """X-Imgserve-* headers: the parameters used, and how the request was served."""
-    facts = {key: encoded.metadata[key] for key in _HEADER_KEYS if key in encoded.metadata}
+def result_headers(encoded: Encoded, keys: tuple[str, ...]) -> dict[str, str]:
+    """X-Imgserve-* headers: the parameters used (those of `keys`), and how the request was served."""
+    facts = {key: encoded.metadata[key] for key in keys if key in encoded.metadata}
     facts.update({key: value for key, value in encoded.served.items() if isinstance(value, (str, int, float))})
     return {"X-Imgserve-" + "-".join(part.capitalize() for part in key.split("_")): str(value)
             for key, value in facts.items()}
@@ -142,7 +134,6 @@ def web_file(name: str) -> Response:
     return Response(data, media_type=WEB_FILES[name], headers={"Cache-Control": "no-cache"})
 
 
-@api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     error: ImgserveError
     if exc.status_code == 404:
@@ -154,70 +145,63 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return error_response(error, retry_after_s=1)
 
 
-@api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     field = str(first["loc"][-1]) if first["loc"] else None
     return error_response(InvalidParameter(first["msg"], field), retry_after_s=1)
 
 
-@serve.ingress(api)
 class Ingress:
-    """FastAPI ingress; also callable through `serve.get_app_handle("imgserve").run.remote(...)`."""
+    """The HTTP routes, and `run` for callers of `serve.get_app_handle("imgserve").run.remote(...)`."""
 
-    def __init__(
-        self,
-        config: AppConfig,
-        preprocess: DeploymentHandle,
-        models: dict[str, DeploymentHandle],
-        postprocess: DeploymentHandle,
-        jobs: DeploymentHandle,
-    ) -> None:
-        self.config = config
-        self.pipeline = Pipeline(config, preprocess, models, postprocess)
+    def __init__(self, settings: IngressSection, orchestrator: Orchestrator, jobs: Any) -> None:
+        self.settings = settings
+        self.orchestrator = orchestrator
         self.jobs = jobs
-        access.configure(config.ingress)
-        openapi.use(self.pipeline)  # /openapi.json describes the upload routes with this config's limits
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """Serve calls this in the replica, after the constructor."""
+        return make_api(self)
 
     async def run(self, task: str, image: bytes, fields: dict[str, Any] | None = None) -> Encoded:
         """Run one task on one image (the Python-handle entry point); raises `deployments.errors`."""
-        return await self.pipeline.run(self.pipeline.resolve(task, fields), image,
-                                       timeout_s=self.config.ingress.request_timeout_s)
+        return await self.orchestrator.run(self.orchestrator.resolve(task, fields), image,
+                                           timeout_s=self.settings.request_timeout_s)
+
+    def _error(self, exc: BaseException) -> JSONResponse:
+        return error_response(exc, self.settings.retry_after_s)
+
+    def _result(self, task: str, encoded: Encoded) -> Response:
+        served = self.orchestrator.tasks.get(task)
+        keys = (*COMMON_HEADERS, *(served.task.headers if served else ()))
+        return Response(encoded.data, media_type=encoded.media_type, headers=result_headers(encoded, keys))
 
     # -- HTTP ----------------------------------------------------------------------------------------
-    @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
-        return {"status": "ok", "app": self.config.name}
+        return {"status": "ok", "app": APP_NAME}
 
-    @api.get("/", include_in_schema=False)
     async def web_page(self) -> Response:
         """The web page: upload, task, progress, result (serve_app/web/)."""
         return web_file("index.html")
 
-    @api.get("/web/{name}", include_in_schema=False)
     async def web_asset(self, name: str) -> Response:
         return web_file(name)
 
-    @api.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:
-        return self.pipeline.models_info()
+        return self.orchestrator.models_info()
 
     # -- jobs ----------------------------------------------------------------------------------------
-    def _error(self, exc: BaseException) -> JSONResponse:
-        return error_response(exc, self.config.ingress.retry_after_s)
-
-    @api.post("/v1/jobs", status_code=202)
     async def submit_job(self, request: Request) -> Response:
         try:
-            image, fields = await read_upload(request, self.config.preprocess.max_bytes)
+            image, fields = await read_upload(request, self.orchestrator.upload.max_bytes)
             task = fields.pop("task", None)
             if task is None:
-                raise InvalidParameter("required: real, anime or layers", "task")
-            access.note(request, task=task[:32])
+                raise InvalidParameter(f"required: {self.orchestrator.choices_text()}", "task")
+            note(request, task=task[:32])
             status = await self.jobs.submit.remote(task, image, fields, request.headers.get("x-request-id"))
         except Exception as exc:
             return self._error(exc)
-        access.note(request, job_id=status["id"])
+        note(request, job_id=status["id"])
         return JSONResponse(status, status_code=202, headers={"Location": f"/v1/jobs/{status['id']}"})
 
     async def _json(self, response: Any) -> Response:
@@ -227,15 +211,12 @@ class Ingress:
         except Exception as exc:
             return self._error(exc)
 
-    @api.get("/v1/jobs/{job_id}")
     async def job_status(self, job_id: str) -> Response:
         return await self._json(self.jobs.status.remote(job_id))
 
-    @api.delete("/v1/jobs/{job_id}")
     async def cancel_job(self, job_id: str) -> Response:
         return await self._json(self.jobs.cancel.remote(job_id))
 
-    @api.get("/v1/jobs/{job_id}/result")
     async def job_result(self, job_id: str) -> Response:
         try:
             status, data, media_type, metadata, served = await self.jobs.result.remote(job_id)
@@ -245,10 +226,8 @@ class Ingress:
                 raise NotReady(f"job {job_id} is {status['state']}{detail}")
         except Exception as exc:
             return self._error(exc)
-        encoded = Encoded(data=data, media_type=media_type, metadata=metadata, served=served)
-        return Response(data, media_type=media_type, headers=result_headers(encoded))
+        return self._result(status["task"], Encoded(data=data, media_type=media_type, metadata=metadata, served=served))
 
-    @api.get("/v1/jobs/{job_id}/events")
     async def job_events(self, job_id: str) -> Response:
         """Server-Sent Events: one `progress` event per change of state, stage, denoising step or
         queue position, ending with the final state."""
@@ -279,14 +258,47 @@ class Ingress:
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    # Registered last: FastAPI matches routes in order, and /v1/jobs must win over /v1/{task}.
-    @api.post("/v1/{task}")
     async def run_task(self, task: str, request: Request) -> Response:
         try:
-            if task not in self.pipeline.models:
-                self.pipeline.resolve(task, {})  # raises NotFound naming the available tasks
-            image, fields = await read_upload(request, self.config.preprocess.max_bytes)
+            self.orchestrator.task(task)  # NotFound naming the available tasks, before reading the body
+            image, fields = await read_upload(request, self.orchestrator.upload.max_bytes)
             encoded = await self.run(task, image, fields)
         except Exception as exc:
             return self._error(exc)
-        return Response(encoded.data, media_type=encoded.media_type, headers=result_headers(encoded))
+        return self._result(task, encoded)
+
+
+# (method, path, Ingress method, FastAPI options), matched in this order: /v1/jobs before /v1/{task}.
+ROUTES: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
+    ("GET", "/healthz", "healthz", {}),
+    ("GET", "/", "web_page", {"include_in_schema": False}),
+    ("GET", "/web/{name}", "web_asset", {"include_in_schema": False}),
+    ("GET", "/v1/models", "list_models", {}),
+    ("POST", "/v1/jobs", "submit_job", {"status_code": 202}),
+    ("GET", "/v1/jobs/{job_id}", "job_status", {}),
+    ("DELETE", "/v1/jobs/{job_id}", "cancel_job", {}),
+    ("GET", "/v1/jobs/{job_id}/result", "job_result", {}),
+    ("GET", "/v1/jobs/{job_id}/events", "job_events", {}),
+    ("POST", "/v1/{task}", "run_task", {}),
+)
+
+
+def make_api(ingress: Ingress) -> FastAPI:
+    """The FastAPI app of one ingress replica: its routes, the access middleware with this replica's
+    settings (API keys read from the environment now), observability outermost, the error
+    handlers, and an OpenAPI document of the tasks this ingress serves."""
+    orchestrator = ingress.orchestrator
+    served = "; ".join(f"{name} ({task.task.summary})" for name, task in orchestrator.tasks.items())
+    api = FastAPI(title=APP_NAME, version="0.1.0",
+                  description=f"Image-to-image models behind one HTTP API: {served}.")
+    for method, path, name, options in ROUTES:
+        api.add_api_route(path, getattr(ingress, name), methods=[method], **options)
+    api.add_exception_handler(StarletteHTTPException, _http_error)
+    api.add_exception_handler(RequestValidationError, _validation_error)
+    # keys, rate limit, CORS and the request-id check (serve_app/access.py)
+    api.add_middleware(AccessMiddleware, settings=AccessSettings.from_config(ingress.settings))
+    # outermost: the log line of every request and the task requests' metrics (serve_app/observability.py)
+    api.add_middleware(Observability, tasks=list(orchestrator.tasks))
+    # /openapi.json: the upload routes' bodies, limits and error responses (serve_app/openapi.py)
+    api.openapi = lambda: openapi.document(api, orchestrator)  # type: ignore[method-assign]
+    return api

@@ -1,10 +1,10 @@
 """Asynchronous jobs: admission, a FIFO dispatcher, progress, cancellation, one retry, durability.
 
 `JobRunner` is a single Serve deployment that owns the job store (`serve_app.store`). `submit`
-validates a request exactly as the synchronous path does (same `Pipeline.resolve`), refuses it
+validates a request exactly as the synchronous path does (same `Orchestrator.resolve`), refuses it
 with `QueueFull` when the configured depth is reached (an accepted job is never dropped), saves
 the input and the resolved fields (seed included), and wakes the dispatcher. The dispatcher runs
-the oldest queued jobs through the same `Pipeline.run` with a `JobProgress` that the model calls
+the oldest queued jobs through the same `Orchestrator.run` with a `JobProgress` that the model calls
 per stage and per denoising step; its answer stops a cancelled job at the next step. A job whose
 model replica died is queued again once, then failed with the reason. On start the runner
 re-queues what a previous runner left running, so a restart loses nothing.
@@ -15,19 +15,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, field_validator
 from ray import exceptions as ray_exceptions
 from ray.serve.exceptions import BackPressureError
 
 from deployments import metrics
 from deployments.errors import Cancelled, ImgserveError
-from deployments.validation import at_least
 from serve_app.errors import NotFound, QueueFull, error_body
-from serve_app.pipeline import Pipeline
+from serve_app.orchestrator import Orchestrator
 from serve_app.store import Job, SqliteJobStore
+
+if TYPE_CHECKING:
+    from serve_app.config import JobsSection
 
 log = logging.getLogger("imgserve.jobs")
 
@@ -35,41 +35,8 @@ _EVENT_LOGS_KEPT = 1000  # memory stays bounded: older jobs' streams start from 
 _REPLICA_LOST = (ray_exceptions.ActorDiedError, ray_exceptions.ActorUnavailableError, ray_exceptions.RayActorError)
 
 
-class JobsConfig(BaseModel):
-    """Settings of the job runner and its store."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    directory: Path = Path("~/.cache/imgserve/jobs")
-    """Where the SQLite database and the job inputs/results live (on the head node)."""
-    max_queued: int = 100
-    """Jobs waiting to start beyond which new submissions get 503 + Retry-After."""
-    concurrency: int = 2
-    """Jobs running at once; the model deployments' own queues still bound the GPU work."""
-    max_attempts: int = 2
-    """Runs of one job before it fails (2: one retry when a replica dies)."""
-    retention_s: float = 7 * 24 * 3600.0
-    """Finished jobs (rows and files) are forgotten this long after they end."""
-    backpressure_retry_s: float = 0.5
-    """Pause before a job refused by a full model queue is tried again (it keeps its place)."""
-
-    _positive = at_least(1, "max_queued", "concurrency", "max_attempts")
-
-    @field_validator("retention_s", "backpressure_retry_s")
-    @classmethod
-    def _positive_float(cls, value: float, info: Any) -> float:
-        if not value > 0:
-            raise ValueError(f"{info.field_name} must be > 0, got {value}")
-        return value
-
-    @field_validator("directory")
-    @classmethod
-    def _expand(cls, value: Path) -> Path:
-        return value.expanduser()
-
-
 class JobProgress:
-    """What the pipeline and the model call while running a job.
+    """What the orchestrator and the model call while running a job.
 
     In the runner's own process it calls the runner directly (its event loop must not block on
     its own handle); pickled to a model replica it keeps only the runner's handle and waits for
@@ -99,9 +66,9 @@ class JobProgress:
 class JobRunner:
     """Serve deployment owning the jobs; plain class, `start()` begins dispatching."""
 
-    def __init__(self, config: JobsConfig, pipeline: Pipeline, self_handle: Any = None) -> None:
+    def __init__(self, config: JobsSection, orchestrator: Orchestrator, self_handle: Any = None) -> None:
         self.config = config
-        self.pipeline = pipeline
+        self.orchestrator = orchestrator
         self.store = SqliteJobStore(config.directory)
         self.handle = self_handle
         """How model replicas reach this runner (its own DeploymentHandle); None → direct calls."""
@@ -125,9 +92,10 @@ class JobRunner:
                      request_id: str | None = None) -> dict[str, Any]:
         """Validate and enqueue; raises the same errors as a synchronous request, or QueueFull.
         `request_id`: the submitting HTTP request's id, kept in the job's record."""
-        resolved = self.pipeline.resolve(task, fields)
+        resolved = self.orchestrator.resolve(task, fields)
         if self.store.count("queued") >= self.config.max_queued:
-            raise QueueFull(f"{self.config.max_queued} jobs are waiting; retry later")
+            waiting = self.config.max_queued
+            raise QueueFull(f"{waiting} {'job is' if waiting == 1 else 'jobs are'} waiting; retry later")
         job = self.store.create(task, resolved.fields(), image, request_id=request_id)
         self._record(job.id, state="queued")
         self._wake.set()
@@ -220,8 +188,8 @@ class JobRunner:
     async def _run(self, job: Job) -> None:
         progress = JobProgress(self, self.handle, job.id)
         try:
-            request = self.pipeline.resolve(job.task, job.fields)
-            encoded = await self.pipeline.run(request, self.store.input(job.id), progress)
+            request = self.orchestrator.resolve(job.task, job.fields)
+            encoded = await self.orchestrator.run(request, self.store.input(job.id), progress)
         except Cancelled as exc:
             self._finish(job.id, "cancelled", error={"code": exc.code, "message": exc.message})
         except BackPressureError:

@@ -1,39 +1,67 @@
-"""Request metrics at the ingress: an ASGI middleware around the FastAPI app.
+"""Observability at the ingress: the outermost ASGI middleware, around every HTTP request.
 
-Counts and times every task request — `POST /v1/{task}` (`api=sync`) and `POST /v1/jobs`
-(`api=jobs`) — by task and the HTTP status it was answered with, whichever code path produced
-the answer (validation, backpressure, time limits, an unexpected 500), and counts the refusals
-for capacity or time (429, 503, 504) by the JSON error code (`queue_full`, `unavailable`, ...).
-A request the client abandons reaches this middleware as a cancellation (Serve's proxy answers
-it, outside this app): it is recorded with status 499, the "client closed request" of common
-proxies, so a dashboard's server-error rate does not count clients that gave up. The metrics
-themselves are `deployments.metrics` (names, types and tags documented there).
+It writes one JSON log line per request (`"event": "http_request"`, with the request id, method,
+path, status, duration and the facts the routes and the access middleware noted: task, key id, job
+id) and records the request metrics of task requests — `POST /v1/{task}` (`api=sync`) and
+`POST /v1/jobs` (`api=jobs`) — by task and the status they were answered with, whichever code path
+produced the answer (validation, backpressure, time limits, an unexpected 500), counting the
+refusals for capacity or time (429, 503, 504) by their JSON error code. Being outermost, it also
+sees the access middleware's refusals (401, 429). The status is tracked once, here
+(`AnswerStatus`): a request the client abandons reaches this middleware as a cancellation (Serve's
+proxy answers it, outside this app) and is recorded as 499, the "client closed request" of common
+proxies, so a dashboard's server-error rate does not count clients that gave up.
 
-The task label is the path's task when it is one the service knows; for `POST /v1/jobs` it is
-the form's `task` field, which the route notes in the request's facts (`access.note(request,
-task=...)`, `scope["state"]["imgserve"]`) once it has read the form. Anything else is `unknown`,
-so a client cannot create label values. Registered after `access.AccessMiddleware`, so it is the
-outer one and also sees that middleware's refusals (401, 429).
+The metrics' task label is the path's task when it is one the service serves (the task names are
+given to the constructor); for `POST /v1/jobs` it is the form's `task` field, which the route notes
+(`access.note`) once it has read the form. Anything else is `unknown`, so a client cannot create
+label values. The metrics themselves are `deployments.metrics` (names, types and tags there).
+Without a Serve proxy in front (a test client), it makes the request id itself and returns it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
+import uuid
+from collections.abc import Iterable
 from typing import Any
 
-from deployments import metrics
-from serve_app.access import AnswerStatus, route_path
-from serve_app.pipeline import TASKS
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deployments import metrics
+from serve_app.access import facts, route_path
+
+# A child of Serve's logger: its records go to the replica's Serve log file, in Serve's encoding
+# (JSON with `logging_config: {encoding: JSON}`), with Serve's request id, route and replica.
+log = logging.getLogger("ray.serve.imgserve")
+
+CLIENT_CLOSED = 499
+"""The status logged and counted for a request whose client left before the answer began (the
+"client closed request" of common proxies): not a server error."""
 REJECTION_STATUSES = frozenset({429, 503, 504})
 _TASK_PATH = re.compile(r"/v1/([^/]+)")
 
 
-def task_label(name: Any) -> str:
-    return name if isinstance(name, str) and name in TASKS else "unknown"
+class AnswerStatus:
+    """The status a request was answered with, as a `send` wrapper sees it: 500 until a response
+    starts (an error nothing turned into a response); CLIENT_CLOSED where the request is cancelled
+    before that (Serve cancels the app's task when its client hangs up)."""
+
+    def __init__(self) -> None:
+        self.code = 500
+        self._started = False
+
+    def see(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.code, self._started = message["status"], True
+
+    def cancelled(self) -> None:
+        if not self._started:
+            self.code = CLIENT_CLOSED
 
 
 def error_code(body: bytes, status: int) -> str:
@@ -45,29 +73,43 @@ def error_code(body: bytes, status: int) -> str:
     return code if isinstance(code, str) and re.fullmatch(r"[a-z_]{1,40}", code) else f"http_{status}"
 
 
-class RequestMetrics:
-    """ASGI middleware recording `imgserve_requests`, `imgserve_request_seconds` and
-    `imgserve_rejections` for task requests; every other request passes straight through."""
+def _task_of(method: str, path: str) -> str | None:
+    parts = path.strip("/").split("/")
+    if method == "POST" and len(parts) == 2 and parts[0] == "v1" and parts[1] not in ("jobs", "models"):
+        return parts[1][:32]
+    return None
 
-    def __init__(self, app: Any) -> None:
+
+class Observability:
+    """ASGI middleware: the access log line of every request; `imgserve_requests`,
+    `imgserve_request_seconds` and `imgserve_rejections` of task requests."""
+
+    def __init__(self, app: ASGIApp, tasks: Iterable[str]) -> None:
         self.app = app
+        self.tasks = frozenset(tasks)
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        match = None
-        if scope["type"] == "http" and scope.get("method") == "POST":
-            match = _TASK_PATH.fullmatch(route_path(scope))
-        if match is None:
+    def task_label(self, name: Any) -> str:
+        return name if isinstance(name, str) and name in self.tasks else "unknown"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        api = "jobs" if match.group(1) == "jobs" else "sync"
-        state = scope.setdefault("state", {})
         started = time.perf_counter()
+        method, path = scope["method"], route_path(scope)
+        request_id = Headers(scope=scope).get("x-request-id")
+        own_request_id = request_id is None  # no Serve proxy in front (e.g. a test client): make one here
+        noted = facts(scope)
+        noted.update(request_id=request_id or uuid.uuid4().hex, task=_task_of(method, path), key_id=None)
+        match = _TASK_PATH.fullmatch(path) if method == "POST" else None
         answer = AnswerStatus()
         body = b""
 
-        async def watching_send(message: dict) -> None:
+        async def watching_send(message: Message) -> None:
             nonlocal body
             answer.see(message)
+            if message["type"] == "http.response.start" and own_request_id:
+                MutableHeaders(scope=message)["X-Request-Id"] = noted["request_id"]
             if message["type"] == "http.response.body" and answer.code in REJECTION_STATUSES and len(body) < 4096:
                 body += message.get("body", b"")
             await send(message)
@@ -78,11 +120,19 @@ class RequestMetrics:
             answer.cancelled()
             raise
         finally:
-            facts = state.get("imgserve")
-            noted = facts.get("task") if isinstance(facts, dict) else None
-            task = task_label(noted if api == "jobs" else match.group(1))
-            tags = {"task": task, "status": str(answer.code), "api": api}
-            metrics.requests.inc(tags=tags)
-            metrics.request_seconds.observe(time.perf_counter() - started, tags=tags)
-            if answer.code in REJECTION_STATUSES:
-                metrics.rejections.inc(tags={"task": task, "reason": error_code(body, answer.code)})
+            duration_ms = (time.perf_counter() - started) * 1000.0
+            if match is not None:
+                self._record(match.group(1), noted, answer.code, body, duration_ms / 1000.0)
+            line = {"event": "http_request", "method": method, "path": path[:200], "status": answer.code,
+                    "duration_ms": round(duration_ms, 1), **noted}
+            log.info("%s %s %s %.1fms task=%s key=%s job=%s", method, path[:200], answer.code, duration_ms,
+                     noted.get("task") or "-", noted.get("key_id") or "-", noted.get("job_id") or "-", extra=line)
+
+    def _record(self, route: str, noted: dict[str, Any], status: int, body: bytes, seconds: float) -> None:
+        api = "jobs" if route == "jobs" else "sync"
+        task = self.task_label(noted.get("task") if api == "jobs" else route)
+        tags = {"task": task, "status": str(status), "api": api}
+        metrics.requests.inc(tags=tags)
+        metrics.request_seconds.observe(seconds, tags=tags)
+        if status in REJECTION_STATUSES:
+            metrics.rejections.inc(tags={"task": task, "reason": error_code(body, status)})

@@ -1,41 +1,35 @@
 """The OpenAPI document served at /openapi.json (and shown at /docs), built from the running config.
 
 The upload routes read the raw `Request` (multipart or a raw image body), so FastAPI cannot infer
-what they take; this module describes it, from the same config that validates requests, so the
-documented limits are the enforced ones:
+what they take; this module describes it from the tasks the orchestrator serves, whose fields are
+derived from each task's params model and its section's limits (`ConfiguredTask.field_schemas`),
+the same config that validates requests, so the documented limits are the enforced ones:
 
-- `POST /v1/real`, `/v1/anime`, `/v1/layers` (the route `/v1/{task}` with each served task spelled
-  out, since each takes its own fields): a multipart body with an `image` file and the task's
-  fields, or a raw image body (one of the accepted image types, or application/octet-stream)
-  with the fields as query parameters; 200 with the result's media types, and every error status
-  with the one error shape `{"error": {"code", "message", "field"?}}`;
+- `POST /v1/{task}` spelled out for each served task (each takes its own fields): a multipart body
+  with an `image` file and the task's fields, or a raw image body (one of the accepted image types,
+  or application/octet-stream) with the fields as query parameters; 200 with the result's media
+  types, and every error status with the one error shape `{"error": {"code", "message", "field"?}}`;
 - `POST /v1/jobs`: the same with a required `task`, answered 202 with the job's status;
 - the job routes, `/v1/models` and `/healthz` with their real answers and errors.
 
-Rebuilt on each request of /openapi.json (milliseconds), so LoRA versions and styles added to their
-directories while the service runs are listed.
+`document(app, orchestrator)` is rebuilt on each request of /openapi.json (milliseconds), so LoRA
+versions and styles added to their directories while the service runs are listed.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from deployments.diffusion import MAX_SEED, MIN_STEPS
-from deployments.lora import NONE
-from deployments.postprocess import IMAGE_FORMATS, LAYER_FORMATS, MEDIA_TYPES
-from serve_app.pipeline import TASKS
+from deployments.postprocess import MEDIA_TYPES
+from serve_app.orchestrator import Orchestrator
 from serve_app.store import FINAL_STATES
-
-if TYPE_CHECKING:
-    from serve_app.pipeline import Pipeline
 
 # Pillow's format names (preprocess.formats) → the media type a raw upload declares.
 UPLOAD_MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif",
                       "BMP": "image/bmp", "TIFF": "image/tiff"}
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]*$"
 BINARY = {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"}
 
 ERROR_DETAIL_SCHEMA = {
@@ -113,48 +107,9 @@ def _errors(*statuses: int) -> dict[str, Any]:
     return responses
 
 
-def _names(values: list[str], description: str) -> dict[str, Any]:
-    return {"type": "string", "enum": values, "description": description} if values else \
-        {"type": "string", "pattern": NAME_PATTERN, "description": description}
-
-
-def task_fields(pipeline: Pipeline) -> dict[str, dict[str, dict[str, Any]]]:
-    """{task: {field: JSON schema}} from the config and the current LoRA / style listings."""
-    config = pipeline.config
-    fields: dict[str, dict[str, dict[str, Any]]] = {}
-    for task in pipeline.models:
-        section = getattr(config, task)
-        schema: dict[str, dict[str, Any]] = {}
-        if task in ("real", "layers"):
-            schema.update(
-                prompt={"type": "string", "maxLength": section.max_prompt_chars,
-                        "description": "what the result should show; blank → "
-                                       + ("the default prompt" if task == "real" else "the model captions the image")},
-                negative_prompt={"type": "string", "maxLength": section.max_prompt_chars},
-                steps={"type": "integer", "minimum": MIN_STEPS, "maximum": section.max_steps,
-                       "default": section.default_steps, "description": "denoising steps"},
-                cfg={"type": "number", "minimum": 1.0, "maximum": section.max_cfg, "default": section.default_cfg,
-                     "description": "true_cfg_scale"},
-                seed={"type": "integer", "minimum": 0, "maximum": MAX_SEED, "description": "random when absent; echoed"},
-            )
-        if task == "real":
-            schema["lora"] = _names([NONE, *pipeline.lora_versions()],
-                                    "LoRA version (GET /v1/models lists them); `none`: the base alone")
-        elif task == "anime":
-            schema["style"] = _names(pipeline.styles(), "style name (GET /v1/models lists them)")
-            schema["style"]["default"] = config.anime.default_style
-        elif task == "layers":
-            schema.update(
-                layers={"type": "integer", "minimum": 1, "maximum": section.max_layers,
-                        "default": section.default_layers},
-                resolution={"type": "integer", "enum": list(section.resolutions),
-                            "default": section.default_resolution},
-                cfg_normalize={"type": "boolean", "default": section.default_cfg_normalize},
-            )
-        formats = list(TASKS[task].formats)
-        schema["format"] = {"type": "string", "enum": formats, "default": formats[0]}
-        fields[task] = schema
-    return fields
+def task_fields(orchestrator: Orchestrator) -> dict[str, dict[str, dict[str, Any]]]:
+    """{task: {field: JSON schema}} from the served tasks' params, limits and catalogs."""
+    return {name: task.field_schemas() for name, task in orchestrator.tasks.items()}
 
 
 def _query(fields: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -163,7 +118,7 @@ def _query(fields: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             for name, schema in fields.items()]
 
 
-def _body(pipeline: Pipeline, fields: dict[str, dict[str, Any]], required: tuple[str, ...] = ()) -> dict[str, Any]:
+def _body(orchestrator: Orchestrator, fields: dict[str, dict[str, Any]], required: tuple[str, ...] = ()) -> dict[str, Any]:
     form = {
         "type": "object",
         "required": ["image", *required],
@@ -171,16 +126,16 @@ def _body(pipeline: Pipeline, fields: dict[str, dict[str, Any]], required: tuple
         "properties": {"image": {**BINARY, "description": "the picture (JPEG, PNG, WebP, GIF, BMP or TIFF; "
                                                          "animations: the first frame)"}, **fields},
     }
-    raw_types = [UPLOAD_MEDIA_TYPES[fmt] for fmt in pipeline.config.preprocess.formats if fmt in UPLOAD_MEDIA_TYPES]
+    upload = orchestrator.upload
+    raw_types = [UPLOAD_MEDIA_TYPES[fmt] for fmt in upload.formats if fmt in UPLOAD_MEDIA_TYPES]
     content: dict[str, Any] = {"multipart/form-data": {"schema": form, "encoding": {"image": {"contentType": "image/*"}}}}
     for media_type in [*dict.fromkeys(raw_types), "application/octet-stream"]:
         content[media_type] = {"schema": BINARY}
     return {
         "required": True,
         "description": f"multipart/form-data with an `image` file and the fields, or the raw image with the "
-                       f"fields as query parameters; at most {pipeline.config.preprocess.max_bytes} bytes of image, "
-                       f"{pipeline.config.preprocess.max_pixels} pixels; downscaled to "
-                       f"{pipeline.config.preprocess.max_long_edge} px on the long edge",
+                       f"fields as query parameters; at most {upload.max_bytes} bytes of image, "
+                       f"{upload.max_pixels} pixels; downscaled to {upload.max_long_edge} px on the long edge",
         "content": content,
     }
 
@@ -195,7 +150,7 @@ def _result_headers() -> dict[str, Any]:
     return {name: {"description": description, "schema": {"type": "string"}} for name, description in names.items()}
 
 
-def document(app: FastAPI, pipeline: Pipeline) -> dict[str, Any]:
+def document(app: FastAPI, orchestrator: Orchestrator) -> dict[str, Any]:
     """The OpenAPI document: FastAPI's, with the upload routes and every error response described."""
     doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     paths: dict[str, Any] = doc["paths"]
@@ -206,20 +161,20 @@ def document(app: FastAPI, pipeline: Pipeline) -> dict[str, Any]:
     schemas["Error"] = ERROR_SCHEMA
     schemas["ErrorDetail"] = ERROR_DETAIL_SCHEMA
     schemas["JobStatus"] = JOB_STATUS_SCHEMA
-    fields = task_fields(pipeline)
+    fields = task_fields(orchestrator)
     binary = {"schema": BINARY}
 
     template = paths.pop("/v1/{task}", {}).get("post", {})
     for task, task_schema in fields.items():
-        media = [MEDIA_TYPES[fmt] for fmt in TASKS[task].formats]
+        media = [MEDIA_TYPES[fmt] for fmt in orchestrator.tasks[task].task.formats]
         paths[f"/v1/{task}"] = {"post": {
-            "summary": f"Run `{task}` on one image",
+            "summary": f"Run `{task}` on one image: {orchestrator.tasks[task].task.summary}",
             "description": "Synchronous: answers with the result's bytes; the parameters used are echoed in "
                            "X-Imgserve-* headers (and embedded in PNG/WebP/JPEG results).",
             "operationId": f"run_{task}",
             "tags": template.get("tags", []) or ["tasks"],
             "parameters": _query(task_schema),
-            "requestBody": _body(pipeline, task_schema),
+            "requestBody": _body(orchestrator, task_schema),
             "responses": {
                 "200": {"description": "the result", "headers": _result_headers(),
                         "content": {media_type: binary for media_type in media}},
@@ -236,7 +191,8 @@ def document(app: FastAPI, pipeline: Pipeline) -> dict[str, Any]:
                 merged["description"] = "per task: see /v1/{task}"
                 union[name] = merged  # every task field's schema names its type
                 if name == "format":
-                    union[name]["enum"] = [*IMAGE_FORMATS, *LAYER_FORMATS]
+                    union[name]["enum"] = list(dict.fromkeys(fmt for served in orchestrator.tasks.values()
+                                                             for fmt in served.task.formats))
             else:
                 union.setdefault(name, schema)
     task_field = {"task": {"type": "string", "enum": list(fields), "description": "which task to run"}}
@@ -247,7 +203,7 @@ def document(app: FastAPI, pipeline: Pipeline) -> dict[str, Any]:
                     "queued); the image itself is decoded when the job runs. Beyond `jobs.max_queued` waiting "
                     "jobs: 503 with Retry-After.",
         parameters=_query({**task_field, **union}),
-        requestBody=_body(pipeline, {**task_field, **union}, required=("task",)),
+        requestBody=_body(orchestrator, {**task_field, **union}, required=("task",)),
         responses={
             "202": {"description": "queued", "headers": {"Location": {"schema": {"type": "string"}}},
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobStatus"}}}},
@@ -288,32 +244,3 @@ def document(app: FastAPI, pipeline: Pipeline) -> dict[str, Any]:
         if operation is not None:
             operation["responses"] = responses
     return doc
-
-
-_pipeline: Pipeline | None = None
-
-
-def use(pipeline: Pipeline) -> None:
-    """Describe this pipeline (its config, tasks, LoRA versions, styles) in this process's document."""
-    global _pipeline
-    _pipeline = pipeline
-
-
-class _Document:
-    """`app.openapi`: FastAPI calls it for every /openapi.json. An object (not a closure over a
-    pipeline) because Ray Serve serves a pickled copy of the app, made when the ingress class is
-    decorated: the pipeline only exists later, in the replica, which hands it over with `use`."""
-
-    def __init__(self, app: FastAPI) -> None:
-        self.app = app
-
-    def __call__(self) -> dict[str, Any]:
-        if _pipeline is None:  # outside a replica: FastAPI's own document
-            return get_openapi(title=self.app.title, version=self.app.version, description=self.app.description,
-                               routes=self.app.routes)
-        return document(self.app, _pipeline)
-
-
-def install(app: FastAPI) -> None:
-    """Make `app` serve `document(app, pipeline)` at /openapi.json, once a pipeline is `use`d."""
-    app.openapi = _Document(app)  # type: ignore[method-assign]

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import ray
 
-from serve_app.access import hash_key, key_id
+from serve_app.keys import hash_key, key_id
 from serve_app.ingress import FORM_OVERHEAD_BYTES
 from tests.conftest import demo_args, wait_until
 from tests.serve.conftest import Service, assert_error, run_service, small_png, submit

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from deployments import placement, tiny  # noqa: E402
+from deployments import checkpoints, placement, tiny  # noqa: E402
 from deployments.placement import DoesNotFit, PlacementConfig, parse_gpus, plan, ray_options  # noqa: E402
 
 FP8, BF16 = "float8_e4m3fn", "bfloat16"
@@ -61,7 +61,7 @@ def test_layered_configs_differ_where_the_models_do() -> None:
 def test_a_local_diffusers_directory_is_sized_exactly(model_cache) -> None:
     directory = tiny.ensure_tiny("edit", model_cache)
     sizes = placement.component_sizes(directory)
-    pipe = tiny.load_pipeline("edit", directory)
+    pipe = checkpoints.load_pipeline("edit", directory)
     for name in placement.COMPONENTS:
         assert sizes[name].params == sum(p.numel() for p in getattr(pipe, name).parameters()), name
     assert sizes["transformer"].blocks == 2
@@ -315,7 +315,7 @@ def small_conditions():
 
 
 def _edit_pipe(model_cache):
-    pipe = tiny.load_pipeline("edit", tiny.ensure_tiny("edit", model_cache), torch_dtype=torch.bfloat16)
+    pipe = checkpoints.load_pipeline("edit", tiny.ensure_tiny("edit", model_cache), torch_dtype=torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -372,7 +372,7 @@ def test_split_transformer_plan_dispatches_blocks_over_devices(model_cache, smal
 def test_layers_plan_with_streamed_blocks_generates_layers(model_cache) -> None:
     from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
-    pipe = tiny.load_pipeline("layered", tiny.ensure_tiny("layered", model_cache), torch_dtype=torch.bfloat16)
+    pipe = checkpoints.load_pipeline("layered", tiny.ensure_tiny("layered", model_cache), torch_dtype=torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
     result = _plan("layers", 1)
     placement.place_pipeline(pipe, result, ["cpu"])

@@ -15,7 +15,7 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from deployments import tiny  # noqa: E402
+from deployments import checkpoints, tiny  # noqa: E402
 
 
 def _image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
@@ -53,14 +53,14 @@ def small_conditions():
 
 @pytest.fixture(scope="module")
 def edit_pipe(cache_dir, small_conditions):
-    pipe = tiny.load_pipeline("edit", tiny.ensure_tiny("edit", cache_dir))
+    pipe = checkpoints.load_pipeline("edit", tiny.ensure_tiny("edit", cache_dir))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 @pytest.fixture(scope="module")
 def layered_pipe(cache_dir):
-    pipe = tiny.load_pipeline("layered", tiny.ensure_tiny("layered", cache_dir))
+    pipe = checkpoints.load_pipeline("layered", tiny.ensure_tiny("layered", cache_dir))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -149,7 +149,7 @@ def test_concurrent_ensure_tiny_from_two_processes(tmp_path):
     paths = {results.get(timeout=5) for _ in procs}
     assert paths == {str(tmp_path / "tiny-qwen-edit-v1")}
     assert [p.name for p in tmp_path.iterdir()] == ["tiny-qwen-edit-v1"]  # no temp leftovers
-    pipe = tiny.load_pipeline("edit", tmp_path / "tiny-qwen-edit-v1")
+    pipe = checkpoints.load_pipeline("edit", tmp_path / "tiny-qwen-edit-v1")
     assert pipe.transformer.config.in_channels == 16
 
 

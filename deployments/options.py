@@ -1,0 +1,78 @@
+"""Ray Serve options of one deployment, as config: a pydantic model that imports no Ray.
+
+Every config section that becomes a deployment carries one as its `serve:` block; the app builder
+hands `serve_options()` to `serve.deployment(...).options(...)`. Bad values are refused naming the
+field and the value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from deployments.validation import at_least
+
+_ACTOR_OPTION_KEYS = {"num_cpus", "num_gpus", "memory", "resources", "runtime_env", "accelerator_type"}
+
+
+class DeploymentOptions(BaseModel):
+    """Ray Serve options of one deployment, applied by the builder with `.options(...)`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int | None = 1
+    """Fixed replica count; must be None (null) when `autoscaling_config` is given."""
+    autoscaling_config: dict[str, Any] | None = None
+    """Ray Serve autoscaling (min_replicas, max_replicas, target_ongoing_requests, delays)."""
+    max_ongoing_requests: int = 4
+    """Requests a replica works on at once; model replicas use 1: never batch diffusion prompts."""
+    max_queued_requests: int = -1
+    """Requests waiting per caller for this deployment beyond which callers get backpressure
+    (HTTP 503 with Retry-After); -1 means unbounded."""
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0.25})
+    """Ray resources per replica: num_cpus, num_gpus, memory, resources (e.g. {"rtx4090": 1}),
+    runtime_env. Fractional values are allowed, so the demo fits a 2-core machine."""
+    health_check_period_s: float = 10.0
+    """Seconds between `check_health` calls on each replica."""
+    graceful_shutdown_timeout_s: float = 20.0
+    """Seconds a stopping replica gets to finish the requests it holds."""
+
+    _counts = at_least(1, "num_replicas", "max_ongoing_requests")
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queued(cls, value: int) -> int:
+        if value < -1 or value == 0:
+            raise ValueError(f"max_queued_requests must be -1 (unbounded) or >= 1, got {value}")
+        return value
+
+    @field_validator("ray_actor_options")
+    @classmethod
+    def _actor_options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(value) - _ACTOR_OPTION_KEYS)
+        if unknown:
+            raise ValueError(f"ray_actor_options has unknown keys {unknown}; allowed: {sorted(_ACTOR_OPTION_KEYS)}")
+        for key in ("num_cpus", "num_gpus"):
+            if key in value and not (isinstance(value[key], (int, float)) and value[key] >= 0):
+                raise ValueError(f"ray_actor_options.{key} must be a number >= 0, got {value[key]!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> DeploymentOptions:
+        if self.autoscaling_config is not None and self.num_replicas is not None:
+            raise ValueError(
+                f"num_replicas ({self.num_replicas}) and autoscaling_config are exclusive: set num_replicas: null"
+            )
+        if self.autoscaling_config is None and self.num_replicas is None:
+            raise ValueError("num_replicas is null but no autoscaling_config is given")
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        """The keyword arguments for `serve.deployment(...).options(...)`."""
+        return self.model_dump(exclude_none=True)
+
+
+def model_defaults(**ray_actor_options: Any) -> DeploymentOptions:
+    """A model deployment's defaults: one request at a time, a short queue."""
+    return DeploymentOptions(max_ongoing_requests=1, max_queued_requests=8, ray_actor_options=ray_actor_options)

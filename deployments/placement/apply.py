@@ -1,0 +1,157 @@
+"""Applying a plan to a loaded pipeline: the only part of the package that touches torch modules.
+
+Contract: `place_pipeline(pipe, plan, devices)` casts (fp8 layerwise casting), streams (group
+offload), splits (accelerate `dispatch_model`), moves and hooks the components of a Qwen-Image
+pipeline loaded on CPU in bf16, in place, exactly as `plan` says, and checks that the pipeline
+executes where its VAE is. It never plans or second-guesses the plan; torch, accelerate and
+diffusers are imported inside the functions, never at module import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deployments.placement.config import FP8
+from deployments.placement.search import Plan
+from deployments.placement.sizes import COMPONENTS
+
+
+def _scaled_counts(counts: tuple[int, ...], actual: int) -> list[int]:
+    """The plan's per-GPU block counts (for the published model) scaled to a model with `actual`
+    blocks (a tiny test model), keeping the sum and giving every GPU at least one when possible."""
+    total = sum(counts)
+    scaled = [max(1, round(c * actual / total)) if c else 0 for c in counts]
+    while sum(scaled) > actual:
+        scaled[scaled.index(max(scaled))] -= 1
+    while sum(scaled) < actual:
+        scaled[scaled.index(max(scaled))] += 1
+    return scaled
+
+
+def _align(module, device) -> None:
+    """Run `module` on `device`: inputs moved there, outputs moved back to where the inputs were."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    add_hook_to_module(module, AlignDevicesHook(execution_device=device, io_same_device=True))
+
+
+def _cast_fp8(module, apply) -> None:
+    """fp8 storage, bf16 compute for `module` (`apply` installs diffusers' layerwise casting), then
+    give every cast layer a `compute_dtype` attribute: PEFT creates a LoRA adapter in the dtype of
+    its base layer, which would be fp8 here (and nothing upcasts adapters, so the LoRA matmul fails
+    or loses precision); PEFT reads `compute_dtype` first when a layer has one (as for bnb)."""
+    import torch
+
+    apply()
+    for layer in module.modules():
+        registry = getattr(layer, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook("layerwise_casting") is not None:
+            layer.compute_dtype = torch.bfloat16
+
+
+def place_pipeline(pipe, plan: Plan, devices: list[str] | None = None) -> None:
+    """Apply `plan` to `pipe`, a Qwen-Image pipeline loaded on CPU in bf16, in place.
+
+    `devices` maps the plan's GPU indices to torch devices (default `cuda:0`, `cuda:1`, ...); tests
+    map them all to `cpu` so the wiring runs without a GPU. fp8 is diffusers' layerwise casting
+    (fp8 storage, bf16 compute), group offload is diffusers' group offloading (onload to the GPU,
+    offload to CPU), whole components are moved and wrapped in an accelerate AlignDevicesHook so
+    tensors cross devices, a split transformer is dispatched with accelerate's `dispatch_model`.
+    The VAE shares the last GPU with the text encoder, and the pipeline's execution device (where
+    latents and the VAE's inputs live) must be the VAE's: checked at the end.
+    """
+    import torch
+    from accelerate import dispatch_model
+    from diffusers.hooks import apply_group_offloading, apply_layerwise_casting
+
+    devices = devices or [f"cuda:{i}" for i in range(plan.gpus_used)]
+    if len(devices) < plan.gpus_used:
+        raise ValueError(f"the plan uses {plan.gpus_used} GPUs, got devices {devices}")
+    device = [torch.device(d) for d in devices]
+    fp8, bf16 = torch.float8_e4m3fn, torch.bfloat16
+    for name in COMPONENTS:  # the plan's sizes are bf16 weights (a no-op when loaded in bf16)
+        getattr(pipe, name).to(bf16)
+
+    # text encoder (first: group offloading refuses modules that already carry accelerate hooks)
+    te_plan, te = plan.text_encoder, pipe.text_encoder
+    if te_plan.dtype == FP8:
+        _cast_fp8(te, lambda: apply_layerwise_casting(te, fp8, bf16, skip_modules_pattern="auto"))
+    if te_plan.offload == "group":
+        # leaf level: diffusers' block level only groups ModuleLists that are direct children, and
+        # Qwen2.5-VL keeps its layers at model.language_model.layers and calls its embedding from
+        # outside language_model.forward; every leaf is onloaded by its own forward instead.
+        apply_group_offloading(te, onload_device=device[te_plan.gpus[0]], offload_device=torch.device("cpu"),
+                               offload_type="leaf_level")
+    elif te_plan.offload == "cpu":
+        te.to("cpu")
+        _align(te, torch.device("cpu"))
+    else:
+        te.to(device[te_plan.gpus[0]])
+        _align(te, device[te_plan.gpus[0]])
+
+    # VAE
+    vae_device = device[plan.vae.gpus[0]]
+    pipe.vae.to(vae_device)
+    _align(pipe.vae, vae_device)
+    if plan.vae_tiling:
+        pipe.vae.enable_tiling()
+    if plan.vae_slicing:
+        pipe.vae.enable_slicing()
+
+    # transformer
+    t_plan, t = plan.transformer, pipe.transformer
+    if t_plan.dtype == FP8:
+        _cast_fp8(t, lambda: t.enable_layerwise_casting(storage_dtype=fp8, compute_dtype=bf16))
+    blocks_name = "transformer_blocks"
+    blocks = getattr(t, blocks_name)
+    if len(t_plan.gpus) > 1:
+        # model-level device map at block boundaries (blocks are t._no_split_modules): the plan
+        # already knows the split, so it is written out rather than re-derived by
+        # accelerate.infer_auto_device_map, whose greedy fill sends the tail layers to "disk" when
+        # the allowance is tight.
+        if type(blocks[0]).__name__ not in (t._no_split_modules or []):
+            raise ValueError(f"{type(t).__name__} cannot be split at {blocks_name}")
+        counts = _scaled_counts(t_plan.blocks, len(blocks))
+        owners = [gpu for gpu, count in zip(t_plan.gpus, counts) for _ in range(count)]
+        names = [name for name, _ in t.named_children()]
+        split = names.index(blocks_name)
+        device_map: dict[str, Any] = {}
+        for name in names[:split]:
+            device_map[name] = devices[t_plan.gpus[0]]
+        for index, gpu in enumerate(owners):
+            device_map[f"{blocks_name}.{index}"] = devices[gpu]
+        for name in names[split + 1:]:
+            device_map[name] = devices[owners[-1]]
+        dispatch_model(t, device_map=device_map, main_device=devices[t_plan.gpus[0]], force_hooks=True)
+    elif t_plan.streamed_blocks:
+        home = device[t_plan.gpus[-1]]
+        planned = sum(t_plan.blocks) + t_plan.streamed_blocks  # the published model's block count
+        streamed = min(len(blocks), max(1, round(t_plan.streamed_blocks * len(blocks) / planned)))
+        first_streamed = len(blocks) - streamed
+        for name, child in t.named_children():
+            if name != blocks_name:
+                child.to(home)
+        for index, block in enumerate(blocks):
+            if index < first_streamed:
+                block.to(home)
+            else:
+                # each streamed block is its own group: onloaded before it runs, offloaded after
+                apply_group_offloading(block, onload_device=home, offload_device=torch.device("cpu"),
+                                       offload_type="block_level", num_blocks_per_group=1)
+        _align(t, home)
+    else:
+        t.to(device[t_plan.gpus[0]])
+        _align(t, device[t_plan.gpus[0]])
+
+    # Mark the pipeline device-mapped, as diffusers' own `device_map=` loading does: `pipe.to()`
+    # and the CPU-offload switches then refuse to undo the placement, and `load_lora_weights`
+    # stops reading our AlignDevicesHooks as sequential CPU offload (it would strip them and
+    # call enable_sequential_cpu_offload after loading the adapter).
+    pipe.hf_device_map = {
+        "transformer": ",".join(devices[g] for g in t_plan.gpus),
+        "text_encoder": devices[te_plan.gpus[0]] if te_plan.gpus else "cpu",
+        "vae": devices[plan.vae.gpus[0]],
+    }
+    execution = torch.device(pipe._execution_device)
+    if execution != vae_device and not (execution.type == vae_device.type == "cpu"):
+        raise RuntimeError(f"pipeline executes on {execution}, but its VAE is on {vae_device}")

@@ -1,0 +1,372 @@
+"""The planner: the best placement of a task's pipeline on the GPUs one replica owns.
+
+Contract: `plan(task, config, sizes)` tries the candidate recipes from best to worst (the order is
+in the `deployments.placement` docstring) on 1..`config.gpus` GPUs and returns the first `Plan`
+whose predicted peak fits every GPU (memory minus margin); otherwise it raises `DoesNotFit`,
+naming why and the smallest standard configuration that would fit. Pure arithmetic on
+`ComponentSize`s and the activation model: it never loads weights, never touches a GPU, never
+imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from deployments.placement.activation import phase_transients
+from deployments.placement.config import BF16, FP8, GB, DoesNotFit, Dtype, Offload, PlacementConfig, Task
+from deployments.placement.sizes import COMPONENTS, TASK_MODELS, ComponentSize, component_sizes
+
+# --------------------------------------------------------------------------------------------
+# policy
+
+VAE_TILING_ABOVE_PIXELS = 1024 * 1024
+"""Tile the VAE above ~1 MP even when the untiled pass would fit: beyond it the mid-block
+attention grows with the square of the pixels (8.7 GB at 1536², 26.7 GB at 2048²) while tiles
+stay at ~0.25 GB; at or below 1 MP the untiled pass is kept when it fits (no seams, faster)."""
+MAX_STREAMED_FRACTION = 0.25
+"""Most of the transformer's blocks that may be streamed from CPU each forward (15 of 60). A
+policy, not physics: a streamed block is copied over PCIe on every transformer call (two per step
+with CFG); a few hide behind the compute of large token counts, streaming most of the model would
+not (and would need ~20 GB of pinned host memory per replica). A GPU run should measure step time
+against streamed blocks before this is raised."""
+STANDARD_CARDS_GB = (48.0, 80.0)
+"""Single-card sizes tried after 1..8 cards of the configured size when looking for the smallest
+configuration that fits."""
+MAX_SEARCH_GPUS = 8
+
+
+# --------------------------------------------------------------------------------------------
+# the plan
+
+
+@dataclass(frozen=True)
+class ComponentPlan:
+    """Where one component lives and in what form."""
+
+    gpus: tuple[int, ...]
+    """GPU indices (within the replica) holding it; empty: it runs on the CPU."""
+    dtype: Dtype
+    offload: Offload
+    """`none`: resident on its GPU(s); `group`: weights in CPU memory, streamed to the GPU as it runs
+    (all of them for the text encoder, `streamed_blocks` blocks for the transformer); `cpu`: runs
+    on the CPU."""
+    weights_gb: tuple[float, ...]
+    """Resident weights on each GPU of `gpus`, same order."""
+    cpu_weights_gb: float = 0.0
+    """Weights kept in host memory (streamed, or the whole component when it runs on CPU)."""
+    blocks: tuple[int, ...] = ()
+    """Transformer only: its resident blocks on each GPU of `gpus` (one entry when whole, several
+    when split at block boundaries); empty for the other components."""
+    streamed_blocks: int = 0
+    """Transformer blocks kept on CPU and streamed to the GPU on every call."""
+
+    def device_text(self) -> str:
+        if not self.gpus:
+            return "CPU"
+        text = "GPU " + ",".join(str(g) for g in self.gpus)
+        if len(self.blocks) > 1:
+            text += " (blocks " + "+".join(str(b) for b in self.blocks) + ")"
+        return text
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Placement of one replica's pipeline; see the `deployments.placement` docstring."""
+
+    task: Task
+    gpus: int
+    """GPUs the replica owns (the budget)."""
+    gpu_memory_gb: float
+    margin_gb: float
+    resolution: int
+    layers: int | None
+    gpus_used: int
+    transformer: ComponentPlan
+    text_encoder: ComponentPlan
+    vae: ComponentPlan
+    vae_tiling: bool
+    vae_slicing: bool
+    """Decode the frames one at a time (`layers`: every layer is a frame)."""
+    peak_gb: tuple[float, ...]
+    """Predicted peak of each used GPU."""
+    peak_phase: tuple[str, ...]
+    """The phase that sets each GPU's peak."""
+    strategy: str
+
+    @property
+    def components(self) -> dict[str, ComponentPlan]:
+        return {"transformer": self.transformer, "text_encoder": self.text_encoder, "vae": self.vae}
+
+    @property
+    def usable_gb(self) -> float:
+        """What a GPU's peak may reach: memory minus margin."""
+        return self.gpu_memory_gb - self.margin_gb
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for name in COMPONENTS:
+            data[name] = {key: list(value) if isinstance(value, tuple) else value for key, value in data[name].items()}
+        data["peak_gb"], data["peak_phase"] = list(self.peak_gb), list(self.peak_phase)
+        data["usable_gb"] = self.usable_gb
+        return data
+
+    def describe(self) -> str:
+        layers = f", {self.layers} layers" if self.task == "layers" else ""
+        lines = [
+            f"plan: {self.task}, {self.resolution} px{layers} on {self.gpus}x{self.gpu_memory_gb:g} GB "
+            f"(uses {self.gpus_used} GPU{'s' if self.gpus_used > 1 else ''})",
+            f"strategy: {self.strategy}",
+            "",
+            f"{'component':<13} {'device(s)':<22} {'dtype':<14} {'offload':<17} {'GPU GB':>7} {'CPU GB':>7}",
+        ]
+        for name, part in self.components.items():
+            offload = part.offload if not part.streamed_blocks else f"group ({part.streamed_blocks} blocks)"
+            lines.append(
+                f"{name:<13} {part.device_text():<22} {part.dtype:<14} {offload:<17} "
+                f"{sum(part.weights_gb):>7.2f} {part.cpu_weights_gb:>7.2f}"
+            )
+        on = {True: "on", False: "off"}
+        lines.append(f"vae tiling: {on[self.vae_tiling]}, vae slicing: {on[self.vae_slicing]}")
+        lines += ["", f"{'GPU':<4} {'peak GB':>8} {'budget GB':>10} {'margin GB':>10} {'free GB':>8}  peak phase"]
+        for gpu, (peak, phase) in enumerate(zip(self.peak_gb, self.peak_phase)):
+            lines.append(
+                f"{gpu:<4} {peak:>8.2f} {self.gpu_memory_gb:>10.1f} {self.margin_gb:>10.2f} "
+                f"{self.usable_gb - peak:>8.2f}  {phase}"
+            )
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    transformer: Dtype
+    text_encoder: Dtype
+    text_offload: Offload
+    stream: bool
+
+    def uses_fp8(self) -> bool:
+        return FP8 in (self.transformer, self.text_encoder)
+
+    def uses_offload(self) -> bool:
+        return self.text_offload != "none" or self.stream
+
+
+def _recipes(allow_fp8: bool, allow_offload: bool) -> list[_Recipe]:
+    """Candidates from best to worst (quality first, then speed)."""
+    ladder = [
+        _Recipe(BF16, BF16, "none", False),
+        _Recipe(FP8, BF16, "none", False),
+        _Recipe(FP8, FP8, "none", False),
+    ]
+    for text_offload in ("group", "cpu"):
+        for stream in (False, True):
+            ladder += [_Recipe(BF16, BF16, text_offload, stream), _Recipe(FP8, BF16, text_offload, stream)]
+    return [r for r in ladder if (allow_fp8 or not r.uses_fp8()) and (allow_offload or not r.uses_offload())]
+
+
+@dataclass
+class _Card:
+    resident: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def peak(self) -> tuple[float, str]:
+        phase, transient = max(self.phases.items(), key=lambda item: item[1], default=("idle", 0.0))
+        return self.resident + transient, phase
+
+
+def _layout(
+    task: Task, config: PlacementConfig, sizes: dict[str, ComponentSize], recipe: _Recipe, n: int, tiled: bool
+) -> Plan | None:
+    """Place `recipe` on exactly `n` GPUs, or None. Text encoder and VAE share the last GPU; the
+    transformer fills GPUs from the first, whole when it fits, else split at block boundaries
+    (evenly over the GPUs that hold only transformer blocks); on one GPU, blocks that do not fit
+    are streamed when the recipe allows."""
+    if recipe.stream and n > 1:
+        return None  # streaming is the one-card fallback; with more cards, splitting is the answer
+    limit = (config.gpu_memory_gb - config.margin) * GB
+    t, te, vae = sizes["transformer"], sizes["text_encoder"], sizes["vae"]
+    act = phase_transients(task, config, sizes, tiled)
+    cards = [_Card() for _ in range(n)]
+    last = cards[-1]
+
+    # text encoder and VAE on the last card
+    if recipe.text_offload != "cpu":
+        # a streamed leaf, or the bf16 copy of an fp8 layer while it runs
+        extra = te.largest_layer_bytes if (recipe.text_offload == "group" or recipe.text_encoder == FP8) else 0
+        if recipe.text_offload == "none":
+            last.resident += te.weight_bytes(recipe.text_encoder)
+        for phase in ("encode_prompt", "caption"):
+            if phase in act:
+                last.phases[phase] = act[phase] + extra
+    last.resident += vae.bytes_bf16
+    last.phases["encode_image"] = act["encode_image"]
+    last.phases["decode"] = act["decode"]
+
+    # transformer: non-block layers on the first card, blocks greedily from the first card on
+    dtype = recipe.transformer
+    block = t.block_bytes(dtype)
+    denoise = act["denoise"] + (t.largest_layer_bytes if dtype == FP8 else 0)
+    cards[0].resident += t.nonblock_bytes(dtype)
+    stream_buffer = block if recipe.stream else 0  # the one streamed block on the GPU at a time (n == 1)
+    caps = []
+    for card in cards:
+        transient = denoise + stream_buffer
+        room = limit - card.resident - max(max(card.phases.values(), default=0.0), transient)
+        caps.append(max(0, int(room // block)))
+    alloc = [0] * n
+    remaining = t.blocks
+    for index in range(n):
+        alloc[index] = min(caps[index], remaining)
+        remaining -= alloc[index]
+    streamed = 0
+    if remaining:
+        if not recipe.stream or remaining > int(MAX_STREAMED_FRACTION * t.blocks):
+            return None
+        streamed = remaining
+    # spread the blocks evenly over the cards that hold nothing but transformer blocks
+    only = [i for i in range(n - 1) if alloc[i]]
+    if len(only) > 1:
+        total = sum(alloc[i] for i in only)
+        share = [total // len(only) + (1 if k < total % len(only) else 0) for k in range(len(only))]
+        if all(s <= caps[i] for s, i in zip(share, only)):
+            for s, i in zip(share, only):
+                alloc[i] = s
+    for index, card in enumerate(cards):
+        card.resident += alloc[index] * block
+        if index == 0 or alloc[index]:
+            card.phases["denoise"] = denoise + (block if streamed else 0)
+
+    peaks = [card.peak() for card in cards]
+    if any(peak > limit for peak, _ in peaks):
+        return None
+    used = [i for i in range(n) if alloc[i] or i in (0, n - 1)]
+    if used != list(range(n)):  # an empty card in the middle: a smaller n places this recipe too
+        return None
+
+    t_gpus = tuple(i for i in range(n) if alloc[i] or i == 0)
+    t_weights = tuple(
+        round((alloc[i] * block + (t.nonblock_bytes(dtype) if i == 0 else 0)) / GB, 3) for i in t_gpus
+    )
+    transformer = ComponentPlan(
+        gpus=t_gpus,
+        dtype=dtype,
+        offload="group" if streamed else "none",
+        weights_gb=t_weights,
+        cpu_weights_gb=round(streamed * block / GB, 3),
+        blocks=tuple(alloc[i] for i in t_gpus),
+        streamed_blocks=streamed,
+    )
+    te_bytes = te.weight_bytes(recipe.text_encoder)
+    if recipe.text_offload == "none":
+        text_encoder = ComponentPlan((n - 1,), recipe.text_encoder, "none", (round(te_bytes / GB, 3),))
+    elif recipe.text_offload == "group":
+        text_encoder = ComponentPlan((n - 1,), recipe.text_encoder, "group", (0.0,), round(te_bytes / GB, 3))
+    else:
+        text_encoder = ComponentPlan((), recipe.text_encoder, "cpu", (), round(te_bytes / GB, 3))
+    vae_plan = ComponentPlan((n - 1,), BF16, "none", (round(vae.bytes_bf16 / GB, 3),))
+    return Plan(
+        task=task,
+        gpus=config.gpus,
+        gpu_memory_gb=config.gpu_memory_gb,
+        margin_gb=config.margin,
+        resolution=config.resolution,
+        layers=config.layers if task == "layers" else None,
+        gpus_used=n,
+        transformer=transformer,
+        text_encoder=text_encoder,
+        vae=vae_plan,
+        vae_tiling=tiled,
+        vae_slicing=task == "layers",
+        peak_gb=tuple(round(peak / GB, 3) for peak, _ in peaks),
+        peak_phase=tuple(phase for _, phase in peaks),
+        strategy=_strategy_text(transformer, text_encoder, tiled),
+    )
+
+
+def _strategy_text(transformer: ComponentPlan, text_encoder: ComponentPlan, tiled: bool) -> str:
+    t = "fp8 transformer (layerwise casting)" if transformer.dtype == FP8 else "bf16 transformer"
+    if len(transformer.gpus) > 1:
+        t += f" split over GPUs {','.join(map(str, transformer.gpus))}"
+    else:
+        t += f" on GPU {transformer.gpus[0]}"
+    if transformer.streamed_blocks:
+        t += f", {transformer.streamed_blocks} blocks streamed from CPU"
+    te = "fp8 text encoder" if text_encoder.dtype == FP8 else "bf16 text encoder"
+    if text_encoder.offload == "group":
+        te += f" streamed from CPU to GPU {text_encoder.gpus[0]} (group offload)"
+    elif text_encoder.offload == "cpu":
+        te += " on CPU"
+    else:
+        te += f" + VAE on GPU {text_encoder.gpus[0]}"
+    return f"{t}; {te}" + ("; VAE tiling" if tiled else "")
+
+
+def _search(task: Task, config: PlacementConfig, sizes: dict[str, ComponentSize]) -> Plan | None:
+    forced_tiling = config.resolution**2 > VAE_TILING_ABOVE_PIXELS
+    for recipe in _recipes(config.allow_fp8, config.allow_offload):
+        for n in range(1, config.gpus + 1):
+            for tiled in ((True,) if forced_tiling else (False, True)):
+                placed = _layout(task, config, sizes, recipe, n, tiled)
+                if placed is not None:
+                    return placed
+    return None
+
+
+def _smallest(
+    task: Task, config: PlacementConfig, sizes: dict[str, ComponentSize]
+) -> list[tuple[str, PlacementConfig]]:
+    """Smallest standard configurations that fit: the same options first, then with what is off
+    turned on. `[(description, config), ...]`."""
+    variants = [("", config.allow_fp8, config.allow_offload)]
+    if not config.allow_fp8:
+        variants.append(("with fp8", True, config.allow_offload))
+    if not config.allow_offload:
+        variants.append(("with offload", config.allow_fp8, True))
+    if not config.allow_fp8 and not config.allow_offload:
+        variants.append(("with fp8 and offload", True, True))
+    shapes = [(count, config.gpu_memory_gb) for count in range(1, MAX_SEARCH_GPUS + 1)]
+    shapes += [(1, size) for size in STANDARD_CARDS_GB if size > config.gpu_memory_gb]
+    found = []
+    for label, fp8, offload in variants:
+        for count, memory in shapes:
+            if label == "" and memory == config.gpu_memory_gb and count <= config.gpus:
+                continue  # already known not to fit
+            candidate = config.model_copy(
+                update={"gpus": count, "gpu_memory_gb": memory, "allow_fp8": fp8, "allow_offload": offload}
+            )
+            if _search(task, candidate, sizes) is not None:
+                found.append((f"{count}x{memory:g} GB " + (label or "as configured"), candidate))
+                break
+    return found
+
+
+def plan(task: Task, config: PlacementConfig, sizes: dict[str, ComponentSize] | None = None) -> Plan:
+    """The best placement of `task`'s pipeline on `config`'s GPUs; raises DoesNotFit."""
+    if task not in TASK_MODELS:
+        raise ValueError(f"task must be one of {sorted(TASK_MODELS)}, got {task!r}")
+    sizes = sizes if sizes is not None else component_sizes(TASK_MODELS[task])
+    missing = [name for name in COMPONENTS if name not in sizes]
+    if missing:
+        raise ValueError(f"sizes lack {missing}")
+    found = _search(task, config, sizes)
+    if found is not None:
+        return found
+    alternatives = _smallest(task, config, sizes)
+    t = sizes["transformer"]
+    smallest_t = FP8 if config.allow_fp8 else BF16
+    need = t.weight_bytes(smallest_t) / GB
+    denoise = phase_transients(task, config, sizes, True)["denoise"] / GB
+    layers = f", {config.layers} layers" if task == "layers" else ""
+    options = f"fp8 {'allowed' if config.allow_fp8 else 'off'}, offload {'allowed' if config.allow_offload else 'off'}"
+    reason = (
+        f"{task} at {config.resolution} px{layers} does not fit {config.shape} GB ({options}; "
+        f"{config.gpu_memory_gb - config.margin:.1f} GB usable per GPU after the {config.margin:.1f} GB margin): "
+        f"the {smallest_t} transformer alone is {need:.1f} GB of weights plus {denoise:.1f} GB of activations"
+    )
+    if config.allow_offload:
+        streamable = int(MAX_STREAMED_FRACTION * t.blocks)
+        reason += f" (at most {streamable} of its {t.blocks} blocks may be streamed from CPU, on one GPU)"
+    reason += "; " + (
+        "needs " + ", or ".join(text for text, _ in alternatives) if alternatives else "no standard configuration fits"
+    )
+    raise DoesNotFit(reason, alternatives[0][1] if alternatives else None)

@@ -1,0 +1,220 @@
+"""A task as one object: everything the service needs to offer one image-to-image model.
+
+A `Task` names the model class, the request parameters, the output formats and the config section.
+The section (a `TaskSection` subclass, declared in the task's module) holds the model's settings
+and its Serve options, and implements what depends on them: `resolve` (defaults, ranges, the
+choices of its catalog), `describe` (the task's entry in `GET /v1/models`) and `limits` (what bounds
+each request field, for the OpenAPI document). `Tasks` is an ordered registry; everything generic
+(the app builder, request orchestration, /v1/models, OpenAPI, jobs, the CLI) loops over one and
+never names a task. Knows nothing about Ray or HTTP.
+
+Adding a task: a module with its params model, its section, its model class (a `Model`) and one
+`Task(...)`, listed in `deployments.tasks.TASKS` (or passed to the builder in a registry of its own).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from deployments.errors import InvalidParameter
+from deployments.options import DeploymentOptions
+from deployments.postprocess import IMAGE_FORMATS
+from deployments.records import ImageSpec
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]*$"
+"""What a catalog name (LoRA version, style) looks like, where the catalog cannot be listed."""
+_JSON_TYPES = {"string", "integer", "number", "boolean"}
+
+
+class TaskSection(BaseModel):
+    """A task's config section: its model's settings plus its Serve options (the `serve:` block).
+    Subclasses give `serve` their own default and implement `resolve` and `describe`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    serve: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    """Ray Serve options of the task's model deployment."""
+
+    def catalog(self, cache_dir: Path) -> Any:
+        """What this process needs to resolve requests (e.g. the LoRA versions on disk); None when
+        the task needs nothing beyond its settings."""
+        return None
+
+    def resolve(self, params: Any, catalog: Any = None) -> Any:
+        """Fill defaults and check ranges; raises InvalidParameter naming the field."""
+        raise NotImplementedError
+
+    def describe(self, catalog: Any = None) -> dict[str, Any]:
+        """The task's entry in `GET /v1/models` (without `formats`): defaults, limits, choices."""
+        raise NotImplementedError
+
+    def limits(self, catalog: Any = None) -> dict[str, dict[str, Any]]:
+        """JSON-schema keywords bounding each request field (minimum, maximum, default, enum,
+        maxLength); merged over what the params model says, for the OpenAPI document."""
+        return {}
+
+    def serve_options(self) -> dict[str, Any]:
+        """The keyword arguments for the model deployment's `.options(...)`."""
+        return self.serve.serve_options()
+
+    def resident_limit(self) -> int | None:
+        """For a task that routes requests by a choice (`Task.route`): how many choices a replica
+        keeps resident (Serve's multiplexing limit). None: no routing."""
+        return None
+
+    def check_input_edge(self, max_long_edge: int) -> None:
+        """Raise ValueError when inputs of this long edge (preprocess's limit) cannot be served."""
+
+
+def parse_params(model: type[BaseModel], fields: Mapping[str, Any]) -> BaseModel:
+    """Request fields (strings from a form or query) → the task's parameter model; 422 naming the field."""
+    try:
+        return model.model_validate(dict(fields))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else None
+        message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+        raise InvalidParameter(f"{message} (got {first.get('input')!r})"[:300], field) from None
+
+
+def choice_schema(names: list[str]) -> dict[str, Any]:
+    """Limits of a field choosing one of `names`; where the list is unknown here, the names' form."""
+    return {"enum": names} if names else {"pattern": NAME_PATTERN}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One image-to-image task: its name, model, request parameters, formats and config section."""
+
+    name: str
+    """The route (`POST /v1/{name}`), the config section's key and the `task` of a job."""
+    summary: str
+    """What it does, in a few words (OpenAPI, the app's description)."""
+    model: type
+    """The model class: a `deployments.model.Model` (plain; the builder makes it a deployment)."""
+    params: type[BaseModel]
+    """The request parameters (None: the section's default); strict: unknown fields are refused."""
+    section: type[TaskSection]
+    """The config section model: the model's settings and its Serve options."""
+    formats: tuple[str, ...] = IMAGE_FORMATS
+    """Output formats, the default first."""
+    headers: tuple[str, ...] = ()
+    """Result parameters echoed as `X-Imgserve-*` response headers (besides task, size, scale)."""
+    route: Callable[[Any], str | None] | None = None
+    """Resolved params → the choice Serve routes the request by (a replica that holds it), or None."""
+
+    @property
+    def deployment(self) -> str:
+        """The Serve deployment's name: the model class's."""
+        return self.model.__name__
+
+    @property
+    def input_spec(self) -> ImageSpec:
+        """What the model needs from preprocess."""
+        return self.model.input_spec
+
+    def configured(self, section: TaskSection, cache_dir: Path) -> ConfiguredTask:
+        """This task as a service offers it, with `section` (opens its catalog)."""
+        return ConfiguredTask(self, section, section.catalog(cache_dir))
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A validated request: everything needed to run it again with the same result."""
+
+    task: str
+    params: BaseModel
+    format: str
+
+    def fields(self) -> dict[str, Any]:
+        """The resolved request as plain fields (seed included): what a job stores to retry."""
+        return {**self.params.model_dump(exclude_none=True), "format": self.format}
+
+
+@dataclass(frozen=True)
+class ConfiguredTask:
+    """A task with its config section and its catalog: what one process resolves requests with."""
+
+    task: Task
+    section: TaskSection
+    catalog: Any = None
+
+    def resolve(self, fields: Mapping[str, Any] | None) -> Resolved:
+        """Check the fields without touching pixels; fills defaults and the seed."""
+        fields = dict(fields or {})
+        fmt = fields.pop("format", self.task.formats[0])
+        if fmt not in self.task.formats:
+            raise InvalidParameter(f"unknown format {fmt!r}; allowed: {', '.join(self.task.formats)}", "format")
+        params = self.section.resolve(parse_params(self.task.params, fields), self.catalog)
+        return Resolved(self.task.name, params, fmt)
+
+    def describe(self) -> dict[str, Any]:
+        """The task's entry in `GET /v1/models`."""
+        return {**self.section.describe(self.catalog), "formats": list(self.task.formats)}
+
+    def field_schemas(self) -> dict[str, dict[str, Any]]:
+        """{field: JSON schema} of the request fields, `format` last: types and descriptions from
+        the params model, bounds from the section's `limits`."""
+        limits = self.section.limits(self.catalog)
+        schema = self.task.params.model_json_schema()["properties"]
+        fields: dict[str, dict[str, Any]] = {}
+        for name, prop in schema.items():
+            kinds = [option.get("type") for option in prop.get("anyOf", [prop])]
+            field: dict[str, Any] = {"type": next(kind for kind in kinds if kind in _JSON_TYPES)}
+            if prop.get("description"):
+                field["description"] = " ".join(prop["description"].split())
+            fields[name] = {**field, **limits.get(name, {})}
+        fields["format"] = {"type": "string", "enum": list(self.task.formats), "default": self.task.formats[0]}
+        return fields
+
+
+class Tasks:
+    """An ordered registry of tasks, by name."""
+
+    def __init__(self, *tasks: Task) -> None:
+        names = [task.name for task in tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        for name in names:
+            if not name.isidentifier() or name in ("jobs", "models", "images"):
+                raise ValueError(f"task name {name!r} must be an identifier and not a route of its own")
+        self._tasks = {task.name: task for task in tasks}
+
+    def __iter__(self) -> Iterator[Task]:
+        return iter(self._tasks.values())
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks
+
+    def __getitem__(self, name: str) -> Task:
+        return self._tasks[name]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tasks) and list(self) == list(other)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._tasks))
+
+    def __repr__(self) -> str:
+        return f"Tasks({', '.join(self._tasks)})"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._tasks)
+
+    def plus(self, *tasks: Task) -> Tasks:
+        """This registry with more tasks after its own."""
+        return Tasks(*self, *tasks)
+
+    def choices_text(self) -> str:
+        """The names as a sentence's list: `real, anime or layers`."""
+        names = list(self._tasks)
+        return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"

@@ -1,0 +1,108 @@
+"""The one request path, shared by synchronous requests, handle callers and jobs.
+
+`Orchestrator` resolves a task's fields without pixels (422 before any decoding), then drives
+Preprocess → the task's model → Postprocess through deployment handles, awaiting each hop so every
+queue limit holds. An optional `Progress` receives the stages (and, from the model, each denoising
+step) and can stop the run. It holds handles, the configured tasks and the upload limits; it
+knows nothing about HTTP and never names a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deployments.errors import TimedOut
+from deployments.postprocess import Encoded
+from deployments.preprocess import PreprocessConfig
+from deployments.records import Deadline, Progress
+from deployments.task import ConfiguredTask, Resolved, Tasks, TaskSection
+from serve_app.errors import NotFound
+
+
+@dataclass(frozen=True)
+class Handles:
+    """The deployments a request passes through."""
+
+    preprocess: Any
+    models: dict[str, Any]
+    """Task name → its model deployment's handle."""
+    postprocess: Any
+
+
+class Orchestrator:
+    """Preprocess → model → postprocess for every task of a registry, through deployment handles."""
+
+    def __init__(self, tasks: Tasks, sections: dict[str, TaskSection], upload: PreprocessConfig, cache_dir: Path,
+                 handles: Handles) -> None:
+        self.registry = tasks
+        self.sections = sections
+        self.upload = upload
+        """The upload limits preprocess enforces (for /v1/models and the OpenAPI document)."""
+        self.cache_dir = cache_dir
+        self.handles = handles
+
+    @functools.cached_property
+    def tasks(self) -> dict[str, ConfiguredTask]:
+        """Task name → the task with its config section and catalog, in the registry's order; opened
+        on first use, in the replica that uses it (the builder only passes the orchestrator on)."""
+        return {task.name: task.configured(self.sections[task.name], self.cache_dir) for task in self.registry}
+
+    def choices_text(self) -> str:
+        """The task names as a sentence's list: `real, anime or layers`."""
+        return self.registry.choices_text()
+
+    def task(self, name: str) -> ConfiguredTask:
+        """The configured task `name`; NotFound naming the available ones."""
+        if name not in self.tasks:
+            raise NotFound(f"unknown task {name!r}; available: {', '.join(sorted(self.tasks))}", "task")
+        return self.tasks[name]
+
+    def resolve(self, task: str, fields: dict[str, Any] | None) -> Resolved:
+        """Check the task and its fields without touching pixels; fills defaults and the seed."""
+        return self.task(task).resolve(fields)
+
+    async def run(self, request: Resolved, image: bytes, progress: Progress | None = None,
+                  timeout_s: float | None = None) -> Encoded:
+        """Run a resolved request; raises the `deployments.errors` classes on bad input, and
+        `TimedOut` after `timeout_s` (the model, told the same deadline, stops at its next step)."""
+        if timeout_s is None:
+            return await self._run(request, image, progress)
+        deadline = Deadline(time.time() + timeout_s, timeout_s, progress)
+        try:
+            # a timeout scope on this task, not a task of its own as `wait_for` would start: one task
+            # switch less on every hop's result
+            async with asyncio.timeout(timeout_s):
+                return await self._run(request, image, deadline)
+        except TimeoutError:
+            raise TimedOut(f"took longer than the limit of {timeout_s:g} s") from None
+
+    async def _run(self, request: Resolved, image: bytes, progress: Progress | None) -> Encoded:
+        task = self.tasks[request.task].task
+        # 1. preprocess on CPU replicas; awaited so the model's queue limit is enforced (a
+        #    DeploymentResponse passed straight on bypasses max_queued_requests in Ray Serve 2.60)
+        if progress is not None:
+            progress.stage("preprocess")
+        prepared = await self.handles.preprocess.prepare.remote(image, task.input_spec, task=task.name)
+        # 2. the model, on a replica that already holds the request's choice when one is free
+        handle = self.handles.models[task.name]
+        route = task.route(request.params) if task.route is not None else None
+        if route is not None:
+            handle = handle.options(multiplexed_model_id=route)
+        generated = await handle.remote(prepared, request.params, progress)
+        # 3. encode on CPU replicas
+        if progress is not None:
+            progress.stage("postprocess")
+        return await self.handles.postprocess.encode.remote(generated, request.format)
+
+    def models_info(self) -> dict[str, Any]:
+        """GET /v1/models: tasks, their defaults, limits, choices and formats."""
+        return {
+            "tasks": {name: task.describe() for name, task in self.tasks.items()},
+            "max_long_edge": self.upload.max_long_edge,
+            "max_bytes": self.upload.max_bytes,
+        }
