@@ -13,18 +13,19 @@ import ray
 import yaml
 from ray import serve
 
-from bench import common
 from serve_app.app import build_graph
-from tests.conftest import REPO
-from tests.serve.conftest import Service, free_port
+from tests.cluster import local
+from tests.conftest import REPO, Service, free_port
 from tests.serve.gate import GATE_NAME, Gate, GatedRealModel
 
 PORT = int(os.environ.get("IMGSERVE_TEST_CLUSTER_PORT", "6391"))
-ENV = common.cluster_env(PORT, dashboard_port=8266, worker_gpus=4)
+ENV = local.cluster_env(PORT, dashboard_port=8266, worker_gpus=4)
+ADDRESS = f"{local.cluster_ip(ENV)}:{PORT}"
+"""The cluster's address (its GCS), as `local_cluster` connects to it."""
 
 
 def local_sh(*args: str) -> str:
-    return common.local_sh(ENV, *args, timeout=180)
+    return local.local_sh(ENV, *args, timeout=180)
 
 
 def cluster_args(cache_dir: Any) -> dict[str, Any]:
@@ -58,11 +59,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     if ray.is_initialized():
         pytest.skip("this process is already connected to another Ray; run tests/cluster first or alone")
     http_port = free_port()
-    with common.local_cluster(ENV, http_port, timeout=180):
+    with local.local_cluster(ENV, http_port, timeout=180):
         gate = Gate.options(name=GATE_NAME, resources={"imgserve_head": 0.01}).remote()
         gate.open.remote()
         cache = tmp_path_factory.mktemp("imgserve-cluster-cache")
-        serve.run(build_graph(cluster_args(cache), real_cls=GatedRealModel), name="imgserve", route_prefix="/")
+        serve.run(build_graph(cluster_args(cache), models={"real": GatedRealModel}), name="imgserve",
+                  route_prefix="/")
         service = Service(http_port)
         try:
             yield {"service": service, "gate": gate, "port": http_port}

@@ -21,9 +21,9 @@ from PIL import Image
 from ray import serve
 from ray.util.state import list_actors
 
-from tests.cluster.conftest import PORT, local_sh
-from tests.conftest import wait_until
-from tests.serve.conftest import Service, small_png, submit, wait_state
+from tests.cluster.conftest import ADDRESS, PORT, local_sh
+from tests.conftest import Service, wait_until
+from tests.serve.conftest import small_png, submit, wait_state
 
 pytestmark = pytest.mark.cluster
 
@@ -48,7 +48,7 @@ def running(deployment: str) -> int:
 
 def alive_actors(class_part: str) -> list[Any]:
     """Alive actors whose class name contains `class_part` (Ray's state API, through the dashboard)."""
-    return [actor for actor in list_actors(address=f"127.0.0.2:{PORT}", filters=[("state", "=", "ALIVE")])
+    return [actor for actor in list_actors(address=ADDRESS, filters=[("state", "=", "ALIVE")])
             if class_part in actor.class_name]
 
 

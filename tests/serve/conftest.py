@@ -1,8 +1,9 @@
-"""Real Ray Serve on this machine: one local Ray per session with fake GPUs, one app per module."""
+"""Real Ray Serve on this machine: the session's local Ray with fake GPUs (`ray_cluster`, in
+tests/conftest.py) and one app per module (`demo_service`, same place); here the test gate and the
+HTTP helpers the modules share."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,13 +12,10 @@ import httpx
 import pytest
 import ray
 from PIL import Image
-from ray import serve
 
-from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
-
-from serve_app.app import build_app, build_graph
-from tests.conftest import wait_until
+from tests.conftest import Service, wait_until
 from tests.hostile import encode
+from tests.serve.gate import GATE_NAME, Gate
 
 _HERE = Path(__file__).resolve().parent
 
@@ -29,68 +27,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.serve)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-METRICS_PORT: int | None = None
-"""Where this session's Ray node exports Prometheus metrics (`http://127.0.0.1:PORT/metrics`)."""
-
-
-@pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[int]:
-    """Local Ray (2 CPUs, 4 fake GPUs) and Serve's HTTP proxy on a free loopback port."""
-    global METRICS_PORT
-    METRICS_PORT = free_port()
-    ray.init(address="local", num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False,
-             _metrics_export_port=METRICS_PORT)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield port
-    serve.shutdown()
-    ray.shutdown()
-
-
-class Service:
-    """A running imgserve app: its base URL and an HTTP client."""
-
-    def __init__(self, port: int) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.http = httpx.Client(base_url=self.url, timeout=120)
-
-    def post_image(self, data: bytes, fields: dict[str, Any] | None = None, task: str = "real",
-                   filename: str = "input.jpg", content_type: str = "image/jpeg",
-                   headers: dict[str, str] | None = None) -> httpx.Response:
-        """A multipart upload of `data` as `image` with `fields` to `/v1/{task}` (`task` "jobs":
-        a job submission; then `fields` names the task)."""
-        return self.http.post(
-            f"/v1/{task}", files={"image": (filename, data, content_type)},
-            data={k: str(v) for k, v in (fields or {}).items()}, headers=headers,
-        )
-
-    def model_stats(self) -> dict[str, Any]:
-        return serve.get_deployment_handle("RealModel", "imgserve").stats.remote().result()
-
-
-def run_service(port: int, args: dict[str, Any], logging_config: dict[str, Any] | None = None,
-                **build_kwargs: Any) -> Iterator[Service]:
-    """Deploy imgserve for one test module and delete it afterwards (modules differ in config).
-
-    Without substitutions the app is built the way `serve run CONFIG.yaml` builds it (Serve's own
-    builder call, which checks the builder's signature); with them, through `build_graph`.
-    `logging_config`: Serve's, for every deployment of the app (as in configs/*.yaml).
-    """
-    if build_kwargs:
-        app = build_graph(args, **build_kwargs)
-    else:
-        app = call_user_app_builder_with_args_if_necessary(build_app, args)
-    serve.run(app, name="imgserve", route_prefix="/", logging_config=logging_config)
-    service = Service(port)
-    yield service
-    service.http.close()
-    serve.delete("imgserve")
+@pytest.fixture(scope="module")
+def gate(ray_cluster: int) -> Iterator[Any]:
+    """The test gate of this module's gated model (tests/serve/gate.py), closed; killed after the module."""
+    actor = Gate.options(name=GATE_NAME).remote()
+    yield actor
+    ray.kill(actor)
 
 
 def small_png(size: tuple[int, int] = (96, 64), color: tuple[int, int, int] = (200, 30, 30)) -> bytes:

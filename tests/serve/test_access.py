@@ -12,12 +12,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import ray
 
-from serve_app.keys import hash_key, key_id
 from serve_app.ingress import FORM_OVERHEAD_BYTES
-from tests.conftest import demo_args, wait_until
-from tests.serve.conftest import Service, assert_error, run_service, small_png, submit
+from serve_app.keys import hash_key, key_id
+from tests import conftest as root
+from tests.conftest import Service, wait_until
+from tests.serve.conftest import assert_error, small_png, submit
 
 MAX_BYTES = 1024 * 1024
 ALLOWED = "https://studio.example.com"
@@ -30,15 +30,12 @@ UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 
 
 @pytest.fixture(scope="module")
-def service(ray_cluster: int, model_cache) -> Iterator[Service]:
-    args = demo_args()
-    args["cache_dir"] = str(model_cache)
-    args["jobs"] = {"directory": str(model_cache / "jobs-access")}
-    args["preprocess"].update(max_long_edge=256, max_bytes=MAX_BYTES)
-    args["ingress"].update(api_keys_sha256=[hash_key(key) for key in KEYS.values()],
-                           rate_limit_per_minute=PER_MINUTE, rate_limit_burst=BURST, cors_origins=[ALLOWED])
+def service(demo_service) -> Iterator[Service]:
+    ingress = {"api_keys_sha256": [hash_key(key) for key in KEYS.values()], "rate_limit_per_minute": PER_MINUTE,
+               "rate_limit_burst": BURST, "cors_origins": [ALLOWED]}
     # What `logging_config: {encoding: JSON}` does in configs/*.yaml, for every deployment of the app.
-    yield from run_service(ray_cluster, args, logging_config={"encoding": "JSON"})
+    yield from demo_service({"preprocess": {"max_long_edge": 256, "max_bytes": MAX_BYTES}, "ingress": ingress},
+                            logging_config={"encoding": "JSON"})
 
 
 def bearer(name: str) -> dict[str, str]:
@@ -231,7 +228,8 @@ def test_the_ingress_serves_normally_after_refused_uploads(service: Service) -> 
 
 # -- logs ---------------------------------------------------------------------------------------------
 def _serve_logs() -> Path:
-    return Path(ray._private.worker._global_node.get_logs_dir_path())
+    assert root.RAY_LOGS is not None, "the session's Ray is not started"
+    return root.RAY_LOGS
 
 
 def _ingress_lines(logs: Path, request_id: str) -> list[dict]:

@@ -10,19 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from tests.conftest import demo_args, sample_path
-from tests.serve.conftest import Service, assert_error, run_service, small_png
+from tests.conftest import Service, sample_path
+from tests.serve.conftest import assert_error, small_png
 
 MAX_LONG_EDGE = 384
 
 
 @pytest.fixture(scope="module")
-def service(ray_cluster: int, model_cache) -> Iterator[Service]:
-    args = demo_args()
-    args["cache_dir"] = str(model_cache)
-    args["preprocess"]["max_long_edge"] = MAX_LONG_EDGE
-    args["anime"]["max_long_edge"] = MAX_LONG_EDGE
-    yield from run_service(ray_cluster, args)
+def service(demo_service) -> Iterator[Service]:
+    yield from demo_service({"preprocess": {"max_long_edge": MAX_LONG_EDGE}, "anime": {"max_long_edge": MAX_LONG_EDGE}})
 
 
 @pytest.mark.parametrize("name", ["photo_1.jpg", "photo_2.jpg", "photo_3.jpg"])

@@ -7,24 +7,20 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import pytest
 import ray
 
-from tests.conftest import demo_args, wait_until
-from tests.serve.conftest import run_service, small_png
-from tests.serve.gate import GATE_NAME, Gate, GatedRealModel
+from tests.conftest import wait_until
+from tests.serve.conftest import small_png
+from tests.serve.gate import GatedRealModel
 
 BURST = 8
 DEADLINE_S = 120  # a generous bound for "never a hang", not a timing assertion
 
 
 @pytest.fixture(scope="module")
-def gated(ray_cluster: int, model_cache):
-    gate = Gate.options(name=GATE_NAME).remote()
-    args = demo_args()
-    args["cache_dir"] = str(model_cache)
-    args["real"]["serve"].update(max_ongoing_requests=1, max_queued_requests=1)
-    args["ingress"]["retry_after_s"] = 3
-    for service in run_service(ray_cluster, args, real_cls=GatedRealModel):
+def gated(demo_service, gate):
+    overrides = {"real": {"serve": {"max_ongoing_requests": 1, "max_queued_requests": 1}},
+                 "ingress": {"retry_after_s": 3}}
+    for service in demo_service(overrides, models={"real": GatedRealModel}):
         yield service, gate
-    ray.kill(gate)
 
 
 

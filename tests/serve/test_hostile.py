@@ -15,20 +15,17 @@ import pytest
 import ray
 from PIL import Image
 
-from tests.conftest import demo_args
+from tests.conftest import Service, demo_args
 from tests.hostile import FAST, FAST_LAYERS, Case, build_corpus, encode, picture
-from tests.serve.conftest import Service, assert_error, run_service
+from tests.serve.conftest import assert_error
 
 ARGS = demo_args()
 CORPUS = build_corpus(max_bytes=ARGS["preprocess"].get("max_bytes", 20 * 1024 * 1024))
 
 
 @pytest.fixture(scope="module")
-def service(ray_cluster: int, model_cache) -> Iterator[Service]:
-    args = demo_args()
-    args["cache_dir"] = str(model_cache)
-    args["jobs"] = {"directory": str(model_cache / "hostile-jobs")}
-    yield from run_service(ray_cluster, args)
+def service(demo_service) -> Iterator[Service]:
+    yield from demo_service()
 
 
 def replica_pids() -> dict[str, list[int]]:

@@ -9,24 +9,20 @@ from collections.abc import Iterator
 import pytest
 import ray
 
-from tests.conftest import demo_args, wait_until
-from tests.serve.conftest import Service, job_status, run_service, small_png, submit, wait_state
-from tests.serve.gate import GATE_NAME, Gate, GatedRealModel
+from tests.conftest import Service, wait_until
+from tests.serve.conftest import job_status, small_png, submit, wait_state
+from tests.serve.gate import GatedRealModel
 
 STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def jobs(ray_cluster: int, model_cache, tmp_path_factory) -> Iterator[tuple[Service, object]]:
-    gate = Gate.options(name=GATE_NAME).remote()
+def jobs(demo_service, gate) -> Iterator[tuple[Service, object]]:
     gate.open.remote()
-    args = demo_args()
-    args["cache_dir"] = str(model_cache)
-    args["jobs"] = {"directory": str(tmp_path_factory.mktemp("jobs")), "max_queued": 2, "concurrency": 1}
-    args["real"]["serve"]["ray_actor_options"] = {"num_cpus": 0.5, "num_gpus": 1}
-    for service in run_service(ray_cluster, args, real_cls=GatedRealModel):
+    overrides = {"jobs": {"max_queued": 2, "concurrency": 1},
+                 "real": {"serve": {"ray_actor_options": {"num_cpus": 0.5, "num_gpus": 1}}}}
+    for service in demo_service(overrides, models={"real": GatedRealModel}):
         yield service, gate
-    ray.kill(gate)
 
 
 def events(service: Service, job_id: str) -> list[dict]:

@@ -12,18 +12,15 @@ import pytest
 from PIL import Image
 from psd_tools import PSDImage
 
-from tests.conftest import demo_args
+from tests.conftest import Service
 from tests.hostile import encode
-from tests.serve.conftest import Service, assert_error, run_service, small_png
+from tests.serve.conftest import assert_error, small_png
 
 
 @pytest.fixture(scope="module")
-def service(ray_cluster: int, model_cache) -> Iterator[Service]:
-    args = demo_args()
-    args["cache_dir"] = str(model_cache)
-    args["preprocess"]["max_long_edge"] = 512
-    args["layers"]["serve"]["ray_actor_options"] = {"num_cpus": 0.25, "num_gpus": 1}
-    yield from run_service(ray_cluster, args)
+def service(demo_service) -> Iterator[Service]:
+    yield from demo_service({"preprocess": {"max_long_edge": 512},
+                             "layers": {"serve": {"ray_actor_options": {"num_cpus": 0.25, "num_gpus": 1}}}})
 
 
 def rgba_with_hole() -> bytes:

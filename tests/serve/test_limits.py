@@ -9,19 +9,16 @@ import re
 import pytest
 from PIL import Image
 
-from tests.conftest import demo_args, wait_until
-from tests.serve.conftest import assert_error, run_service, small_png
+from tests.conftest import wait_until
+from tests.serve.conftest import assert_error, small_png
 from tests.serve.gate import SlowRealModel
 
 TIMEOUT_S = 3
 
 
 @pytest.fixture(scope="module")
-def service(ray_cluster: int, model_cache):
-    args = demo_args()
-    args["cache_dir"] = str(model_cache)
-    args["ingress"]["request_timeout_s"] = TIMEOUT_S
-    yield from run_service(ray_cluster, args, real_cls=SlowRealModel)
+def service(demo_service):
+    yield from demo_service({"ingress": {"request_timeout_s": TIMEOUT_S}}, models={"real": SlowRealModel})
 
 
 def test_a_request_over_the_time_limit_gets_504_and_the_model_stops_at_the_next_step(service) -> None:

@@ -16,26 +16,21 @@ from ray import serve
 from deployments.lora import TINY_VERSIONS
 from deployments.preprocess import Preprocess
 from deployments.real import RealModel, RealModelConfig, RealParams
-from tests.conftest import demo_args, wait_until
-from tests.serve.conftest import Service, run_service, small_png
-from tests.serve.gate import GATE_NAME, Gate, GatedRealModel
+from tests.conftest import Service, wait_until
+from tests.serve.conftest import small_png
+from tests.serve.gate import GatedRealModel
 
 A, B, C = TINY_VERSIONS
 DEADLINE_S = 120
 
 
 @pytest.fixture(scope="module")
-def routed(ray_cluster: int, model_cache):
-    gate = Gate.options(name=GATE_NAME).remote()
+def routed(demo_service, gate):
     gate.open.remote()
-    args = demo_args()
-    args["cache_dir"] = str(model_cache)
-    args["real"].update(max_adapters_per_replica=1)
-    args["real"]["serve"].update(num_replicas=2, max_queued_requests=32,
-                                 ray_actor_options={"num_cpus": 0.3, "num_gpus": 1})
-    for service in run_service(ray_cluster, args, real_cls=GatedRealModel):
+    real = {"max_adapters_per_replica": 1,
+            "serve": {"num_replicas": 2, "max_queued_requests": 32, "ray_actor_options": {"num_cpus": 0.3, "num_gpus": 1}}}
+    for service in demo_service({"real": real}, models={"real": GatedRealModel}):
         yield service, gate
-    ray.kill(gate)
 
 
 def post(service: Service, image: bytes, lora: str, seed: int = 1):

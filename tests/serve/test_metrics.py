@@ -18,10 +18,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from deployments import metrics
 from deployments.lora import TINY_VERSIONS
-from tests.conftest import REPO, demo_args, wait_until
-from tests.serve import conftest as serve_conftest
-from tests.serve.conftest import Service, run_service, small_png, submit, wait_state
-from tests.serve.gate import GATE_NAME, Gate, GatedRealModel
+from tests import conftest as root
+from tests.conftest import REPO, Service, wait_until
+from tests.serve.conftest import small_png, submit, wait_state
+from tests.serve.gate import GatedRealModel
 from tests.unit.test_dashboard import dashboard_metric_names
 
 A, B, C = TINY_VERSIONS
@@ -35,7 +35,7 @@ NEEDS_CUDA = {"ray_imgserve_gpu_peak_bytes_bucket"}
 
 
 def scrape() -> str:
-    url = f"http://127.0.0.1:{serve_conftest.METRICS_PORT}/metrics"
+    url = f"http://127.0.0.1:{root.METRICS_PORT}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.read().decode()
 
@@ -70,18 +70,13 @@ class Scrape:
 
 
 @pytest.fixture(scope="module")
-def traffic(ray_cluster: int, model_cache):
+def traffic(demo_service, gate):
     """Deploys imgserve (a gated `real` with a one-deep queue) and sends known traffic; yields
     the service and what a scrape must then show."""
-    gate = Gate.options(name=GATE_NAME).remote()
-    args = demo_args()
-    args["cache_dir"] = str(model_cache)
-    args["real"]["serve"].update(max_ongoing_requests=1, max_queued_requests=1,
-                                 ray_actor_options={"num_cpus": 0.5, "num_gpus": 1})
-    for service in run_service(ray_cluster, args, real_cls=GatedRealModel):
+    real_serve = {"max_ongoing_requests": 1, "max_queued_requests": 1, "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 1}}
+    for service in demo_service({"real": {"serve": real_serve}}, models={"real": GatedRealModel}):
         expected = send_traffic(service, gate)
         yield service, expected
-    ray.kill(gate)
 
 
 
@@ -129,7 +124,7 @@ def abandon(service: Service, gate, image: bytes) -> None:
                       f"Content-Length: {len(image)}\r\n\r\n").encode() + image)
         wait_until(lambda: ray.get(gate.count.remote()) >= 1, "the request to enter the model")
     # Serve cancels the ingress's task; the ingress logs the request (and counts it) as 499
-    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    logs = root.RAY_LOGS / "serve"
     wait_until(lambda: any(request_id in line and " /v1/real 499 " in line
                            for path in logs.glob("replica_imgserve_Ingress_*.log")
                            for line in path.read_text(errors="replace").splitlines()),

@@ -30,8 +30,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.conftest import demo_args
-from tests.serve.conftest import Service, run_service
+from tests.conftest import Service
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 EXAMPLES = {GenerationMode.POSITIVE: 25, GenerationMode.NEGATIVE: 15}
@@ -40,14 +39,10 @@ FUZZ_LAYERS = 3
 
 
 @pytest.fixture(scope="module")
-def service(ray_cluster: int, model_cache, tmp_path_factory) -> Iterator[Service]:
-    args = demo_args()
-    args["cache_dir"] = str(model_cache)
-    args["real"].update(max_steps=FUZZ_STEPS, default_steps=FUZZ_STEPS)
-    args["layers"].update(max_steps=FUZZ_STEPS, default_steps=FUZZ_STEPS, max_layers=FUZZ_LAYERS,
-                          default_layers=2)
-    args["jobs"] = {"directory": str(tmp_path_factory.mktemp("fuzz-jobs"))}
-    yield from run_service(ray_cluster, args)
+def service(demo_service) -> Iterator[Service]:
+    yield from demo_service({"real": {"max_steps": FUZZ_STEPS, "default_steps": FUZZ_STEPS},
+                             "layers": {"max_steps": FUZZ_STEPS, "default_steps": FUZZ_STEPS,
+                                        "max_layers": FUZZ_LAYERS, "default_layers": 2}})
 
 
 @pytest.fixture(scope="module")

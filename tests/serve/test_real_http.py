@@ -12,22 +12,20 @@ from PIL import Image
 from ray import serve
 
 from deployments.errors import BadImage, InvalidParameter
-from tests.conftest import demo_args
+from tests.conftest import Service
 from tests.hostile import bomb_png, encode
-from tests.serve.conftest import Service, assert_error, run_service, small_png
+from tests.serve.conftest import assert_error, small_png
 
 MAX_LONG_EDGE = 512
 MAX_BYTES = 3 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def service(ray_cluster: int, model_cache) -> Iterator[Service]:
-    args = demo_args()
-    args["cache_dir"] = str(model_cache)
-    args["preprocess"].update(max_long_edge=MAX_LONG_EDGE, max_bytes=MAX_BYTES, max_pixels=20_000_000)
+def service(demo_service) -> Iterator[Service]:
+    preprocess = {"max_long_edge": MAX_LONG_EDGE, "max_bytes": MAX_BYTES, "max_pixels": 20_000_000}
     # A GPU replica on fake GPU resources: Ray reserves a GPU, torch sees no CUDA, the model runs on CPU.
-    args["real"]["serve"]["ray_actor_options"] = {"num_cpus": 0.5, "num_gpus": 1}
-    yield from run_service(ray_cluster, args)
+    real = {"serve": {"ray_actor_options": {"num_cpus": 0.5, "num_gpus": 1}}}
+    yield from demo_service({"preprocess": preprocess, "real": real})
 
 
 def test_sample_photo_comes_back_as_png_with_size_and_metadata(service: Service, sample_photo: bytes) -> None:

@@ -17,9 +17,11 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from serve_app import access, cli
-from serve_app.access import AccessMiddleware, ApiKeys, RateLimiter, hash_key, key_id, new_key, parse_digests, presented_key
+from serve_app.access import AccessMiddleware, AccessSettings, ApiKeys, RateLimiter, presented_key
 from serve_app.config import load_config
 from serve_app.errors import QueueFull, RateLimited, Unauthorized, error_response
+from serve_app.keys import hash_key, key_id, new_key, parse_digests
+from serve_app.observability import Observability
 from serve_app.store import SqliteJobStore
 
 KEY = "isk_unit-test-key"
@@ -69,11 +71,11 @@ def test_environment_digests_are_checked_naming_the_variable_not_the_value() -> 
     digest = hash_key(KEY)
     assert parse_digests(f" {digest.upper()} ,, {hash_key('b')} ", "X") == [digest, hash_key("b")]
     with pytest.raises(ValueError, match=r"environment variable IMGSERVE_API_KEYS_SHA256: item 1") as error:
-        access.configure(_section(), {"IMGSERVE_API_KEYS_SHA256": f"{digest},{KEY}"})
+        AccessSettings.from_config(_section(), {"IMGSERVE_API_KEYS_SHA256": f"{digest},{KEY}"})
     assert KEY not in str(error.value)
-    settings = access.configure(_section(api_keys_sha256=[hash_key("c")]), {"IMGSERVE_API_KEYS_SHA256": digest})
+    settings = AccessSettings.from_config(_section(api_keys_sha256=[hash_key("c")]), {"IMGSERVE_API_KEYS_SHA256": digest})
     assert set(settings.keys.digests) == {digest, hash_key("c")}
-    assert not access.configure(_section(api_keys_env=None), {"IMGSERVE_API_KEYS_SHA256": digest}).keys
+    assert not AccessSettings.from_config(_section(api_keys_env=None), {"IMGSERVE_API_KEYS_SHA256": digest}).keys
 
 
 # -- rate limit -------------------------------------------------------------------------------------
@@ -155,8 +157,8 @@ def _section(**changes) -> SimpleNamespace:
     return SimpleNamespace(**{**values, **changes})
 
 
-@pytest.fixture()
-def client():
+def client_for(**section: object) -> TestClient:
+    """A bare app behind the middlewares as the ingress stacks them, with these access settings."""
     async def ok(request):
         access.note(request, task="anime")
         return JSONResponse({"ok": True}, headers={"X-Imgserve-Seed": "1"})
@@ -165,14 +167,14 @@ def client():
         return PlainTextResponse("ok")
 
     app = Starlette(routes=[Route("/v1/thing", ok, methods=["GET", "POST"]), Route("/healthz", health)])
-    app.add_middleware(AccessMiddleware)
-    yield TestClient(app)
-    access.configure(_section(api_keys_env=None), {})
+    app.add_middleware(AccessMiddleware, settings=AccessSettings.from_config(_section(**section), {}))
+    app.add_middleware(Observability, tasks=["anime"])
+    return TestClient(app)
 
 
-def test_middleware_keys_limit_cors_and_request_ids(client: TestClient) -> None:
-    access.configure(_section(api_keys_sha256=[hash_key(KEY)], rate_limit_per_minute=60, rate_limit_burst=2,
-                              cors_origins=["https://app.example.com"]), {})
+def test_middleware_keys_limit_cors_and_request_ids() -> None:
+    client = client_for(api_keys_sha256=[hash_key(KEY)], rate_limit_per_minute=60, rate_limit_burst=2,
+                          cors_origins=["https://app.example.com"])
     response = client.get("/v1/thing")
     assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized"
     assert response.headers["www-authenticate"].startswith("Bearer") and response.headers["x-request-id"]
@@ -198,8 +200,8 @@ def test_middleware_keys_limit_cors_and_request_ids(client: TestClient) -> None:
     assert bad_id.status_code == 422 and bad_id.json()["error"]["field"] == "X-Request-Id"
 
 
-def test_without_keys_the_limit_is_per_client_address(client: TestClient) -> None:
-    access.configure(_section(api_keys_env=None, rate_limit_per_minute=6, rate_limit_burst=1), {})
+def test_without_keys_the_limit_is_per_client_address() -> None:
+    client = client_for(api_keys_env=None, rate_limit_per_minute=6, rate_limit_burst=1)
     response = client.post("/v1/thing", headers={"Origin": "https://app.example.com"})
     assert response.status_code == 200 and "access-control-allow-origin" not in response.headers  # no CORS configured
     limited = client.get("/v1/thing")
@@ -207,8 +209,8 @@ def test_without_keys_the_limit_is_per_client_address(client: TestClient) -> Non
     assert client.get("/healthz").status_code == 200  # only /v1/* is limited
 
 
-def test_cors_exposes_the_result_headers(client: TestClient) -> None:
-    access.configure(_section(api_keys_env=None, cors_origins=["*"]), {})
+def test_cors_exposes_the_result_headers() -> None:
+    client = client_for(api_keys_env=None, cors_origins=["*"])
     response = client.get("/v1/thing", headers={"Origin": "https://anywhere.example"})
     assert response.headers["access-control-allow-origin"] == "*"
     exposed = response.headers["access-control-expose-headers"].lower()

@@ -8,7 +8,6 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from serve_app.app import model_options
 from serve_app.config import load_config
 from serve_app.kuberay import render
 from tests.conftest import REPO, demo_args
@@ -21,19 +20,19 @@ def config_args(name: str) -> dict:
 
 def test_one_card_config_asks_ray_for_one_4090_per_replica() -> None:
     config = load_config(config_args("rtx4090.yaml"))
-    for section, task in ((config.real, "real"), (config.layers, "layers")):
-        options = model_options(section, task)
+    for section in (config.real, config.layers):
+        options = section.serve_options()
         actor = options["ray_actor_options"]
         assert actor["num_gpus"] == 1
         assert actor["resources"] == {"rtx4090": 1}
         assert "placement_group_bundles" not in options  # one GPU needs no bundle
-        plan = section.plan(task)
+        plan = section.plan()
         assert plan.gpus_used == 1 and max(plan.peak_gb) <= 22.5
 
 
 def test_cluster_config_asks_for_two_cards_in_one_strict_pack_bundle() -> None:
     config = load_config(config_args("rtx4090-cluster.yaml"))
-    options = model_options(config.real, "real")
+    options = config.real.serve_options()
     actor = options["ray_actor_options"]
     assert actor["num_gpus"] == 2 and actor["resources"] == {"rtx4090": 2}
     assert options["placement_group_strategy"] == "STRICT_PACK"
@@ -47,7 +46,7 @@ def test_cluster_config_asks_for_two_cards_in_one_strict_pack_bundle() -> None:
 
 def test_demo_config_plans_nothing_and_asks_for_no_gpu() -> None:
     config = load_config(demo_args())
-    options = model_options(config.real, "real")
+    options = config.real.serve_options()
     assert "num_gpus" not in options["ray_actor_options"] and "placement_group_bundles" not in options
 
 

@@ -55,7 +55,7 @@ def test_check_health_fails_before_load(model_cache) -> None:
 def test_layers_are_n_rgba_uint8_arrays_of_the_bucket_size(model: LayersModel, count: int) -> None:
     image = prepared((96, 64))
     result = model.generate(image, fast(layers=count))
-    with model._sizes():
+    with model.sizes():
         width, height = model.bucket_size(96, 64, 640)
     assert result.array.shape == (count, height, width, 4) and result.array.dtype == np.uint8
     assert result.params["layer_size"] == f"{width}x{height}"

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 from deployments.errors import InvalidParameter
-from deployments.lora import LoraStore, TINY_VERSIONS, ensure_tiny_loras, inspect_lora, version_key
+from deployments.lora import LoraStore, TINY_VERSIONS, base_linear_shapes, ensure_tiny_loras, inspect_lora, version_key
 from deployments.preprocess import Preprocess
 from deployments.real import RealModel, RealModelConfig, RealParams
 
@@ -115,7 +115,7 @@ def test_versions_change_the_output_and_none_is_the_base(model: RealModel, image
 
 @pytest.mark.parametrize("fmt", ["kohya", "comfyui", "default", "bare"])
 def test_every_key_format_gives_the_diffusers_output(model: RealModel, image, lora_dir: Path, fmt: str) -> None:
-    report = inspect_lora(lora_dir / f"fmt-{fmt}.safetensors", model._linear_shapes)
+    report = inspect_lora(lora_dir / f"fmt-{fmt}.safetensors", base_linear_shapes(model.config.transformer_dir(model.cache_dir)))
     assert report.ok, report.problems
     assert report.format == {"default": "peft-default"}.get(fmt, fmt)
     assert report.ranks == [4] and len(report.targets) == 8
@@ -166,7 +166,7 @@ def test_lru_keeps_k_versions_and_the_base_is_loaded_once(model: RealModel, imag
 
 def test_tiny_adapter_shapes_match_the_tiny_transformer(model: RealModel, model_cache: Path) -> None:
     for version in TINY_VERSIONS:
-        report = inspect_lora(ensure_tiny_loras(model_cache) / f"{version}.safetensors", model._linear_shapes)
+        report = inspect_lora(ensure_tiny_loras(model_cache) / f"{version}.safetensors", base_linear_shapes(model.config.transformer_dir(model.cache_dir)))
         assert report.ok, report.problems
 
 

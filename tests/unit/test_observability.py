@@ -1,6 +1,6 @@
-"""The ingress's request metrics middleware (serve_app/observability.py) on a small ASGI app, no Ray:
+"""The ingress's observability middleware (serve_app/observability.py) on a small ASGI app, no Ray:
 every task request is counted once with its task, status and API, refusals by their error code,
-and labels a client controls stay within the known tasks."""
+labels a client controls stay within the known tasks, and every request gets one log line."""
 
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ from starlette.testclient import TestClient
 
 from deployments import metrics
 from serve_app.errors import error_body
-from serve_app import access
-from serve_app.access import AccessMiddleware
-from serve_app.observability import RequestMetrics, error_code
+from serve_app import observability
+from serve_app.access import AccessMiddleware, AccessSettings
+from serve_app.observability import Observability, error_code
+
+TASKS = ("real", "anime", "layers")
 
 
 async def task_route(request: Request) -> Response:
@@ -43,7 +45,7 @@ def client():
     app = Starlette(routes=[Route("/v1/jobs", jobs_route, methods=["POST"]),
                             Route("/v1/{task}", task_route, methods=["POST"]),
                             Route("/v1/models", task_route, methods=["GET"])])
-    app.add_middleware(RequestMetrics)
+    app.add_middleware(Observability, tasks=TASKS)
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client
 
@@ -99,7 +101,7 @@ def test_a_request_its_client_abandons_is_counted_and_logged_as_499() -> None:
     lines: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = lines.append  # type: ignore[method-assign]
-    access.log.addHandler(handler)
+    observability.log.addHandler(handler)
 
     async def abandon(answer_first: bool) -> None:
         entered = asyncio.Event()
@@ -119,7 +121,8 @@ def test_a_request_its_client_abandons_is_counted_and_logged_as_499() -> None:
         scope = {"type": "http", "method": "POST", "path": "/v1/real", "root_path": "", "query_string": b"",
                  "headers": [(b"x-request-id", b"left-early")]}
         # as in the ingress: the metrics middleware outside the access middleware
-        task = asyncio.create_task(RequestMetrics(AccessMiddleware(app))(scope, receive, send))
+        middlewares = Observability(AccessMiddleware(app, AccessSettings()), TASKS)
+        task = asyncio.create_task(middlewares(scope, receive, send))
         await entered.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -130,7 +133,7 @@ def test_a_request_its_client_abandons_is_counted_and_logged_as_499() -> None:
             asyncio.run(abandon(answer_first=False))
             asyncio.run(abandon(answer_first=True))
     finally:
-        access.log.removeHandler(handler)
+        observability.log.removeHandler(handler)
     counted = [tags for _, tags in recorded(records, "imgserve_requests")]
     assert counted == [{"task": "real", "status": "499", "api": "sync"}, {"task": "real", "status": "200", "api": "sync"}]
     assert not recorded(records, "imgserve_rejections")

@@ -29,9 +29,10 @@ from deployments.errors import BadImage, ImgserveError, InvalidParameter, TooLar
 from deployments.lora import NONE
 from deployments.preprocess import Preprocess, PreprocessConfig
 from deployments.records import ImageSpec
+from deployments.tasks import TASKS
 from serve_app.config import AppConfig
 from serve_app.forms import parse_query
-from serve_app.pipeline import TASKS, Pipeline
+from serve_app.orchestrator import Orchestrator
 from tests.conftest import demo_args
 from tests.hostile import png_from_rows
 
@@ -182,7 +183,7 @@ VERSIONS = ["v2511-0715", "v2511-0801"]
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+def orchestrator(tmp_path_factory: pytest.TempPathFactory) -> Orchestrator:
     root = tmp_path_factory.mktemp("properties")
     (root / "loras").mkdir()
     for version in VERSIONS:  # resolve checks names against the listing only; no weights are read
@@ -190,7 +191,8 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     args = demo_args()
     args["cache_dir"] = str(root)
     args["real"]["lora_dir"] = str(root / "loras")
-    return Pipeline(AppConfig.model_validate(args), None, {task: None for task in TASKS}, None)
+    config = AppConfig.model_validate(args)
+    return Orchestrator(config.tasks, config.sections(), config.preprocess, root, handles=None)  # resolves only
 
 
 KNOWN_FIELDS = ["prompt", "negative_prompt", "steps", "cfg", "seed", "lora", "style", "layers", "resolution",
@@ -214,11 +216,11 @@ field_dicts = st.dictionaries(st.one_of(st.sampled_from(KNOWN_FIELDS), st.text(m
 
 
 @examples(300)
-@given(task=st.sampled_from(sorted(TASKS)), fields=field_dicts)
-def test_any_fields_resolve_within_limits_or_name_the_bad_field(pipeline: Pipeline, task: str, fields) -> None:
-    config = pipeline.config
+@given(task=st.sampled_from(sorted(TASKS.names)), fields=field_dicts)
+def test_any_fields_resolve_within_limits_or_name_the_bad_field(orchestrator: Orchestrator, task: str, fields) -> None:
+    sections = orchestrator.sections
     try:
-        resolved = pipeline.resolve(task, fields)
+        resolved = orchestrator.resolve(task, fields)
     except InvalidParameter as error:
         assert error.field in fields, (error.field, fields)
         assert error.message
@@ -226,7 +228,7 @@ def test_any_fields_resolve_within_limits_or_name_the_bad_field(pipeline: Pipeli
     assert resolved.format in TASKS[task].formats
     params = resolved.params
     if task in ("real", "layers"):
-        section = config.real if task == "real" else config.layers
+        section = sections[task]
         assert MIN_STEPS <= params.steps <= section.max_steps
         assert isinstance(params.cfg, float) and math.isfinite(params.cfg) and 1.0 <= params.cfg <= section.max_cfg
         assert 0 <= params.seed <= MAX_SEED
@@ -235,13 +237,13 @@ def test_any_fields_resolve_within_limits_or_name_the_bad_field(pipeline: Pipeli
     if task == "real":
         assert params.lora in [NONE, *VERSIONS]
     if task == "anime":
-        assert params.style in config.anime.styles()
+        assert params.style in sections["anime"].styles()
     if task == "layers":
-        assert 1 <= params.layers <= config.layers.max_layers
-        assert params.resolution in config.layers.resolutions
+        assert 1 <= params.layers <= sections["layers"].max_layers
+        assert params.resolution in sections["layers"].resolutions
         assert isinstance(params.cfg_normalize, bool)
     # what a job stores resolves to the same request again (its retry runs the same thing)
-    again = pipeline.resolve(task, resolved.fields())
+    again = orchestrator.resolve(task, resolved.fields())
     assert again.params == params and again.format == resolved.format
 
 
@@ -270,10 +272,10 @@ def valid_fields(draw: st.DrawFn, task: str) -> dict[str, Any]:
 
 
 @examples(150)
-@given(data=st.data(), task=st.sampled_from(sorted(TASKS)))
-def test_fields_within_the_documented_limits_always_resolve_to_themselves(pipeline: Pipeline, data, task) -> None:
+@given(data=st.data(), task=st.sampled_from(sorted(TASKS.names)))
+def test_fields_within_the_documented_limits_always_resolve_to_themselves(orchestrator: Orchestrator, data, task) -> None:
     fields = data.draw(valid_fields(task))
-    resolved = pipeline.resolve(task, fields)
+    resolved = orchestrator.resolve(task, fields)
     params = resolved.params
     for key in ("steps", "seed", "layers", "resolution"):
         if key in fields:
@@ -290,10 +292,10 @@ def test_fields_within_the_documented_limits_always_resolve_to_themselves(pipeli
 
 @examples(60)
 @given(task=st.text(max_size=20))
-def test_unknown_tasks_are_not_found_naming_the_task(pipeline: Pipeline, task: str) -> None:
+def test_unknown_tasks_are_not_found_naming_the_task(orchestrator: Orchestrator, task: str) -> None:
     assume(task not in TASKS)
     with pytest.raises(ImgserveError) as error:
-        pipeline.resolve(task, {})
+        orchestrator.resolve(task, {})
     assert error.value.code == "not_found" and error.value.field == "task"
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
-from serve_app.jobs import JobRunner, JobsConfig, _EVENT_LOGS_KEPT
+from serve_app.config import load_config
+from serve_app.jobs import JobRunner, _EVENT_LOGS_KEPT
+from serve_app.orchestrator import Orchestrator
 from serve_app.store import SqliteJobStore
 
 
@@ -53,11 +56,17 @@ def test_ids_are_never_paths(tmp_path: Path) -> None:
 
 
 def test_thousands_of_jobs_keep_memory_bounded(tmp_path: Path) -> None:
-    runner = JobRunner(JobsConfig(directory=tmp_path), pipeline=None)
-    for _ in range(_EVENT_LOGS_KEPT + 500):
-        job = runner.store.create("real", {}, b"x" * 1000)
-        runner._record(job.id, state="queued")
-    assert len(runner._events) == _EVENT_LOGS_KEPT  # event logs of the oldest jobs are dropped
+    config = load_config({"jobs": {"directory": str(tmp_path), "max_queued": 10_000}})
+    # validation only: the runner never dispatches here, so no deployment handles are needed
+    orchestrator = Orchestrator(config.tasks, config.sections(), config.preprocess, tmp_path, handles=None)
+    runner = JobRunner(config.jobs, orchestrator)
+
+    async def submit_all() -> None:
+        for _ in range(_EVENT_LOGS_KEPT + 500):
+            await runner.submit("anime", b"x" * 1000, {})
+
+    asyncio.run(submit_all())
+    assert len(runner._events) == _EVENT_LOGS_KEPT  # event logs of the oldest jobs are dropped (no public count)
     assert runner.store.count("queued") == _EVENT_LOGS_KEPT + 500  # the jobs themselves are all kept
     oldest = runner.store.claim_next()
     events, status = runner.events(oldest.id)

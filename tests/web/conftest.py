@@ -1,8 +1,8 @@
 """The web page against the demo service on real Ray Serve, driven in Debian's headless Chromium.
 
 One service for the whole package (the demo config with a 512 px long edge, a one-job queue and a
-`real` model that can be held at a denoising step), on tests/serve's Ray cluster when a whole-suite
-run already started it, otherwise on a local one of the same shape that ends with the package.
+`real` model that can be held at a denoising step), on the session's local Ray (`ray_cluster` in
+tests/conftest.py, the one tests/serve uses too).
 The browser is /usr/bin/chromium driven by Playwright (never a downloaded browser); where either
 is missing the browser tests skip and say why. Screenshots go to a temporary directory, or to
 $IMGSERVE_SCREENSHOTS (e.g. docs/screenshots) when it is set.
@@ -16,10 +16,8 @@ from pathlib import Path
 
 import pytest
 import ray
-from ray import serve
 
-from tests.conftest import REPO, demo_args
-from tests.serve.conftest import Service, free_port, run_service
+from tests.conftest import REPO, Service
 from tests.serve.gate import Gate
 from tests.web.hold import HOLD_NAME, HOLD_NAMESPACE, HeldRealModel
 
@@ -33,47 +31,16 @@ MAX_LONG_EDGE = 512
 
 
 @pytest.fixture(scope="package")
-def web_cluster() -> Iterator[int]:
-    """The Serve HTTP port: tests/serve's session cluster if it is up, else a local one for this package."""
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address="local", num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False)
-    port = serve_port()
-    started_serve = port is None
-    if started_serve:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield port
-    if started_serve:
-        serve.shutdown()
-    if started_ray:
-        ray.shutdown()
-
-
-def serve_port() -> int | None:
-    """The HTTP port of the Serve instance already running on this Ray, if there is one."""
-    from ray.serve.context import _get_global_client
-
-    try:
-        return _get_global_client().http_config.port
-    except Exception:  # RayServeException: Serve is not running
-        return None
-
-
-@pytest.fixture(scope="package")
-def hold(web_cluster: int) -> Iterator[object]:
+def hold(ray_cluster: int) -> Iterator[object]:
     actor = Gate.options(name=HOLD_NAME, namespace=HOLD_NAMESPACE).remote()
     yield actor
     ray.kill(actor)
 
 
 @pytest.fixture(scope="package")
-def web_service(web_cluster: int, hold, model_cache, tmp_path_factory) -> Iterator[Service]:
-    args = demo_args()
-    args["cache_dir"] = str(model_cache)
-    args["preprocess"]["max_long_edge"] = MAX_LONG_EDGE
-    args["jobs"] = {"directory": str(tmp_path_factory.mktemp("web-jobs")), "max_queued": 1, "concurrency": 1}
-    yield from run_service(web_cluster, args, real_cls=HeldRealModel)
+def web_service(demo_service, hold) -> Iterator[Service]:
+    yield from demo_service({"preprocess": {"max_long_edge": MAX_LONG_EDGE}, "jobs": {"max_queued": 1, "concurrency": 1}},
+                            models={"real": HeldRealModel})
 
 
 @pytest.fixture(scope="package")

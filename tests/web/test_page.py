@@ -171,7 +171,7 @@ def test_real_progress_queue_cancel_and_the_chosen_version(context, web_service,
         third.wait_for_selector("#error:not([hidden])")
         assert third.text_content("#error-title") == "The service is busy"
         message = third.text_content("#error-message")
-        assert message.startswith("1 jobs are waiting; retry later.") and "Please try again in" in message
+        assert message.startswith("1 job is waiting; retry later.") and "Please try again in" in message
         assert "{" not in message and "queue_full" not in message
         assert third.is_hidden("#progress") and third.is_enabled("#submit")
         shot(third, screenshots, "error-queue-full", "#error")

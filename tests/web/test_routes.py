@@ -10,8 +10,8 @@ from importlib import resources
 
 import pytest
 
-from tests.conftest import REPO
-from tests.serve.conftest import Service, assert_error
+from tests.conftest import REPO, Service
+from tests.serve.conftest import assert_error
 
 pytestmark = pytest.mark.serve
 
