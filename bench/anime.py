@@ -59,7 +59,7 @@ from deployments.anime import AnimeModel, AnimeModelConfig, AnimeParams  # noqa:
 from deployments.animegan import Generator, load_generator  # noqa: E402
 from deployments.records import Prepared, PreparedImage  # noqa: E402
 
-SAMPLES = ROOT.parent / "shared" / "samples"
+SAMPLES = ROOT / "tests" / "data" / "samples"
 STYLE = "face_paint_512_v2"
 GOAL = {
     "speedup_1024_batch1>=": 1.5,
@@ -339,7 +339,7 @@ def main() -> None:
     report = {
         **header,
         "style": f"{STYLE} (random weights of the demo profile; speed and agreement do not depend on the values)",
-        "inputs": "sample photos from ../shared/samples, center-cropped and resized" if list(SAMPLES.glob("*.jpg"))
+        "inputs": "sample photos from tests/data/samples, center-cropped and resized" if list(SAMPLES.glob("*.jpg"))
         else "synthetic photo-like images",
         "baseline": "Generator (published layout) float32 NCHW, x/127.5-1, net(x) under torch.no_grad(), "
         "(y+1)*127.5 rounded to uint8; batch 8 as one tensor",

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO.parent / "shared" / "samples"
+SAMPLES = REPO / "tests" / "data" / "samples"
 ENVIRONMENT_PREFIXES = ("RAY_", "OMP_", "MALLOC_", "PILLOW_")
 _SECRET = re.compile(r"TOKEN|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
 
@@ -160,7 +160,7 @@ def serve_role(proc: Any) -> str:
 
 # -- load -----------------------------------------------------------------------------------------------
 def upload(edge: int) -> bytes:
-    """The first sample photo (../shared/samples; random pixels where there is none) scaled to `edge`
+    """The first sample photo (tests/data/samples; random pixels where there is none) scaled to `edge`
     px long edge, as JPEG."""
     import numpy as np
     from PIL import Image

@@ -35,7 +35,7 @@ from deployments.preprocess import Preprocess  # noqa: E402
 from deployments.real import RealModel  # noqa: E402
 from deployments.records import Generated  # noqa: E402
 
-DEFAULT_INPUT = ROOT.parent / "shared" / "samples" / "photo_1.jpg"
+DEFAULT_INPUT = ROOT / "tests" / "data" / "samples" / "photo_1.jpg"
 FIELDS = ("wall_ms", "user_ms", "system_ms", "minor_faults")
 
 

@@ -99,7 +99,7 @@ def build_real(tokenizer, processor):
 
 def predicted_gb(plan, config, sizes) -> dict[str, list[float]]:
     """Per phase, each used GPU's predicted peak: resident weights + that phase's transient where it
-    runs, with the extras `placement._layout` adds (streamed leaf / fp8 upcast copy / streamed block)."""
+    runs, with the extras the planner's layout (`placement.search`) adds (streamed leaf / fp8 upcast copy / streamed block)."""
     n = plan.gpus_used
     resident = [0.0] * n
     for part in plan.components.values():

@@ -29,7 +29,7 @@ from bench.common import report_header  # noqa: E402
 from deployments.preprocess import Preprocess  # noqa: E402
 from deployments.records import ImageSpec  # noqa: E402
 
-SAMPLES = ROOT.parent / "shared" / "samples"
+SAMPLES = ROOT / "tests" / "data" / "samples"
 SPEC = ImageSpec(multiple=1)
 GOAL = {"speedup>=": 2.0, "psnr_db>=": 35.0}
 

@@ -55,13 +55,12 @@ class FixedTimeRealModel(RealModel):
     replaced by a sleep of `SERVICE_TIME_S` that returns the input array.
     """
 
-    def load(self) -> None:
+    def load_model(self) -> None:
         self.store = self.config.lora_store(self.cache_dir)
-        self.plan = self.config.plan("real")
-        self.loads += 1
+        self.plan = self.config.plan()
 
-    def check_health(self) -> None:
-        pass
+    def loaded(self) -> bool:
+        return True
 
     def generate(self, prepared: Any, params: Any, progress: Any = None) -> Generated:
         params = self.config.resolve(params, self.store)
@@ -182,7 +181,7 @@ def main() -> None:
         load = Load(f"http://127.0.0.1:{http_port}", upload(options.edge))
         rows = []
         for replicas in (1, 2, 4):
-            serve.run(build_graph(bench_args(replicas, cache), real_cls=FixedTimeRealModel),
+            serve.run(build_graph(bench_args(replicas, cache), models={"real": FixedTimeRealModel}),
                       name="imgserve", route_prefix="/")
             load.closed_loop(replicas, 4.0)  # warm-up: connections, first-call costs
             row = {"replicas": replicas, **load.closed_loop(2 * replicas, options.window)}

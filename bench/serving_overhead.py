@@ -91,7 +91,7 @@ from deployments.preprocess import Preprocess  # noqa: E402
 from deployments.real import RealModel, RealParams  # noqa: E402
 from serve_app.config import load_config  # noqa: E402
 
-DEFAULT_INPUT = ROOT.parent / "shared" / "samples" / "photo_1.jpg"
+DEFAULT_INPUT = ROOT / "tests" / "data" / "samples" / "photo_1.jpg"
 GOAL_RATIO = 1.5
 
 

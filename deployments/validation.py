@@ -1,4 +1,4 @@
-"""The pydantic validators the configs share: "FIELD must be >= N" and "FIELD must be between A and B"."""
+"""The pydantic validators the configs share: "FIELD must be >= N", "FIELD must be between A and B", paths with `~` expanded."""
 
 from __future__ import annotations
 
@@ -30,3 +30,12 @@ def between(low: float, high: float, *fields: str) -> Any:
         return value
 
     return field_validator(*fields)(classmethod(check))
+
+
+def expanded_paths(*fields: str) -> Any:
+    """A field validator for a config class body: each of `fields` (a Path) with `~` expanded."""
+
+    def expand(cls: type, value: Any) -> Any:
+        return value.expanduser() if value is not None else value
+
+    return field_validator(*fields)(classmethod(expand))

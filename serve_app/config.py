@@ -23,7 +23,7 @@ from deployments.postprocess import PostprocessConfig
 from deployments.preprocess import PreprocessConfig
 from deployments.task import Tasks, TaskSection
 from deployments.tasks import TASKS
-from deployments.validation import at_least
+from deployments.validation import at_least, expanded_paths
 from serve_app.keys import check_digest
 
 
@@ -141,10 +141,7 @@ class JobsSection(BaseModel):
             raise ValueError(f"{info.field_name} must be > 0, got {value}")
         return value
 
-    @field_validator("directory")
-    @classmethod
-    def _expand(cls, value: Path) -> Path:
-        return value.expanduser()
+    _paths = expanded_paths("directory")
 
     @model_validator(mode="after")
     def _single_owner(self) -> JobsSection:
@@ -174,10 +171,7 @@ class BaseAppConfig(BaseModel):
     jobs: JobsSection = Field(default_factory=JobsSection)
     """Asynchronous jobs: queue depth, retries, retention, where the store lives."""
 
-    @field_validator("cache_dir")
-    @classmethod
-    def _expand(cls, value: Path) -> Path:
-        return value.expanduser()
+    _paths = expanded_paths("cache_dir")
 
     @model_validator(mode="after")
     def _inputs_reach_every_model(self) -> BaseAppConfig:
