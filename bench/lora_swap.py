@@ -7,7 +7,7 @@ Where CUDA is available, `--transformer-config PATH` builds that transformer (e.
 Qwen-Image-Edit-2511 `transformer/config.json`) with random bf16 weights on the GPU and times a
 rank-64 adapter on every attention and MLP Linear against reading the transformer's weights from a
 safetensors file of the same size (the dominant cost of reloading the pipeline):
-  python bench/lora_swap.py --transformer-config configs/models/qwen-image-edit-2511/transformer.json
+  python bench/lora_swap.py --transformer-config deployments/model_configs/qwen-image-edit-2511/transformer/config.json
 Writes bench/results/lora_swap.json (or --out), after bench.common's report header (command,
 machine, versions, git state, environment).
 """

@@ -38,11 +38,11 @@ import yaml  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.util.state import list_actors  # noqa: E402
 
-from bench.common import (Caller, closed_loop, cluster_env, cluster_ip, local_cluster, open_loop,  # noqa: E402
-                          report_header, upload)
+from bench.common import Caller, closed_loop, open_loop, report_header, upload  # noqa: E402
 from deployments.real import RealModel  # noqa: E402
 from deployments.records import Generated  # noqa: E402
 from serve_app.app import build_graph  # noqa: E402
+from tests.cluster.local import cluster_env, cluster_ip, local_cluster  # noqa: E402
 
 ENV = cluster_env(6392, dashboard_port=8267, worker_gpus=2)
 SERVICE_TIME_S = 1.0

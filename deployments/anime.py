@@ -15,24 +15,14 @@ Preprocess therefore only applies the long-edge limit (`input_spec.multiple == 1
 returned array has the input's size, so postprocess resizes nothing. Images with a side of 16 px
 or less, where a reflection cannot reach that far, are padded by edge replication instead.
 
-Speed and memory on CPU (bench/anime.py, bench/results/anime.json): the CPU path runs
-channels-last float32 under `inference_mode` through `Generator.forward_lean` (images under ~160²
-use the plain forward: there its extra border convolutions cost more than they save). It never
-materialises a reflect-padded copy of an activation, normalises in place, and writes activations
-into a `Workspace` kept between calls (`workspace_mb`). The reason is the page faults: every fresh
-activation-sized tensor is faulted in by the kernel on first touch and handed back to the OS on
-free, and on this VM that cost more than the normalisations and upsamplings together (at 1024² the
-plain forward spent ~6.5 s of kernel time per call on it, `forward_lean` without workspace ~1.7 s,
-with workspace ~0.01 s). Outputs equal the plain forward to ~1e-5 (≤ 1/255 after rounding).
-Alternatives measured on this 2-core machine, before the in-place normalisation and the workspace
-were added: `torch.compile` (inductor, freezing) and TorchScript freeze + `optimize_for_inference`
-were no faster than eager and cost 50–110 s of warm-up per shape; NNPACK convolutions matched
-oneDNN's; bfloat16 (AVX512-BF16) was ~3.9x faster than eager but only 94.5 % of pixels stayed
-within 2/255; ONNX Runtime was ~20 % faster than the lean forward of then, but peaked at 3.9 GB RSS
-at 1024² with its arena allocator (1.6 GB and ~8 % faster without it) and needs `onnx` +
-`onnxruntime` and a per-style export — so the service stays on PyTorch alone. Batching several
-images into one tensor did not raise CPU throughput (per-image time grew 7–14 %), so CPU profiles
-keep `max_batch_size: 1`; GPU replicas (float16, standard forward) batch same-size requests.
+CPU path: channels-last float32 under `inference_mode` through `Generator.forward_lean` (images
+under ~160² use the plain forward), which never materialises a reflect-padded copy of an
+activation, normalises in place and writes activations into a `Workspace` kept between calls
+(`workspace_mb`), because faulting in fresh activation memory on every call was the largest cost on
+CPU. Outputs equal the plain forward's to within 1/255. The service stays on PyTorch alone (compile,
+TorchScript, bfloat16 and ONNX Runtime were measured and not taken), and CPU profiles keep
+`max_batch_size: 1` (batching did not raise CPU throughput); GPU replicas (float16, standard
+forward) batch same-size requests. Measurements: bench/results/README.md (`bench/anime.py`).
 
 Batching: inside a Serve replica with `max_batch_size > 1`, `__call__` goes through `serve.batch`
 (the decorator is applied per instance at construction, so its limits come from the config). The
@@ -46,11 +36,8 @@ replica context), so there `__call__` calls `handle_batch` with one request; tes
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,23 +45,17 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from deployments import metrics
-from deployments.cachedir import build_once
 from deployments.errors import InvalidParameter, ModelFailure, OutOfMemory
 from deployments.model import Model, ModelSettings
 from deployments.options import DeploymentOptions, model_defaults
 from deployments.records import Progress, Generated, ImageSpec, Prepared
+from deployments.styles import STYLE_NAME, TINY_STYLES, ensure_tiny_styles, style_files
 from deployments.task import Task, choice_schema
 from deployments.validation import at_least
 
-#: The released styles of the published PyTorch port; `styles_dir: tiny` makes random-weight ones.
-TINY_STYLES = ("celeba_distill", "face_paint_512_v1", "face_paint_512_v2", "paprika")
 DEFAULT_STYLE = "face_paint_512_v2"
 #: Sides are padded to a multiple of this inside the model (the checkpoints' training geometry).
 PAD_MULTIPLE = 32
-#: Bump when the tiny styles' generation changes, so cached files are rebuilt.
-TINY_DIR = "anime-styles-v1"
-_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")  # preference order when one name has several
-_STYLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 # Below about this many (padded) pixels the lean forward's extra border convolutions cost more than
 # the padded copies they avoid (measured on 2 cores: 0.8x at 64², even at ~160²); above it it wins.
 _LEAN_MIN_PIXELS = 160 * 160
@@ -148,7 +129,7 @@ class AnimeModelConfig(ModelSettings):
     @field_validator("default_style")
     @classmethod
     def _style_name(cls, value: str) -> str:
-        if not _STYLE_NAME.fullmatch(value) or ".." in value:
+        if not STYLE_NAME.fullmatch(value) or ".." in value:
             raise ValueError(f"default_style must be a plain style name (no path), got {value!r}")
         return value
 
@@ -193,7 +174,7 @@ class AnimeModelConfig(ModelSettings):
         Loads nothing: the check is one listing of the styles directory (tiny: the fixed names).
         """
         style = self.default_style if params.style is None or not params.style.strip() else params.style.strip()
-        if not _STYLE_NAME.fullmatch(style) or ".." in style:
+        if not STYLE_NAME.fullmatch(style) or ".." in style:
             raise InvalidParameter(f"not a style name: {style!r} (plain names only, no paths)", "style")
         try:
             available = self.styles()
@@ -204,45 +185,6 @@ class AnimeModelConfig(ModelSettings):
         if style not in available:
             raise InvalidParameter(f"unknown style {style!r}; available: {', '.join(available) or 'none'}", "style")
         return AnimeParams(style=style)
-
-
-def style_files(directory: Path) -> dict[str, Path]:
-    """{style: file} for `<style>.safetensors|.pt|.pth` in ``directory`` (safetensors preferred)."""
-    if not directory.is_dir():
-        raise FileNotFoundError(f"styles directory {str(directory)!r} does not exist")
-    found: dict[str, Path] = {}
-    for entry in os.scandir(directory):
-        path = Path(entry.path)
-        if path.suffix not in _WEIGHT_SUFFIXES or not _STYLE_NAME.fullmatch(path.stem) or not entry.is_file():
-            continue
-        known = found.get(path.stem)
-        if known is None or _WEIGHT_SUFFIXES.index(path.suffix) < _WEIGHT_SUFFIXES.index(known.suffix):
-            found[path.stem] = path
-    return found
-
-
-def style_seed(name: str) -> int:
-    """Stable per-name seed for the tiny styles (``hash()`` differs between processes)."""
-    return zlib.crc32(name.encode())
-
-
-def ensure_tiny_styles(cache_dir: Path | str) -> Path:
-    """Return ``cache_dir / "anime-styles-v1"`` holding the tiny styles, generating it first if missing
-    (safe when several replicas start together: ``deployments.cachedir.build_once``)."""
-    from safetensors.torch import save_file
-
-    from deployments.animegan import random_generator
-
-    def build(directory: Path) -> None:
-        for name in TINY_STYLES:
-            state = {k: v.contiguous() for k, v in random_generator(style_seed(name)).state_dict().items()}
-            save_file(state, str(directory / f"{name}.safetensors"), metadata={"style": name, "weights": "random"})
-
-    return build_once(
-        Path(cache_dir).expanduser() / TINY_DIR,
-        build,
-        lambda final: all((final / f"{name}.safetensors").is_file() for name in TINY_STYLES),
-    )
 
 
 def padding_for(height: int, width: int) -> tuple[int, int, int, int]:
@@ -507,11 +449,5 @@ def _in_serve_replica() -> bool:
         return False
 
 
-TASK = Task(
-    name="anime",
-    summary="photo → anime style (AnimeGANv2)",
-    model=AnimeModel,
-    params=AnimeParams,
-    section=AnimeModelConfig,
-    headers=("style",),
-)
+TASK = Task(name="anime", summary="photo → anime", model=AnimeModel, params=AnimeParams,
+            section=AnimeModelConfig, headers=("style",))

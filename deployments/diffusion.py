@@ -148,7 +148,7 @@ class DiffusionConfig(ModelSettings):
     def limits(self, catalog: Any = None) -> dict[str, dict[str, Any]]:
         return {
             "prompt": {"maxLength": self.max_prompt_chars},
-            "negative_prompt": {"maxLength": self.max_prompt_chars},
+            "negative_prompt": {"maxLength": self.max_prompt_chars, "default": self.default_negative_prompt},
             "steps": {"minimum": MIN_STEPS, "maximum": self.max_steps, "default": self.default_steps},
             "cfg": {"minimum": 1.0, "maximum": self.max_cfg, "default": self.default_cfg},
             "seed": {"minimum": 0, "maximum": MAX_SEED},

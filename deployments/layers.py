@@ -321,12 +321,6 @@ class LayersModel(DiffusionModel):
         return Generated(array=to_uint8(frames), info=prepared.info, params=used, served=served)
 
 
-TASK = Task(
-    name="layers",
-    summary="image → N RGBA layers as ZIP or PSD (Qwen-Image-Layered)",
-    model=LayersModel,
-    params=LayersParams,
-    section=LayersModelConfig,
-    formats=LAYER_FORMATS,
-    headers=("steps", "cfg", "seed", "layers", "resolution", "layer_size"),
-)
+TASK = Task(name="layers", summary="image → RGBA layers", model=LayersModel, params=LayersParams,
+            section=LayersModelConfig, formats=LAYER_FORMATS,
+            headers=("steps", "cfg", "seed", "layers", "resolution", "layer_size"))

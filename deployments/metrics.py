@@ -14,7 +14,7 @@ labels (`SessionName`, `NodeAddress`, `WorkerId`, ...) and, inside a replica, Se
 
 | exported name | type | tags | recorded in |
 |---|---|---|---|
-| `ray_imgserve_requests_total` | counter | task, status, api | Ingress (`serve_app.observability.RequestMetrics`): every `POST /v1/{task}` (`api=sync`) and `POST /v1/jobs` (`api=jobs`) once it ends; status is the HTTP status it was answered with (499 where the client hung up before the answer began); task is `real`/`anime`/`layers` or `unknown` |
+| `ray_imgserve_requests_total` | counter | task, status, api | Ingress (`serve_app.observability.Observability`, the outermost middleware): every `POST /v1/{task}` (`api=sync`) and `POST /v1/jobs` (`api=jobs`) once it ends; status is the HTTP status it was answered with (499 where the client hung up before the answer began); task is the name of a task the ingress serves (`real`, `anime`, `layers`) or `unknown` |
 | `ray_imgserve_request_seconds` | histogram | task, status, api | Ingress: the same requests, from arrival at the ingress to the last byte handed to Serve's proxy (end to end for `api=sync`; admission only for `api=jobs`) |
 | `ray_imgserve_rejections_total` | counter | task, reason | Ingress: requests answered 429, 503 or 504; reason is the JSON error code (`queue_full`, `unavailable`, `rate_limited`, `timeout`, ...) |
 | `ray_imgserve_stage_seconds` | histogram | task, stage | Preprocess (`preprocess`), the models (`encode_prompt`, `encode_image`, `denoise`, `decode`; layers also `caption` when it captions; anime `stylize`), Postprocess (`postprocess`); successful stages only |

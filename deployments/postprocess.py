@@ -3,8 +3,9 @@
 Brings the array back to the size preprocess promised (undoing the alignment to the model's
 multiple), encodes PNG / WebP / JPEG and embeds the parameters that were used (PNG text chunk
 `imgserve`, JSON; EXIF ImageDescription for WebP/JPEG). A stack of RGBA layers (N, H, W, 4) is
-packaged instead, as ZIP or PSD (`deployments.packaging`), at the size the model made it. Knows nothing about HTTP or diffusion:
-it returns bytes, a media type and a metadata dict; the ingress turns those into a response.
+packaged instead, as ZIP or PSD (`deployments.packaging`), at the size the model made it. Knows
+nothing about HTTP or diffusion: it returns bytes, a media type and a metadata dict; the ingress
+turns those into a response.
 """
 
 from __future__ import annotations

@@ -123,7 +123,9 @@ class RealModelConfig(DiffusionConfig):
         }
 
     def limits(self, store: LoraStore | None = None) -> dict[str, dict[str, Any]]:
-        return {**super().limits(), "lora": choice_schema([NONE, *(store.versions() if store else [])])}
+        limits = super().limits()
+        limits["prompt"]["default"] = self.default_prompt
+        return {**limits, "lora": choice_schema([NONE, *(store.versions() if store else [])])}
 
 
 class RealModel(DiffusionModel):
@@ -274,12 +276,5 @@ def _route(params: RealParams) -> str | None:
     return params.lora if params.lora and params.lora != NONE else None
 
 
-TASK = Task(
-    name="real",
-    summary="2.5D / anime / cartoon art → photoreal person (Qwen-Image-Edit-2511 with LoRA versions)",
-    model=RealModel,
-    params=RealParams,
-    section=RealModelConfig,
-    headers=("steps", "cfg", "seed", "lora"),
-    route=_route,
-)
+TASK = Task(name="real", summary="art → photoreal person", model=RealModel, params=RealParams,
+            section=RealModelConfig, headers=("steps", "cfg", "seed", "lora"), route=_route)

@@ -94,7 +94,7 @@ class Task:
     name: str
     """The route (`POST /v1/{name}`), the config section's key and the `task` of a job."""
     summary: str
-    """What it does, in a few words (OpenAPI, the app's description)."""
+    """What it does, in a few words (`art → photoreal person`): OpenAPI, the app's description, the page."""
     model: type
     """The model class: a `deployments.model.Model` (plain; the builder makes it a deployment)."""
     params: type[BaseModel]

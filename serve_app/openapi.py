@@ -169,6 +169,7 @@ def document(app: FastAPI, orchestrator: Orchestrator) -> dict[str, Any]:
         media = [MEDIA_TYPES[fmt] for fmt in orchestrator.tasks[task].task.formats]
         paths[f"/v1/{task}"] = {"post": {
             "summary": f"Run `{task}` on one image: {orchestrator.tasks[task].task.summary}",
+            "x-imgserve-task": {"name": task, "summary": orchestrator.tasks[task].task.summary},
             "description": "Synchronous: answers with the result's bytes; the parameters used are echoed in "
                            "X-Imgserve-* headers (and embedded in PNG/WebP/JPEG results).",
             "operationId": f"run_{task}",

@@ -75,13 +75,14 @@ def raise_oom_once(model: RealModel) -> None:
 class SlowRealModel(RealModel):
     """RealModel whose every transformer call first sleeps SLOW_STEP_S: a slow test model, so a
     request outlives a short time limit at any machine speed. `inject_oom()` (called through a
-    handle) makes its next request fail with a real out-of-memory error."""
+    handle) makes its next request fail with a real out-of-memory error. Both act inside the
+    pipeline call, so inside the model's `guarded(...)` block, as a slow or full card would."""
 
     def inject_oom(self) -> None:
         raise_oom_once(self)
 
-    def load(self) -> None:
-        super().load()
+    def load_model(self) -> None:
+        super().load_model()
         forward = self.pipe.transformer.forward
 
         def slow_forward(*args, **kwargs):

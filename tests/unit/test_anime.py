@@ -16,14 +16,8 @@ from PIL import Image
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from deployments.anime import (
-    TINY_STYLES,
-    AnimeModel,
-    AnimeModelConfig,
-    AnimeParams,
-    ensure_tiny_styles,
-    padding_for,
-)
+from deployments.anime import AnimeModel, AnimeModelConfig, AnimeParams, padding_for
+from deployments.styles import TINY_STYLES, ensure_tiny_styles
 from deployments.animegan import (
     PARAMETER_COUNT,
     Generator,
