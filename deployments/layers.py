@@ -3,9 +3,8 @@
 Receives a `Prepared` RGBA array and resolved `LayersParams`, runs diffusers'
 `QwenImageLayeredPipeline` and returns a `Generated` whose array holds all layers at once.
 Knows nothing about HTTP, jobs or packaging (ZIP/PSD is `deployments.packaging`, called by
-postprocess). Construction only stores the config; `load()` builds or reads the pipeline (a
-separate step, so tests and GPU benchmarks construct the class directly, without Ray). Torch work
-runs on one long-lived thread, because torch's intra-op thread pool is per thread.
+postprocess). The serving scaffold (construction vs `load()`, the model thread, the guarded
+pipeline call) is `DiffusionModel`'s; this module holds what differs: buckets and captioning.
 
 What the pipeline does (diffusers 0.42.1, `pipeline_qwenimage_layered.py`), and what follows here:
 

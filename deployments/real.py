@@ -125,7 +125,8 @@ class RealModelConfig(DiffusionConfig):
     def limits(self, store: LoraStore | None = None) -> dict[str, dict[str, Any]]:
         limits = super().limits()
         limits["prompt"]["default"] = self.default_prompt
-        return {**limits, "lora": choice_schema([NONE, *(store.versions() if store else [])])}
+        lora = self.describe(store)["lora"]
+        return {**limits, "lora": {**choice_schema(lora["versions"]), "default": lora["default"]}}
 
 
 class RealModel(DiffusionModel):

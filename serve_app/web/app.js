@@ -1,6 +1,11 @@
 // imgserve web page: pick an image, choose a task, run it as a job, follow its progress, see and
-// download the result. Plain JavaScript against the public HTTP API (GET /v1/models, POST /v1/jobs,
-// GET /v1/jobs/{id}/events as Server-Sent Events, GET /v1/jobs/{id}/result, DELETE /v1/jobs/{id}).
+// download the result. Plain JavaScript against the public HTTP API (GET /v1/models, GET openapi.json,
+// POST /v1/jobs, GET /v1/jobs/{id}/events as Server-Sent Events, GET /v1/jobs/{id}/result,
+// DELETE /v1/jobs/{id}).
+// The page names no task: the tasks are the service's (/v1/models, in its order), each with the
+// summary and the request fields of its `POST /v1/{task}` operation in openapi.json (JSON schemas:
+// type, description, minimum, maximum, default, enum, maxLength). Controls, stages and the result
+// view are chosen by field names, formats and media types.
 // An API key typed into the page is kept in localStorage and sent as `Authorization: Bearer`.
 // No framework, no build step, nothing loaded from elsewhere. URLs are relative, so the page also
 // works when the application is served under a route prefix.
@@ -10,12 +15,15 @@
   const $ = (id) => document.getElementById(id);
 
   const FINAL_STATES = ["succeeded", "failed", "cancelled"];
+  // A task with a `steps` field denoises: these stages. Any other task starts with the first and last
+  // of them and shows each further stage its job reports, in the order they come, before the last.
   const DIFFUSION_STAGES = ["preprocess", "encode_prompt", "denoise", "decode", "postprocess"];
-  const STAGES = { real: DIFFUSION_STAGES, layers: DIFFUSION_STAGES, anime: ["preprocess", "stylize", "postprocess"] };
-  const STAGE_LABELS = {
-    preprocess: "preprocess", encode_prompt: "encode prompt", denoise: "denoise", decode: "decode",
-    stylize: "stylize", postprocess: "postprocess",
-  };
+  const ONE_PASS_STAGES = ["preprocess", "postprocess"];
+  // Fields every task shows in the shared "Advanced parameters" area (fixed ids there), in this order.
+  const ADVANCED = ["steps", "cfg", "seed", "cfg_normalize", "format"];
+  // A ZIP result (layer PNGs) is read and shown by the page; a task offering it also gets its other
+  // formats (PSD) made on request, from the same parameters.
+  const ZIP = "zip";
   const ERROR_TITLES = {
     bad_image: "This file is not an image the service can read",
     unsupported_format: "This kind of file is not accepted",
@@ -37,6 +45,17 @@
     steps: "Steps", cfg: "CFG scale", seed: "Seed", style: "Style", layers: "Number of layers",
     resolution: "Resolution", format: "Output format", cfg_normalize: "CFG normalize",
   };
+  // How a choice (`enum`) of a field is shown; other fields show the value itself.
+  const OPTION_LABELS = {
+    lora: (v) => (v === "none" ? "none (base model only)" : v),
+    style: (v) => v.replaceAll("_", " "),
+    resolution: (v) => `${v} (about ${v}×${v} pixels)`,
+    format: (v) => v.toUpperCase(),
+  };
+  // Placeholders by field name; BLANK_PLACEHOLDERS only where the field has no default.
+  const PLACEHOLDERS = { seed: "random", negative_prompt: "(blank: nothing in particular avoided)" };
+  const BLANK_PLACEHOLDERS = { prompt: "(blank: the model describes the image itself)" };
+  const NUMBER_STEPS = { cfg: "0.5" };  // other numbers: "any"; integers: 1
   // Result headers (X-Imgserve-*) shown under the result, in this order; others follow.
   const PARAM_LABELS = {
     task: "Task", lora: "LoRA version", style: "Style", layers: "Layers", resolution: "Resolution",
@@ -50,12 +69,13 @@
 
   const state = {
     models: null,
+    tasks: {},        // task → {summary, fields: {field: JSON schema}} from openapi.json
     file: null,
     fileUrl: null,
-    job: null,        // {task, fields, file, fileName, fileUrl}, then id once submitted
+    job: null,        // {task, fields, stages, file, fileName, fileUrl}, then id once submitted
     urls: [],         // object URLs of the shown result, revoked when the next one comes
-    advanced: {},     // task → {steps, cfg, seed, format} as the user left them
-    task: "real",
+    advanced: {},     // task → {steps, cfg, seed, cfg_normalize, format} as the user left them
+    task: null,
   };
 
   // -- the API key and requests -------------------------------------------------------------------
@@ -154,6 +174,19 @@
     return `${(n / 1024 / 1024).toFixed(1)} MB`;
   }
 
+  function capitalised(text) {
+    return text ? text[0].toUpperCase() + text.slice(1) : text;
+  }
+
+  // A field's label: the table's, else its name in words.
+  function fieldLabel(name) {
+    return FIELD_LABELS[name] || capitalised(name.replaceAll("_", " "));
+  }
+
+  function stageLabel(stage) {
+    return stage.replaceAll("_", " ");
+  }
+
   function stem(name) {
     const base = (name || "image").replace(/\.[^.]*$/, "");
     return base.replace(/[^\w.-]+/g, "_") || "image";
@@ -185,7 +218,7 @@
     let message = error.message || "";
     if (message) message = message[0].toUpperCase() + message.slice(1);
     if (message && !/[.!?)]$/.test(message)) message += ".";
-    if (error.field && FIELD_LABELS[error.field]) message = `${FIELD_LABELS[error.field]}: ${message}`;
+    if (error.field) message = `${fieldLabel(error.field)}: ${message}`;
     if (error.retryAfter) message += ` Please try again in ${error.retryAfter} s.`;
     $("error-title").textContent = title;
     $("error-message").textContent = message;
@@ -194,8 +227,7 @@
     for (const node of document.querySelectorAll("[aria-invalid]")) node.removeAttribute("aria-invalid");
     if (error.code === "unauthorized") $("api-key").setAttribute("aria-invalid", "true");
     if (error.field) {
-      const fieldset = document.querySelector(`.task-fields[data-task="${state.task}"]`);
-      const input = fieldset.querySelector(`[name="${error.field}"]`) || $("advanced").querySelector(`[name="${error.field}"]`);
+      const input = $(`${state.task}-${error.field}`) || (ADVANCED.includes(error.field) ? $(error.field) : null);
       if (input) {
         input.setAttribute("aria-invalid", "true");
         if (input.closest("details")) input.closest("details").open = true;
@@ -214,88 +246,211 @@
     return { code: "network", message: `${exc.message || exc}` };
   }
 
-  // -- models: what the form offers ---------------------------------------------------------------
+  // -- the tasks and their fields: what the form offers ---------------------------------------------
+  async function getJson(url) {
+    const response = await api(url);
+    if (!response.ok) throw await errorFrom(response);
+    return response.json();
+  }
+
   async function loadModels() {
-    let response;
+    let models, doc;
     try {
-      response = await api("v1/models");
-    } catch (exc) {
-      showError(networkError(exc));
+      [models, doc] = await Promise.all([getJson("v1/models"), getJson("openapi.json")]);
+    } catch (error) {
+      showError(error && error.code ? error : networkError(error));
       return;
     }
-    if (!response.ok) {
-      showError(await errorFrom(response));
-      return;
-    }
-    state.models = await response.json();
-    const tasks = state.models.tasks;
-    for (const radio of document.querySelectorAll('input[name="task"]')) {
-      radio.disabled = !(radio.value in tasks);
-    }
-    if (tasks.real) {
-      const lora = tasks.real.lora;
-      $("real-lora").replaceChildren(...lora.versions.map(
-        (v) => option(v, v === "none" ? "none (base model only)" : v, v === lora.default)));
-      $("real-prompt").value = tasks.real.defaults.prompt;
-      $("real-negative").value = tasks.real.defaults.negative_prompt || "";
-    }
-    if (tasks.anime) {
-      $("anime-style").replaceChildren(...tasks.anime.styles.map(
-        (s) => option(s, s.replaceAll("_", " "), s === tasks.anime.default_style)));
-    }
-    if (tasks.layers) {
-      const layers = tasks.layers;
-      Object.assign($("layers-count"), { value: layers.default_layers, max: layers.max_layers });
-      $("layers-resolution").replaceChildren(...layers.resolutions.map(
-        (r) => option(String(r), `${r} (about ${r}×${r} pixels)`, r === layers.default_resolution)));
-    }
-    for (const task of Object.keys(tasks)) state.advanced[task] = defaultsFor(task);
-    const checked = document.querySelector('input[name="task"]:checked');
-    switchTask(checked && !checked.disabled ? checked.value : Object.keys(tasks)[0], false);
+    state.models = models;
+    state.tasks = tasksFrom(doc, models);
+    buildForm();
+    state.advanced = {};
+    const names = Object.keys(state.tasks);
+    for (const task of names) state.advanced[task] = advancedDefaults(task);
+    switchTask(names.includes(state.task) ? state.task : names[0], false);
     updateSubmit();
     if (state.file) describeImage();
   }
 
-  function defaultsFor(task) {
-    const info = state.models.tasks[task];
-    if (task === "real") return { steps: info.defaults.steps, cfg: info.defaults.cfg, seed: "", format: info.formats[0] };
-    if (task === "layers") return { steps: info.default_steps, cfg: info.default_cfg, seed: "", format: "zip" };
-    return { steps: "", cfg: "", seed: "", format: info.formats[0] };
+  // Each task /v1/models lists, with the summary and the multipart fields of its `POST /v1/{task}`
+  // operation (marked `x-imgserve-task`; found by that mark, so a route prefix does not matter).
+  function tasksFrom(doc, models) {
+    const described = {};
+    for (const item of Object.values((doc && doc.paths) || {})) {
+      const operation = item && item.post;
+      const meta = operation && operation["x-imgserve-task"];
+      if (!meta || !meta.name) continue;
+      const form = ((operation.requestBody || {}).content || {})["multipart/form-data"];
+      const fields = { ...(((form || {}).schema || {}).properties || {}) };
+      delete fields.image;
+      described[meta.name] = { summary: meta.summary || "", fields };
+    }
+    const tasks = {};
+    for (const [name, info] of Object.entries(models.tasks)) {
+      const formats = info.formats || [];
+      tasks[name] = described[name]
+        || { summary: "", fields: { format: { type: "string", enum: formats, default: formats[0] } } };
+    }
+    return tasks;
   }
 
-  function limitsFor(task) {
-    const info = state.models.tasks[task];
-    if (task === "real") return { steps: info.limits.steps, cfg: info.limits.cfg };
-    if (task === "layers") return { steps: [2, info.max_steps], cfg: [1, info.max_cfg] };
-    return null;
+  function fieldsOf(task) {
+    return (state.tasks[task] || { fields: {} }).fields;
+  }
+
+  function formatsOf(task) {
+    return (fieldsOf(task).format || {}).enum || [];
+  }
+
+  // A task offering a ZIP is run as a ZIP; its other formats (PSD) are made on request, with the result.
+  function offeredFormats(task) {
+    const formats = formatsOf(task);
+    return formats.includes(ZIP) ? formats.filter((f) => f !== ZIP) : [];
+  }
+
+  // A field's default, from its schema. A blank text counts as none.
+  function defaultOf(task, name) {
+    const value = (fieldsOf(task)[name] || {}).default;
+    if (value === null || (typeof value === "string" && !value.trim())) return undefined;
+    return value;
+  }
+
+  // min, max and step of a number input from a field's schema.
+  function configureNumber(input, name, schema, value) {
+    input.step = schema.type === "integer" ? "1" : NUMBER_STEPS[name] || "any";
+    for (const [attribute, keyword] of [["min", "minimum"], ["max", "maximum"]]) {
+      if (schema[keyword] === undefined) input.removeAttribute(attribute);
+      else input.setAttribute(attribute, String(schema[keyword]));
+    }
+    input.value = value === undefined || value === null ? "" : String(value);
+  }
+
+  function placeholderFor(name, schema, value) {
+    if (PLACEHOLDERS[name]) return PLACEHOLDERS[name];
+    if (value !== undefined) return "";
+    if (BLANK_PLACEHOLDERS[name]) return BLANK_PLACEHOLDERS[name];
+    return schema.type === "string" && schema.description ? schema.description : "";
+  }
+
+  // One field of a task, from its JSON schema: {label, long} (long: a text, shown after the others).
+  function fieldControl(task, name, schema) {
+    const value = defaultOf(task, name);
+    let input;
+    let long = false;
+    if (Array.isArray(schema.enum)) {
+      const show = OPTION_LABELS[name] || String;
+      input = el("select");
+      input.append(...schema.enum.map((v) => option(String(v), show(String(v)), String(v) === String(value))));
+    } else if (schema.type === "boolean") {
+      input = el("input", { type: "checkbox" });
+      input.checked = value === true;
+    } else if (schema.type === "integer" || schema.type === "number") {
+      input = el("input", { type: "number" });
+      configureNumber(input, name, schema, value);
+    } else {
+      long = true;
+      input = name.endsWith("prompt") ? el("textarea", { rows: value === undefined ? "2" : "3" }) : el("input", { type: "text" });
+      input.value = value === undefined ? "" : String(value);
+      if (schema.maxLength !== undefined) input.maxLength = schema.maxLength;
+    }
+    input.id = `${task}-${name}`;
+    input.name = name;
+    const placeholder = placeholderFor(name, schema, value);
+    if (placeholder && input.tagName !== "SELECT" && input.type !== "checkbox") input.placeholder = placeholder;
+    if (schema.description) input.title = schema.description;
+    const label = input.type === "checkbox"
+      ? el("label", { class: "check" }, input, ` ${fieldLabel(name)}`)
+      : el("label", {}, `${fieldLabel(name)} `, input);
+    return { label, long };
+  }
+
+  // The task radios and one fieldset per task with its own fields (the shared ones: ADVANCED).
+  function buildForm() {
+    const radios = [];
+    const fieldsets = [];
+    for (const [task, info] of Object.entries(state.tasks)) {
+      const radio = el("input", { type: "radio", name: "task", value: task });
+      radio.addEventListener("change", () => radio.checked && switchTask(task));
+      const label = el("label", {}, radio, " ", el("b", { text: capitalised(task) }));
+      if (info.summary) label.append(" ", el("small", { text: info.summary }));
+      radios.push(label);
+      const controls = Object.entries(info.fields)
+        .filter(([name]) => !ADVANCED.includes(name))
+        .map(([name, schema]) => fieldControl(task, name, schema));
+      // choices, numbers and switches first, then the texts (a stable sort keeps the schema's order)
+      controls.sort((a, b) => Number(a.long) - Number(b.long));
+      const fieldset = el("fieldset", { class: "task-fields", "data-task": task },
+        el("legend", { text: capitalised(task) }), ...controls.map((c) => c.label));
+      fieldset.hidden = true;
+      fieldsets.push(fieldset);
+    }
+    $("tasks").replaceChildren(...radios);
+    $("task-fields").replaceChildren(...fieldsets);
+  }
+
+  function advancedDefaults(task) {
+    const values = {};
+    const fields = fieldsOf(task);
+    for (const name of ADVANCED) {
+      if (!(name in fields)) continue;
+      if (name === "format") values.format = formatsOf(task).includes(ZIP) ? ZIP : defaultOf(task, name) ?? formatsOf(task)[0];
+      else values[name] = defaultOf(task, name) ?? "";
+    }
+    return values;
+  }
+
+  // The shared advanced inputs the task has: name → value (a checkbox: true/false).
+  function readAdvanced(task) {
+    const values = {};
+    for (const name of ADVANCED) {
+      if (!(name in fieldsOf(task))) continue;
+      const input = $(name);
+      values[name] = input.type === "checkbox" ? input.checked : input.value;
+    }
+    return values;
+  }
+
+  function advancedNote(task) {
+    const fields = fieldsOf(task);
+    if (!fields.steps) return "One pass of the model: no steps, CFG or seed.";
+    const others = offeredFormats(task);
+    if (formatsOf(task).includes(ZIP)) {
+      return others.length
+        ? `Layers come as a ZIP of PNGs; the ${others.map((f) => f.toUpperCase()).join(" or ")} is offered with the result.`
+        : "Layers come as a ZIP of PNGs.";
+    }
+    return "Seed blank: a random one, shown with the result.";
   }
 
   function switchTask(task, remember = true) {
     if (remember && state.models && state.task in state.advanced) {
-      state.advanced[state.task] = {
-        steps: $("steps").value, cfg: $("cfg").value, seed: $("seed").value, format: $("format").value,
-      };
+      const kept = readAdvanced(state.task);
+      if (formatsOf(state.task).includes(ZIP)) delete kept.format;
+      Object.assign(state.advanced[state.task], kept);
     }
     state.task = task;
     for (const radio of document.querySelectorAll('input[name="task"]')) radio.checked = radio.value === task;
     for (const fieldset of document.querySelectorAll(".task-fields")) fieldset.hidden = fieldset.dataset.task !== task;
     if (!state.models) return;
+    const fields = fieldsOf(task);
     const values = state.advanced[task];
-    const limits = limitsFor(task);
-    for (const node of document.querySelectorAll(".diffusion")) node.hidden = !limits;
-    if (limits) {
-      Object.assign($("steps"), { min: limits.steps[0], max: limits.steps[1], value: values.steps });
-      Object.assign($("cfg"), { min: limits.cfg[0], max: limits.cfg[1], value: values.cfg });
-      $("seed").value = values.seed;
+    const zip = formatsOf(task).includes(ZIP);
+    for (const name of ADVANCED) {
+      const schema = fields[name];
+      const shown = Boolean(schema) && !(name === "format" && zip);
+      document.querySelector(`.advanced-grid [data-field="${name}"]`).hidden = !shown;
+      const input = $(name);
+      if (!shown) continue;
+      if (name === "format") {
+        input.replaceChildren(...formatsOf(task).map((f) => option(f, OPTION_LABELS.format(f), f === values.format)));
+      } else if (input.type === "checkbox") {
+        input.checked = values[name] === true;
+      } else {
+        configureNumber(input, name, schema, values[name]);
+      }
+      input.title = schema.description || "";
     }
-    const formats = task === "layers" ? [] : state.models.tasks[task].formats;
-    $("format").replaceChildren(...formats.map((f) => option(f, f.toUpperCase(), f === values.format)));
-    document.querySelector(".image-format").hidden = formats.length === 0;
-    $("advanced-note").textContent = {
-      anime: "Anime runs one pass of the generator: no steps, CFG or seed.",
-      layers: "Layers come as a ZIP of PNGs; the PSD is offered with the result.",
-      real: "Seed blank: a random one, shown with the result.",
-    }[task] || "";
+    $("advanced-note").textContent = advancedNote(task);
   }
 
   // -- the image ----------------------------------------------------------------------------------
@@ -357,19 +512,25 @@
   }
 
   // -- submitting and following a job ---------------------------------------------------------------
+  // The task's fields as the form has them: blanks left out (the service's defaults), a checkbox
+  // "true"/"false"; a ZIP task is run as a ZIP.
   function formFields(task) {
     const fields = {};
+    const read = (input) => {
+      if (input.type === "checkbox") fields[input.name] = input.checked ? "true" : "false";
+      else if (input.value !== "") fields[input.name] = input.value;
+    };
     const fieldset = document.querySelector(`.task-fields[data-task="${task}"]`);
-    for (const input of fieldset.querySelectorAll("[name]")) {
-      if (input.value !== "") fields[input.name] = input.value;
-    }
-    if (limitsFor(task)) {
-      for (const name of ["steps", "cfg", "seed"]) {
-        if ($(name).value !== "") fields[name] = $(name).value;
-      }
-    }
-    fields.format = task === "layers" ? "zip" : $("format").value;
+    for (const input of fieldset.querySelectorAll("[name]")) read(input);
+    const schemas = fieldsOf(task);
+    for (const name of ADVANCED) if (name !== "format" && name in schemas) read($(name));
+    if ("format" in schemas) fields.format = formatsOf(task).includes(ZIP) ? ZIP : $("format").value;
     return fields;
+  }
+
+  // The stages a job of `task` shows before its events say more.
+  function initialStages(task) {
+    return [...("steps" in fieldsOf(task) ? DIFFUSION_STAGES : ONE_PASS_STAGES)];
   }
 
   // POST /v1/jobs; returns the job's status, or null after showing the error.
@@ -395,7 +556,8 @@
     clearResult();
     const task = state.task;
     const fields = formFields(task);
-    state.job = { task, fields, file: state.file, fileName: state.file.name, fileUrl: state.fileUrl };
+    state.job = { task, fields, stages: initialStages(task), file: state.file, fileName: state.file.name,
+      fileUrl: state.fileUrl };
     updateSubmit();
     const { status, error } = await postJob(task, fields, state.file);
     if (error) {
@@ -410,8 +572,8 @@
     $("cancel").disabled = false;
     $("progress").hidden = false;
     $("progress").dataset.job = status.id;
-    renderProgress(task, status);
-    follow(status.id, (ev) => renderProgress(task, ev), () => finish(job));
+    renderProgress(job, status);
+    follow(status.id, (ev) => renderProgress(job, ev), () => finish(job));
   }
 
   // The job's events (Server-Sent Events) until its final state. EventSource reconnects by itself
@@ -455,9 +617,8 @@
     }
   }
 
-  function progressFraction(task, event) {
+  function progressFraction(stages, event) {
     if (event.state === "succeeded") return 1;
-    const stages = STAGES[task] || DIFFUSION_STAGES;
     const index = stages.indexOf(event.stage);
     if (event.state !== "running" || index < 0) return 0;
     let within = 0;
@@ -474,7 +635,7 @@
       case "running":
         if (!event.stage || event.stage === "queued") return "Starting…";
         if (event.stage === "denoise" && event.step) return `Running: denoise, step ${event.step}/${event.total_steps}`;
-        return `Running: ${STAGE_LABELS[event.stage] || event.stage}`;
+        return `Running: ${stageLabel(event.stage)}`;
       case "succeeded": return "Done";
       case "cancelled": return "Cancelled";
       case "failed": return "Failed";
@@ -482,23 +643,32 @@
     }
   }
 
-  function renderProgress(task, event) {
+  // A stage the list does not have yet (a one-pass model's own, e.g. stylize) goes before the last.
+  function noteStage(stages, event) {
+    const stage = event.state === "running" ? event.stage : null;
+    if (!stage || stage === "queued" || stages.includes(stage)) return;
+    const last = stages.indexOf("postprocess");
+    stages.splice(last < 0 ? stages.length : last, 0, stage);
+  }
+
+  function renderProgress(job, event) {
+    const stages = job.stages;
+    noteStage(stages, event);
     $("progress").dataset.state = event.state;
     $("progress-state").textContent = describeEvent(event);
     const bar = $("progress-bar");
-    bar.value = Math.round(progressFraction(task, event) * 100);
-    const stages = STAGES[task] || DIFFUSION_STAGES;
+    bar.value = Math.round(progressFraction(stages, event) * 100);
     const current = event.state === "succeeded" ? stages.length
       : event.state === "running" ? stages.indexOf(event.stage) : -1;
     const list = $("stages");
-    if (list.dataset.task !== task || list.children.length !== stages.length) {
-      list.dataset.task = task;
-      list.replaceChildren(...stages.map((stage) => el("li", { "data-stage": stage, text: STAGE_LABELS[stage] || stage })));
+    if (list.dataset.stages !== stages.join(" ")) {
+      list.dataset.stages = stages.join(" ");
+      list.replaceChildren(...stages.map((stage) => el("li", { "data-stage": stage, text: stageLabel(stage) })));
     }
     [...list.children].forEach((item, i) => {
       const stage = stages[i];
       item.className = i < current ? "done" : i === current ? "current" : "";
-      let text = STAGE_LABELS[stage] || stage;
+      let text = stageLabel(stage);
       if (stage === "denoise" && event.stage === "denoise" && event.step) text += ` ${event.step}/${event.total_steps}`;
       else if (stage === "denoise" && i < current && event.total_steps) text += ` ${event.total_steps}/${event.total_steps}`;
       item.textContent = text;
@@ -534,7 +704,7 @@
       showError(error.code ? error : networkError(error));
       return done();
     }
-    renderProgress(job.task, status);
+    renderProgress(job, status);
     if (status.state === "failed") {
       showError(status.error || { code: "internal", message: "the job failed" });
     } else if (status.state === "succeeded") {
@@ -560,11 +730,10 @@
     for (const url of state.urls) URL.revokeObjectURL(url);
     state.urls = [];
     $("result").hidden = true;
-    $("layers").hidden = true;
+    $("layer-view").hidden = true;
     $("layer-grid").replaceChildren();
     $("params").replaceChildren();
-    $("download-psd").hidden = true;
-    $("psd-state").textContent = "";
+    for (const node of document.querySelectorAll(".downloads [data-format]")) node.remove();
     $("after").removeAttribute("src");
     $("after").classList.remove("checker");
   }
@@ -580,7 +749,7 @@
   function renderParams(params, extra) {
     const rows = [];
     for (const key of Object.keys(PARAM_LABELS)) if (key in params) rows.push([key, PARAM_LABELS[key], params[key]]);
-    for (const key of Object.keys(params)) if (!(key in PARAM_LABELS)) rows.push([key, key, params[key]]);
+    for (const key of Object.keys(params)) if (!(key in PARAM_LABELS)) rows.push([key, fieldLabel(key), params[key]]);
     for (const [key, label, value] of extra) rows.push([key, label, value]);
     $("params").replaceChildren(...rows.flatMap(([key, label, value]) => [
       el("dt", { "data-param": key, text: label }), el("dd", { "data-param": key, text: String(value) }),
@@ -595,42 +764,56 @@
     });
   }
 
+  // Media types the browser shows as an image (a PSD is an image/* type it cannot show).
+  function viewable(type) {
+    return type.startsWith("image/") && type !== "image/vnd.adobe.photoshop";
+  }
+
+  // By the result's media type: a ZIP of layers → the tiles and their composite; an image → before
+  // and after; anything else → its download only.
   async function showResult(job, blob, headers) {
     const params = resultParams(headers);
-    const ext = EXTENSIONS[blob.type.split(";")[0]] || "bin";
+    const type = blob.type.split(";")[0].trim().toLowerCase();
+    const ext = EXTENSIONS[type] || "bin";
     const download = $("download");
     download.href = objectUrl(blob);
     download.download = `${stem(job.fileName)}-${job.task}.${ext}`;
     download.textContent = `Download ${ext.toUpperCase()}`;
+    const schemas = fieldsOf(job.task);
     const extra = [];
-    if (job.task === "real") {
-      extra.push(["prompt", "Prompt", job.fields.prompt || "(default)"]);
-      if ((job.fields.negative_prompt || "").trim()) extra.push(["negative_prompt", "Negative prompt", job.fields.negative_prompt]);
-    }
-    let afterSrc = download.href;
-    if (job.task === "layers") {
-      const { composite, manifest } = await showLayers(blob);
-      afterSrc = composite;
-      if (manifest && manifest.prompt !== undefined) {
-        extra.push(["prompt", manifest.prompt_source === "caption" ? "Prompt (the model's caption)" : "Prompt", manifest.prompt]);
-      }
+    let afterSrc = viewable(type) ? download.href : null;
+    let manifest = null;
+    if (type === "application/zip") {
+      const view = await showLayers(blob);
+      manifest = view.manifest;
+      afterSrc = view.composite;
       $("after").classList.add("checker");
-      const psd = $("download-psd");
-      psd.hidden = false;
-      psd.disabled = false;
-      psd.onclick = () => downloadPsd(job, params.seed, manifest && manifest.prompt, psd);
+      for (const format of offeredFormats(job.task)) offerFormat(job, format, params, manifest);
+    }
+    if (manifest && manifest.prompt !== undefined) {
+      extra.push(["prompt", manifest.prompt_source === "caption" ? "Prompt (the model's caption)" : "Prompt", manifest.prompt]);
+    } else if ("prompt" in schemas) {
+      extra.push(["prompt", "Prompt", job.fields.prompt || "(default)"]);
+    }
+    if ("negative_prompt" in schemas && (job.fields.negative_prompt || "").trim()) {
+      extra.push(["negative_prompt", "Negative prompt", job.fields.negative_prompt]);
     }
     renderParams(params, extra);
-    $("before").hidden = false;
-    $("compare").classList.remove("after-only");
-    loadImage($("before"), job.fileUrl).catch(() => $("compare").classList.add("after-only"));
-    const after = await loadImage($("after"), afterSrc);
-    $("result").style.setProperty("--aspect", String(after.naturalWidth / after.naturalHeight));
+    const compare = $("compare");
+    compare.hidden = !afterSrc;
+    $("compare-slider").closest("label").hidden = !afterSrc;
+    if (afterSrc) {
+      $("before").hidden = false;
+      compare.classList.remove("after-only");
+      loadImage($("before"), job.fileUrl).catch(() => compare.classList.add("after-only"));
+      const after = await loadImage($("after"), afterSrc);
+      $("result").style.setProperty("--aspect", String(after.naturalWidth / after.naturalHeight));
+    }
     $("result").hidden = false;
     $("result").dataset.task = job.task;
   }
 
-  // A layers result is a ZIP: layer_00.png … (bottom first), composite.png, manifest.json. The
+  // A ZIP result holds layers: layer_00.png … (bottom first), composite.png, manifest.json. The
   // page reads it here, so one download gives the tiles, the composite and the ZIP button.
   async function showLayers(blob) {
     const entries = await readZip(blob);
@@ -652,38 +835,50 @@
       await loadImage(img, url);
     }
     $("layer-grid").replaceChildren(...tiles);
-    $("layers").hidden = false;
+    $("layer-view").hidden = false;
     const composite = entries.has("composite.png")
       ? objectUrl(new Blob([await unzipEntry(entries.get("composite.png"))], { type: "image/png" }))
       : tiles.length ? tiles[tiles.length - 1].querySelector("img").src : "";
     return { composite, manifest };
   }
 
-  // The PSD comes from the same request run again with format=psd, the seed and the prompt the first
-  // run used (its caption, when it made one): the service gives the same layers for the same input,
-  // parameters and seed. It is only made when asked for.
-  async function downloadPsd(job, seed, prompt, button) {
-    if (button.dataset.url) return saveUrl(button.dataset.url, `${stem(job.fileName)}-layers.psd`);
+  // A button for another format of a ZIP task (PSD), next to the ZIP's, with its state beside it.
+  function offerFormat(job, format, params, manifest) {
+    const button = el("button", { id: `download-${format}`, type: "button", class: "button rerun",
+      "data-format": format, text: `Download ${format.toUpperCase()}` });
+    const status = el("span", { id: `${format}-state`, class: "info", "aria-live": "polite", "data-format": format });
+    button.onclick = () => downloadAs(job, format, params.seed, manifest && manifest.prompt, button, status);
+    $("download").closest(".downloads").append(button, status);
+  }
+
+  // Another format comes from the same request run again with that format, the seed and the prompt
+  // the first run used (its caption, when it made one): the service gives the same layers for the
+  // same input, parameters and seed. It is only made when asked for.
+  async function downloadAs(job, format, seed, prompt, button, status) {
+    const name = `${stem(job.fileName)}-${job.task}.${format}`;
+    if (button.dataset.url) return saveUrl(button.dataset.url, name);
+    const label = format.toUpperCase();
     button.disabled = true;
-    const show = (text) => { $("psd-state").textContent = text; };
-    const fields = { ...job.fields, format: "psd" };
-    if (seed !== undefined) fields.seed = seed;
-    if (prompt) fields.prompt = prompt;
-    show("Preparing the PSD…");
-    const { status, error } = await postJob("layers", fields, job.file);
+    const show = (text) => { status.textContent = text; };
+    const schemas = fieldsOf(job.task);
+    const fields = { ...job.fields, format };
+    if (seed !== undefined && "seed" in schemas) fields.seed = seed;
+    if (prompt && "prompt" in schemas) fields.prompt = prompt;
+    show(`Preparing the ${label}…`);
+    const { status: queued, error } = await postJob(job.task, fields, job.file);
     if (error) {
       show("");
       showError(error);
       button.disabled = false;
       return;
     }
-    follow(status.id, (event) => show(`Preparing the PSD: ${describeEvent(event).toLowerCase()}`), async () => {
+    follow(queued.id, (event) => show(`Preparing the ${label}: ${describeEvent(event).toLowerCase()}`), async () => {
       try {
-        const response = await api(`v1/jobs/${encodeURIComponent(status.id)}/result`);
+        const response = await api(`v1/jobs/${encodeURIComponent(queued.id)}/result`);
         if (!response.ok) throw await errorFrom(response);
         button.dataset.url = objectUrl(await response.blob());
-        show("PSD ready");
-        saveUrl(button.dataset.url, `${stem(job.fileName)}-layers.psd`);
+        show(`${label} ready`);
+        saveUrl(button.dataset.url, name);
       } catch (err) {
         show("");
         showError(err.code ? err : networkError(err));
@@ -753,9 +948,6 @@
       e.preventDefault();
       if (e.dataTransfer.files.length) setFile(e.dataTransfer.files[0]);
     });
-    for (const radio of document.querySelectorAll('input[name="task"]')) {
-      radio.addEventListener("change", () => radio.checked && switchTask(radio.value));
-    }
     $("job-form").addEventListener("submit", submit);
     $("cancel").addEventListener("click", cancel);
     $("api-key").value = storedKey();

@@ -1,4 +1,4 @@
-"""Preprocess without Ray: every input is built in memory with Pillow, plus the shared sample photos."""
+"""Preprocess without Ray: every input is built in memory with Pillow, plus the sample photos (tests/data/samples)."""
 
 from __future__ import annotations
 

@@ -30,6 +30,17 @@ VIEWPORT = {"width": 1100, "height": 800}
 MAX_LONG_EDGE = 512
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """One service at a time in this package: test_generic.py (a service of its own, module-scoped)
+    runs before the other modules here (the package's `web_service`), whatever order they were named
+    in; the two do not fit the session's Ray at once and are the same app at the same route."""
+    here = Path(__file__).parent
+    slots = [i for i, item in enumerate(items) if item.path.parent == here]
+    ordered = sorted((items[i] for i in slots), key=lambda item: item.path.name != "test_generic.py")
+    for i, item in zip(slots, ordered):
+        items[i] = item
+
+
 @pytest.fixture(scope="package")
 def hold(ray_cluster: int) -> Iterator[object]:
     actor = Gate.options(name=HOLD_NAME, namespace=HOLD_NAMESPACE).remote()

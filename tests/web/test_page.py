@@ -96,6 +96,8 @@ def test_anime_shows_sizes_progress_and_the_result(page, web_service, screenshot
     assert natural_size(page, "#preview") == (1280, 853)
     info = page.text_content("#image-info")
     assert "1280 × 853 px" in info and f"processed at 512 × 341 px (long edge capped at {models['max_long_edge']})" in info
+    # one radio per task the service lists, in its order
+    assert page.eval_on_selector_all('input[name="task"]', "rs => rs.map(r => r.value)") == list(models["tasks"])
     page.check('input[name="task"][value="anime"]')
     styles = page.eval_on_selector_all("#anime-style option", "os => os.map(o => o.value)")
     assert styles == models["tasks"]["anime"]["styles"]
@@ -139,6 +141,8 @@ def test_real_progress_queue_cancel_and_the_chosen_version(context, web_service,
         assert lora["versions"][1:] == ["v2511-0715", "v2511-0801", "v2511-0823"]
         assert first.input_value("#real-lora") == lora["default"] == "v2511-0823"
         assert first.input_value("#real-prompt") == models["tasks"]["real"]["defaults"]["prompt"]
+        assert first.eval_on_selector_all('.task-fields[data-task="real"] [name]', "es => es.map(e => e.id)") == [
+            "real-lora", "real-prompt", "real-negative_prompt"]
         assert first.is_hidden("#steps")  # folded away
         choose_image(first, sample_path("photo_2.jpg"))
         first.select_option("#real-lora", "v2511-0801")
@@ -204,14 +208,20 @@ def test_layers_show_tiles_and_download_zip_and_psd(page, web_service, screensho
     choose_image(page, sample_path("photo_1.jpg"))
     page.check('input[name="task"][value="layers"]')
     layers = web_service.http.get("/v1/models").json()["tasks"]["layers"]
-    assert page.input_value("#layers-count") == str(layers["default_layers"])
+    assert page.input_value("#layers-layers") == str(layers["default_layers"])
     assert page.eval_on_selector_all("#layers-resolution option", "os => os.map(o => o.value)") == [
         str(r) for r in layers["resolutions"]]
-    page.fill("#layers-count", "3")
+    # layers' own fields come from its schema: the texts after the numbers and choices
+    assert page.eval_on_selector_all('.task-fields[data-task="layers"] [name]', "es => es.map(e => e.id)") == [
+        "layers-layers", "layers-resolution", "layers-prompt", "layers-negative_prompt"]
+    assert page.get_attribute("#layers-prompt", "placeholder") == "(blank: the model describes the image itself)"
+    page.fill("#layers-layers", "3")
     page.select_option("#layers-resolution", "640")
     page.fill("#layers-prompt", "a street with a tree")
     advanced(page, steps=2, seed=3)
     assert page.is_hidden("#format")  # layers come as a ZIP, the PSD is offered with the result
+    assert page.is_checked("#cfg_normalize") == layers["default_cfg_normalize"]
+    assert page.text_content("#advanced-note") == "Layers come as a ZIP of PNGs; the PSD is offered with the result."
     start_and_wait(page)
     assert param(page, "layers") == "3" and param(page, "resolution") == "640"
     width, height = map(int, param(page, "layer-size").split("x"))
