@@ -9,6 +9,10 @@ must not change behaviour shows it by giving the same list:
 
     .venv/bin/python bench/golden.py                      # writes bench/results/golden.json
     .venv/bin/python bench/golden.py --check bench/results/golden.json   # exit 1 on any difference
+    .venv/bin/python bench/golden.py --check bench/results/golden.json --pixels-only
+
+`--pixels-only` compares only the decoded pixels of each image result (and of each layer in a
+ZIP): for a change that adds result metadata on purpose but must not change what the models make.
 
 Digests are of this machine's float arithmetic (torch CPU kernels differ between CPU families), so
 compare runs of one machine; the JSON records which.
@@ -97,6 +101,20 @@ def digest_body(data: bytes, media_type: str) -> str:
     return digest.hexdigest()
 
 
+def digest_pixels(data: bytes, media_type: str) -> str | None:
+    """SHA-256 of the decoded pixels (every layer's, for a ZIP); None for other bodies (PSD)."""
+    digest = hashlib.sha256()
+    if media_type == "application/zip":
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            for name in archive.namelist():
+                if name.endswith(".png"):
+                    digest.update(np.asarray(Image.open(io.BytesIO(archive.read(name)))).tobytes())
+        return digest.hexdigest()
+    if not media_type.startswith("image/"):
+        return None
+    return hashlib.sha256(np.asarray(Image.open(io.BytesIO(data))).tobytes()).hexdigest()
+
+
 def digest_headers(headers: httpx.Headers) -> dict[str, str]:
     return {k.lower(): v for k, v in sorted(headers.items())
             if k.lower().startswith("x-imgserve-") and k.lower() != "x-imgserve-replica"}
@@ -134,6 +152,7 @@ def run(cache: Path) -> dict[str, Any]:
                 media_type = response.headers["content-type"]
                 headers = digest_headers(response.headers)
                 results[name] = {"media_type": media_type, "body_sha256": digest_body(response.content, media_type),
+                                 "pixels_sha256": digest_pixels(response.content, media_type),
                                  "headers_sha256": hashlib.sha256(json.dumps(headers).encode()).hexdigest(),
                                  "headers": headers}
             for name, route, fields in ERRORS:
@@ -157,6 +176,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "golden.json"))
     parser.add_argument("--check", help="a golden.json to compare with (exit 1 on any difference)")
+    parser.add_argument("--pixels-only", action="store_true", help="with --check: compare decoded pixels only")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="imgserve-golden-") as cache:
         results = run(Path(cache))
@@ -168,13 +188,18 @@ def main() -> int:
               "cases": results}
     if args.check:
         expected = json.loads(Path(args.check).read_text())["cases"]
-        differ = sorted(name for name in expected.keys() | results.keys()
-                        if {k: v for k, v in expected.get(name, {}).items() if k not in ("headers", "body")}
-                        != {k: v for k, v in results.get(name, {}).items() if k not in ("headers", "body")}
-                        or (name.startswith("error") and expected[name] != results.get(name)))
+        if args.pixels_only:
+            expected = {name: case["pixels_sha256"] for name, case in expected.items() if case.get("pixels_sha256")}
+            compared = {name: results.get(name, {}).get("pixels_sha256") for name in expected}
+            differ = sorted(name for name in expected if expected[name] != compared[name])
+        else:
+            differ = sorted(name for name in expected.keys() | results.keys()
+                            if {k: v for k, v in expected.get(name, {}).items() if k not in ("headers", "body")}
+                            != {k: v for k, v in results.get(name, {}).items() if k not in ("headers", "body")}
+                            or (name.startswith("error") and expected[name] != results.get(name)))
         for name in differ:
             print(f"DIFFERS {name}: expected {expected.get(name)} got {results.get(name)}")
-        print(f"{len(results) - len(differ)} of {len(expected)} cases identical")
+        print(f"{len(expected) - len(differ)} of {len(expected)} cases identical")
         if differ:
             return 1
     if args.out and not args.check:

@@ -282,6 +282,7 @@ def base_linear_shapes(transformer_dir: Path | str) -> dict[str, tuple[int, int]
 
 # -- tiny adapters for the demo and tests ----------------------------------------------------------
 TINY_VERSIONS = ("v2511-0715", "v2511-0801", "v2511-0823")
+TINY_SPEED_ADAPTER = "fast"
 TINY_LORA_VERSION = "v1"
 # The tiny edit transformer (deployments/tiny.py): 2 blocks, 3 heads × 16 = 48 wide attention.
 _TINY_TARGETS = [f"transformer_blocks.{b}.attn.{m}" for b in (0, 1) for m in ("to_q", "to_k", "to_v", "to_out.0")]
@@ -293,20 +294,30 @@ def ensure_tiny_loras(cache_dir: Path | str, rank: int = 4) -> Path:
 
     Written with numpy only, so the ingress can list them without torch; atomic like the tiny models.
     """
+    return _tiny_adapters(Path(cache_dir).expanduser() / f"tiny-lora-{TINY_LORA_VERSION}",
+                          {version: 1000 + index for index, version in enumerate(TINY_VERSIONS)}, rank)
+
+
+def ensure_tiny_speed_adapter(cache_dir: Path | str, rank: int = 4) -> Path:
+    """The file of a tiny random stand-in for a step-distilled speed adapter (demo `fast` preset),
+    kept apart from the versions' directory so it is never listed as a version."""
+    directory = _tiny_adapters(Path(cache_dir).expanduser() / f"tiny-speed-lora-{TINY_LORA_VERSION}",
+                               {TINY_SPEED_ADAPTER: 2000}, rank)
+    return directory / f"{TINY_SPEED_ADAPTER}.safetensors"
+
+
+def _tiny_adapters(final: Path, seeds: dict[str, int], rank: int) -> Path:
+    """`final` holding one tiny random adapter per name of `seeds` (each from its own seed)."""
     import numpy as np
     from safetensors.numpy import save_file
 
     def build(directory: Path) -> None:
-        for index, version in enumerate(TINY_VERSIONS):
-            rng = np.random.default_rng(1000 + index)
+        for name, seed in seeds.items():
+            rng = np.random.default_rng(seed)
             tensors = {}
             for module in _TINY_TARGETS:
                 tensors[f"transformer.{module}.lora_A.weight"] = rng.normal(0, 0.5, (rank, _TINY_WIDTH)).astype(np.float32)
                 tensors[f"transformer.{module}.lora_B.weight"] = rng.normal(0, 0.5, (_TINY_WIDTH, rank)).astype(np.float32)
-            save_file(tensors, str(directory / f"{version}.safetensors"))
+            save_file(tensors, str(directory / f"{name}.safetensors"))
 
-    return build_once(
-        Path(cache_dir).expanduser() / f"tiny-lora-{TINY_LORA_VERSION}",
-        build,
-        lambda final: all((final / f"{v}.safetensors").is_file() for v in TINY_VERSIONS),
-    )
+    return build_once(final, build, lambda done: all((done / f"{name}.safetensors").is_file() for name in seeds))
