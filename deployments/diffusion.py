@@ -127,11 +127,14 @@ class DiffusionConfig(ModelSettings):
     def check_placement_request(self) -> None:
         """Raise ValueError when the placement cannot hold the largest request this section admits."""
 
-    def resolve_common(self, params: DiffusionParams, prompt: str) -> dict[str, Any]:
-        """Defaults and range checks of the shared fields (`prompt` is the task's resolved prompt);
+    def resolve_common(self, params: DiffusionParams, prompt: str, defaults: tuple[int, float] | None = None
+                       ) -> dict[str, Any]:
+        """Defaults and range checks of the shared fields (`prompt` is the task's resolved prompt;
+        `defaults`, the (steps, cfg) to use where the request gives none, else the configured ones);
         raises InvalidParameter naming the field. Returns the resolved shared fields."""
-        steps = self.default_steps if params.steps is None else params.steps
-        cfg = self.default_cfg if params.cfg is None else params.cfg
+        default_steps, default_cfg = defaults or (self.default_steps, self.default_cfg)
+        steps = default_steps if params.steps is None else params.steps
+        cfg = default_cfg if params.cfg is None else params.cfg
         seed = secrets.randbelow(MAX_SEED + 1) if params.seed is None else params.seed
         negative = self.default_negative_prompt if params.negative_prompt is None else params.negative_prompt
         if not MIN_STEPS <= steps <= self.max_steps:

@@ -1,31 +1,36 @@
 """The `real` task: 2.5D / anime / cartoon art → photoreal person with Qwen-Image-Edit-2511.
 
 `RealModel` receives a `Prepared` array and resolved `RealParams`, runs diffusers'
-`QwenImageEditPlusPipeline` with the request's LoRA version active, and returns a `Generated` array
-at the model size. LoRA versions are hot-swapped on the loaded base: a replica keeps
-`max_adapters_per_replica` of them resident (LRU), and Serve routes a request to a replica that
-holds its version (`TASK.route`). Knows nothing about HTTP, jobs or encoding.
+`QwenImageEditPlusPipeline` with the request's adapters stacked — its preset's speed adapter (a
+step-distilled LoRA: few steps, CFG off; none for `full`) and its LoRA version at `lora_scale` —
+and returns a `Generated` array at the model size. Versions are hot-swapped on the loaded base: a
+replica keeps `max_adapters_per_replica` of them resident (LRU), and Serve routes a request to a
+replica that holds its version (`TASK.route`); speed adapters are read once when the replica
+starts (`deployments.adapters`). Knows nothing about HTTP, jobs or encoding.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import field_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
 from deployments import metrics
+from deployments.adapters import Adapters, stack_text
 from deployments.diffusion import MIN_STEPS, DiffusionConfig, DiffusionModel, DiffusionParams, step_callback, to_uint8
 from deployments.errors import InvalidParameter
-from deployments.lora import NONE, LoraStore, check_name, diffusers_state_dict, ensure_tiny_loras, inspect_lora, linear_shapes
+from deployments.lora import NONE, LoraStore, check_name, ensure_tiny_loras, ensure_tiny_speed_adapter
 from deployments.records import Generated, ImageSpec, Prepared, Progress
 from deployments.task import Task, choice_schema
-from deployments.validation import at_least
+from deployments.validation import at_least, between
 
 DEFAULT_PROMPT = "transform the image to realistic photograph, high quality, 4k, natural skin texture"
+FULL = "full"
+"""The preset without a speed adapter: the base's own step count, with CFG."""
+MAX_LORA_SCALE = 2.0
 
 
 class RealParams(DiffusionParams):
@@ -36,6 +41,39 @@ class RealParams(DiffusionParams):
     lora: str | None = None
     """LoRA version (a file stem in the LoRA directory; GET /v1/models lists them) or `none` for the
     base alone; None → the configured default (the newest version unless `default_lora` says otherwise)."""
+    preset: str | None = None
+    """Speed preset: `full` (the base's own step count, with CFG) or a configured speed adapter (a
+    step-distilled LoRA run stacked under the version: a few steps, CFG off), which sets the
+    defaults of `steps` and `cfg`; None → the configured default. GET /v1/models lists them."""
+    lora_scale: float | None = None
+    """Weight of the LoRA version (0 … 2); None → 1."""
+
+
+class SpeedAdapter(BaseModel):
+    """A step-distilled LoRA for the base (one preset), run stacked under the request's version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str
+    """Its `.safetensors` file, a local path prepared ahead (`imgserve fetch`); `tiny`: a tiny random
+    stand-in generated into the cache directory (demo, tests). Checked against the base when a
+    replica starts: a file that does not fit stops the replica, naming it."""
+    steps: int = 8
+    """The steps it was distilled for: the preset's default `steps`."""
+    cfg: float = 1.0
+    """The preset's default `cfg` (1: no classifier-free guidance, one transformer pass per step)."""
+    weight: float = 1.0
+    """Its adapter weight (0 … 2)."""
+
+    _speed_steps = at_least(MIN_STEPS, "steps")
+    _speed_weight = between(0.0, MAX_LORA_SCALE, "weight")
+
+    @field_validator("cfg")
+    @classmethod
+    def _finite_cfg(cls, value: float, info: ValidationInfo) -> float:
+        if not 1.0 <= value < float("inf"):
+            raise ValueError(f"{info.field_name} must be a finite number >= 1, got {value}")
+        return value
 
 
 class RealModelConfig(DiffusionConfig):
@@ -63,8 +101,39 @@ class RealModelConfig(DiffusionConfig):
     """LoRA versions a replica keeps loaded (LRU beyond this); also Serve's multiplexing limit."""
     lora_rescan_s: float = 10.0
     """Seconds a directory listing is trusted; unknown names always trigger a rescan."""
+    speed_adapters: dict[str, SpeedAdapter] = {}
+    """Presets beyond `full`: name → its speed adapter. Each is loaded once per replica and never
+    evicted; a request with that preset runs it stacked under its version."""
+    default_preset: str = FULL
+    """The preset of a request that names none: `full` or a name of `speed_adapters`."""
 
     _real_positive = at_least(1, "max_adapters_per_replica", "condition_area")
+
+    @model_validator(mode="after")
+    def _presets_within_limits(self) -> RealModelConfig:
+        for name, adapter in self.speed_adapters.items():
+            try:
+                check_name(name, "speed_adapters")
+            except InvalidParameter as exc:
+                raise ValueError(f"speed_adapters: {exc.message}") from None
+            if name in (FULL, NONE):
+                raise ValueError(f"speed_adapters: {name!r} is reserved (presets are `full` and the adapters' names)")
+            if adapter.steps > self.max_steps or adapter.cfg > self.max_cfg:
+                raise ValueError(f"speed_adapters.{name}: steps ({adapter.steps}) and cfg ({adapter.cfg}) must be "
+                                 f"within max_steps ({self.max_steps}) and max_cfg ({self.max_cfg})")
+        if self.default_preset not in self.presets():
+            raise ValueError(f"default_preset must be one of {list(self.presets())}, got {self.default_preset!r}")
+        return self
+
+    def presets(self) -> dict[str, tuple[int, float]]:
+        """Preset name → the (steps, cfg) it defaults to, `full` first."""
+        return {FULL: (self.default_steps, self.default_cfg),
+                **{name: (adapter.steps, adapter.cfg) for name, adapter in self.speed_adapters.items()}}
+
+    def speed_adapter_file(self, name: str, cache_dir: Path | str) -> Path:
+        """The file of the speed adapter `name` (generating the tiny one if asked)."""
+        file = self.speed_adapters[name].file
+        return ensure_tiny_speed_adapter(cache_dir) if file == "tiny" else Path(file).expanduser()
 
     @field_validator("default_lora")
     @classmethod
@@ -102,31 +171,48 @@ class RealModelConfig(DiffusionConfig):
         return Path(self.source).expanduser() / "transformer"
 
     def resolve(self, params: RealParams, store: LoraStore | None = None) -> RealParams:
-        """Fill defaults and check ranges; raises InvalidParameter naming the field."""
+        """Fill defaults (the preset's steps and cfg) and check ranges; raises InvalidParameter
+        naming the field."""
+        presets = self.presets()
+        preset = params.preset or self.default_preset
+        if preset not in presets:
+            raise InvalidParameter(f"unknown preset {preset!r}; available: {', '.join(presets)}", "preset")
         prompt = self.default_prompt if params.prompt is None or not params.prompt.strip() else params.prompt
-        common = self.resolve_common(params, prompt)
+        common = self.resolve_common(params, prompt, presets[preset])
         lora = params.lora or self.default_lora or (store.newest() if store else None) or NONE
         if lora != NONE:
             if store is None:
                 raise InvalidParameter(f"no LoRA directory is configured; only {NONE!r} is available", "lora")
             store.path(lora)  # refuses paths and unknown versions, listing the valid ones
-        return RealParams(**common, lora=lora)
+        scale = 1.0 if params.lora_scale is None else params.lora_scale
+        if not 0.0 <= scale <= MAX_LORA_SCALE:  # also false for NaN
+            raise InvalidParameter(f"must be between 0 and {MAX_LORA_SCALE:g}, got {scale}", "lora_scale")
+        return RealParams(**common, lora=lora, preset=preset, lora_scale=scale)
 
     def describe(self, store: LoraStore | None = None) -> dict[str, Any]:
         versions = store.versions() if store else []
+        steps, cfg = self.presets()[self.default_preset]
         return {
             "defaults": {"prompt": self.default_prompt, "negative_prompt": self.default_negative_prompt,
-                         "steps": self.default_steps, "cfg": self.default_cfg},
-            "limits": {"steps": [MIN_STEPS, self.max_steps], "cfg": [1.0, self.max_cfg]},
+                         "steps": steps, "cfg": cfg},
+            "limits": {"steps": [MIN_STEPS, self.max_steps], "cfg": [1.0, self.max_cfg],
+                       "lora_scale": [0.0, MAX_LORA_SCALE]},
             "lora": {"versions": [NONE, *versions],
                      "default": self.default_lora or (versions[-1] if versions else NONE)},
+            "presets": {"default": self.default_preset,
+                        "choices": {name: {"steps": steps, "cfg": cfg, "adapter": name != FULL}
+                                    for name, (steps, cfg) in self.presets().items()}},
         }
 
     def limits(self, store: LoraStore | None = None) -> dict[str, dict[str, Any]]:
         limits = super().limits()
+        described = self.describe(store)
         limits["prompt"]["default"] = self.default_prompt
-        lora = self.describe(store)["lora"]
-        return {**limits, "lora": {**choice_schema(lora["versions"]), "default": lora["default"]}}
+        limits["steps"]["default"], limits["cfg"]["default"] = described["defaults"]["steps"], described["defaults"]["cfg"]
+        lora = described["lora"]
+        return {**limits, "lora": {**choice_schema(lora["versions"]), "default": lora["default"]},
+                "preset": {"enum": list(self.presets()), "default": self.default_preset},
+                "lora_scale": {"minimum": 0.0, "maximum": MAX_LORA_SCALE, "default": 1.0}}
 
 
 class RealModel(DiffusionModel):
@@ -140,10 +226,8 @@ class RealModel(DiffusionModel):
     def __init__(self, config: RealModelConfig | None = None, cache_dir: Path | str = "~/.cache/imgserve") -> None:
         super().__init__(config, cache_dir)
         self.store: LoraStore | None = None
-        self.adapter_loads: Counter[str] = Counter()
-        """LoRA version → how many times it was read from disk into this replica."""
-        self._resident: OrderedDict[str, None] = OrderedDict()  # LRU of loaded versions
-        self._linear_shapes: dict[str, tuple[int, int]] = {}
+        self.adapters: Adapters | None = None
+        """Speed adapters and resident versions of this replica's transformer (after `load`)."""
 
     def load_model(self) -> None:
         from deployments import tiny
@@ -154,44 +238,18 @@ class RealModel(DiffusionModel):
         if self.config.condition_area:
             tiny.set_condition_areas(self.config.condition_area, self.config.condition_area)
         super().load_model()
-        self._linear_shapes = linear_shapes(self.pipe.transformer)
+        self.adapters = Adapters(self.pipe, self.store, self.config.max_adapters_per_replica)
+        for name in self.config.speed_adapters:
+            self.adapters.pin_speed(name, self.config.speed_adapter_file(name, self.cache_dir))
 
     def extra_stats(self) -> dict[str, Any]:
-        return {"adapters": list(self._resident), "adapter_loads": dict(self.adapter_loads)}
+        return self.adapters.stats() if self.adapters is not None else {}
 
     # -- LoRA ------------------------------------------------------------------------------------
     def ensure_adapter(self, version: str) -> str:
-        """Make `version` resident (LRU beyond `max_adapters_per_replica`); the base is never reloaded.
-
-        The file is checked against the transformer before anything is touched: on any failure
-        the model is exactly as before and the request gets InvalidParameter naming the problem.
-        """
-        if version in self._resident:
-            self._resident.move_to_end(version)
-            return version
+        """Make `version` resident (LRU beyond `max_adapters_per_replica`); the base is never reloaded."""
         self.check_health()
-        if self.store is None:
-            raise InvalidParameter(f"no LoRA directory is configured; only {NONE!r} is available", "lora")
-        path = self.store.path(version)
-        report = inspect_lora(path, self._linear_shapes)
-        if not report.ok:
-            raise InvalidParameter(f"LoRA {version!r} does not fit the base model: {'; '.join(report.problems)}", "lora")
-        while len(self._resident) >= self.config.max_adapters_per_replica:
-            evicted, _ = self._resident.popitem(last=False)
-            self.pipe.delete_adapters([evicted])
-            metrics.lora_events.inc(tags={"event": "evict", "version": evicted})
-        try:
-            self.pipe.load_lora_weights(diffusers_state_dict(path, report), adapter_name=version)
-            loaded = self.pipe.get_list_adapters().get("transformer", [])
-            if version not in loaded:
-                raise ValueError("no weights matched the transformer")
-        except Exception as exc:
-            if version in self.pipe.get_list_adapters().get("transformer", []):
-                self.pipe.delete_adapters([version])
-            raise InvalidParameter(f"LoRA {version!r} could not be loaded: {exc}"[:500], "lora") from None
-        self._resident[version] = None
-        self.adapter_loads[version] += 1
-        metrics.lora_events.inc(tags={"event": "load", "version": version})
+        self.adapters.ensure_version(version)
         return version
 
     async def adapter(self, version: str) -> str:
@@ -199,24 +257,15 @@ class RealModel(DiffusionModel):
         `serve.multiplexed`, which tells the router which replica holds which version."""
         return await self.on_model_thread(self.ensure_adapter, version)
 
-    def _activate(self, version: str) -> None:
-        if version == NONE:
-            if self._resident:
-                self.pipe.disable_lora()
-            return
-        self.ensure_adapter(version)
-        self.pipe.enable_lora()
-        self.pipe.set_adapters([version])
-
     # -- serving ---------------------------------------------------------------------------------
     async def __call__(self, prepared: Prepared, params: RealParams, progress: Progress | None = None) -> Generated:
         """Serve entry point: the version made resident, then `generate` on the model thread."""
-        loads_before = self.adapter_loads.total()
+        loads_before = self.adapters.version_loads() if self.adapters is not None else 0
         if params.lora and params.lora != NONE:
             await self.adapter(params.lora)
         generated = await self.on_model_thread(self.generate, prepared, params, progress)
         if params.lora != NONE:
-            generated.served["lora_load"] = "cold" if self.adapter_loads.total() > loads_before else "warm"
+            generated.served["lora_load"] = "cold" if self.adapters.version_loads() > loads_before else "warm"
             if generated.served["lora_load"] == "warm":  # loads are counted where they happen
                 metrics.lora_events.inc(tags={"event": "hit", "version": params.lora})
         return generated
@@ -244,9 +293,11 @@ class RealModel(DiffusionModel):
             raise InvalidParameter(f"aspect ratio {width}x{height} is too extreme for this model (its condition "
                                    f"images would be {' and '.join(f'{w}x{h}' for w, h in conditions)})", "image")
         self.check_health()
-        # 2. the request's adapter
-        loads_before = self.adapter_loads.total()
-        self._activate(params.lora)
+        # 2. the request's adapters: its preset's speed adapter, then its version
+        loads_before = self.adapters.version_loads()
+        speed = self.config.speed_adapters.get(params.preset)
+        stack = self.adapters.stack(params.preset, params.lora, params.lora_scale, speed.weight if speed else 0.0)
+        self.adapters.activate(stack)
         # 3. run
         generator = torch.Generator(device="cpu").manual_seed(params.seed)
         if progress is not None:
@@ -255,7 +306,8 @@ class RealModel(DiffusionModel):
             output = self.pipe(
                 image=[Image.fromarray(array)],
                 prompt=params.prompt,
-                negative_prompt=params.negative_prompt,
+                # only used with cfg > 1; passing it otherwise just logs a warning
+                negative_prompt=params.negative_prompt if params.cfg > 1 else None,
                 true_cfg_scale=params.cfg,
                 num_inference_steps=params.steps,
                 height=height,
@@ -267,9 +319,10 @@ class RealModel(DiffusionModel):
         # 4. package
         served: dict[str, Any] = {"replica": self.replica}
         if params.lora != NONE:
-            served["lora_load"] = "cold" if self.adapter_loads.total() > loads_before else "warm"
+            served["lora_load"] = "cold" if self.adapters.version_loads() > loads_before else "warm"
         return Generated(array=to_uint8(output.images[0]), info=prepared.info,
-                         params={"task": self.task, **params.model_dump()}, served=served)
+                         params={"task": self.task, **params.model_dump(), "adapters": stack_text(stack)},
+                         served=served)
 
 
 def _route(params: RealParams) -> str | None:
@@ -278,4 +331,4 @@ def _route(params: RealParams) -> str | None:
 
 
 TASK = Task(name="real", summary="art → photoreal person", model=RealModel, params=RealParams,
-            section=RealModelConfig, headers=("steps", "cfg", "seed", "lora"), route=_route)
+            section=RealModelConfig, headers=("steps", "cfg", "seed", "lora", "preset", "adapters"), route=_route)

@@ -36,7 +36,7 @@ def test_the_built_in_tasks_are_real_anime_layers_each_one_consistent_unit() -> 
         assert isinstance(task.section(), task.model.config_class)
         assert set(task.formats) <= set(MEDIA_TYPES) and task.formats
         assert task.params.model_config["extra"] == "forbid"  # unknown fields are refused by name
-        assert set(task.headers) <= set(task.params.model_fields) | {"layer_size"}
+        assert set(task.headers) <= set(task.params.model_fields) | {"layer_size", "adapters"}  # the model's own
     assert list(AppConfig.model_fields) == ["name", "cache_dir", "ingress", "preprocess", "postprocess", "jobs",
                                             *TASKS.names]
 
