@@ -28,6 +28,7 @@ _FLAT, _STRUCTURED = 1.0, 2.5
 # Laplacian energy of uint8 rounding noise (variance 1/12, the 5-point Laplacian's gain is 20).
 _QUANTISATION = 20 / 12
 _GAIN = (2.0, 3.0, 2.0)  # boost of the 1-2, 2-4 and 4-8 px detail bands at mask 1
+_SOFT = False
 _RADIUS = 3  # half-side of the window whose range the result must stay in
 _CORING = 0.5  # detail below this many gray levels is rounding noise, not structure
 _MARGIN = 1.0  # allowed overshoot past the local 5x5 range, gray levels
@@ -43,25 +44,31 @@ def _laplacian(y: np.ndarray) -> np.ndarray:
 
 
 def _resize(y: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    # Pillow resizes float images in C with antialiasing, far faster than a numpy convolution.
+    # Pillow resizes float images in C, antialiased, far faster than a numpy convolution.
     return np.asarray(Image.fromarray(y, "F").resize(size, Image.Resampling.BILINEAR))
 
 
 def _block_energy(y: np.ndarray, block: int) -> np.ndarray:
     """Mean squared Laplacian over `block`×`block` squares (partial squares at the edges dropped)."""
-    lap = _laplacian(y)
     h, w = (y.shape[0] // block) * block, (y.shape[1] // block) * block
-    return np.asarray(Image.fromarray(lap[:h, :w] ** 2, "F").reduce(block))
+    return np.asarray(Image.fromarray(_laplacian(y)[:h, :w] ** 2, "F").reduce(block))
+
+
+def _to_pixels(grid: np.ndarray, block: int, shape: tuple[int, int]) -> np.ndarray:
+    """A per-block map back to per-pixel: block (i, j) stays over pixels i*block.., j*block..;
+    the partial blocks at the bottom and right edges repeat their neighbours."""
+    rows, cols = grid.shape
+    up = _resize(grid, (cols * block, rows * block))
+    return np.pad(up, ((0, shape[0] - rows * block), (0, shape[1] - cols * block)), mode="edge")
 
 
 def sharpness(array: np.ndarray) -> np.ndarray:
-    """Per-pixel sharpness: the RMS of the luminance Laplacian over the surrounding 8×8 block,
-    in gray levels (float32, H×W). Contrast-dependent: the yardstick tests and benchmarks use."""
+    """Per-pixel sharpness: the RMS of the luminance Laplacian over the surrounding 8×8 block, in
+    gray levels (float32, H×W). Contrast-dependent: the yardstick tests and benchmarks measure with."""
     y = _luminance(_check(array)[..., :3])
-    h, w = y.shape
-    if min(h, w) < _BLOCK:
-        return np.sqrt(np.full((h, w), np.mean(_laplacian(y) ** 2), dtype=np.float32))
-    return np.sqrt(np.maximum(_resize(_block_energy(y, _BLOCK), (w, h)), 0)).astype(np.float32)
+    if min(y.shape) < _BLOCK:
+        return np.full(y.shape, np.sqrt(np.mean(_laplacian(y) ** 2)), dtype=np.float32)
+    return np.sqrt(np.maximum(_to_pixels(_block_energy(y, _BLOCK), _BLOCK, y.shape), 0))
 
 
 def region_sharpness(array: np.ndarray, box: tuple[int, int, int, int]) -> float:
@@ -72,9 +79,12 @@ def region_sharpness(array: np.ndarray, box: tuple[int, int, int, int]) -> float
 
 
 def defocus_mask(array: np.ndarray) -> np.ndarray:
-    """Soft mask (float32, H×W, 0..1): 1 where the image is defocused, 0 where sharp or flat."""
+    """The soft mask `compensate` blends with (float32, H×W, 0..1): 1 defocused, 0 sharp or flat."""
     y = _luminance(_check(array)[..., :3])
-    return _mask(y) if min(y.shape) >= _MIN_SIDE else np.zeros(y.shape, np.float32)
+    if min(y.shape) < _MIN_SIDE:
+        return np.zeros(y.shape, np.float32)
+    half = _resize(y, (y.shape[1] // 2, y.shape[0] // 2))
+    return _mask(y, half, _resize(half, (y.shape[1] // 4, y.shape[0] // 4)))
 
 
 def _smoothstep(lo: float, hi: float, x: np.ndarray) -> np.ndarray:
@@ -82,39 +92,56 @@ def _smoothstep(lo: float, hi: float, x: np.ndarray) -> np.ndarray:
     return t * t * (3 - 2 * t)
 
 
-def _mask(y: np.ndarray) -> np.ndarray:
-    h, w = y.shape
-    # Fine scale: the full image; coarse: the image halved, over the same area. A sharp patch has
-    # as much fine detail as its coarse structure predicts; a defocused one has far less.
-    fine = np.maximum(_block_energy(y, _BLOCK) - _QUANTISATION, 0)
-    half = _resize(y, (w // 2, h // 2))
+def _defocus(y: np.ndarray, half: np.ndarray, noise: float) -> np.ndarray:
+    """How defocused each 8×8 block of `y` is (0..1), given `half`, `y` at half size."""
+    # A sharp patch has as much fine detail (Laplacian of `y`) as its coarser structure (Laplacian
+    # of `half`) predicts, whatever its contrast; a defocused one has far less. Flat patches (sky,
+    # walls) have neither and are left alone.
     coarse = _block_energy(half, _BLOCK // 2)
+    # The fine energy at half size, spread over 3×3 of its pixels: the coarse Laplacian's own
+    # footprint, so an edge just outside a block counts at both scales or at neither.
+    fine = np.pad(_block_energy(y, 2), 1, mode="edge")
+    fine = fine[:-2] + fine[1:-1] + fine[2:]
+    fine = (fine[:, :-2] + fine[:, 1:-1] + fine[:, 2:]) / 9
+    fine = np.maximum(np.asarray(Image.fromarray(fine, "F").reduce(_BLOCK // 2)) - noise, 0)
     rows, cols = min(fine.shape[0], coarse.shape[0]), min(fine.shape[1], coarse.shape[1])
     fine, coarse = fine[:rows, :cols], coarse[:rows, :cols]
     ratio = np.sqrt(fine / np.maximum(coarse, 1e-6))
-    # Defocused = little fine detail for the structure, and structure there at all.
-    mask = (1 - _smoothstep(_BLURRED, _SHARP, ratio)) * _smoothstep(_FLAT**2, _STRUCTURED**2, coarse)
-    # Smooth over neighbouring blocks (a 3×3 tent), then up to full size: no seams at block edges.
+    return (1 - _smoothstep(_BLURRED, _SHARP, ratio)) * _smoothstep(_FLAT**2, _STRUCTURED**2, coarse)
+
+
+def _mask(y: np.ndarray, half: np.ndarray, quarter: np.ndarray) -> np.ndarray:
+    # Two scale pairs: full/half finds blur of ~1.5-4 px, half/quarter blur of ~4-8 px, where no
+    # structure is left at the finer pair's scale. Below half size, rounding noise is averaged 4:1.
+    mask = _defocus(y, half, _QUANTISATION)
+    rows, cols = mask.shape
+    heavy = _defocus(half, quarter, _QUANTISATION / 4)
+    if heavy.size:
+        mask = np.maximum(mask, _to_pixels(heavy, 2, (rows, cols)))
+    # Soften over neighbouring blocks, so the mask has no seams at block edges.
     mask = _resize(_resize(mask, (max(1, cols // 2), max(1, rows // 2))), (cols, rows))
-    return np.clip(_resize(mask, (w, h)), 0, 1)
+    return np.clip(_to_pixels(mask, _BLOCK, y.shape), 0, 1)
 
 
-def _local_range(y: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
-    lo, hi = y.copy(), y.copy()
+def _sliding(y: np.ndarray, radius: int, op: np.ufunc) -> np.ndarray:
+    """`op` (minimum or maximum) over the (2r+1)×(2r+1) window, edges repeated; by doubling
+    the run length, so log2(window) passes per axis instead of one per tap."""
     for axis in (0, 1):
-        p = np.pad(lo, [(radius, radius) if a == axis else (0, 0) for a in (0, 1)], mode="edge")
-        q = np.pad(hi, [(radius, radius) if a == axis else (0, 0) for a in (0, 1)], mode="edge")
-        n = y.shape[axis]
-        for shift in range(2 * radius + 1):
-            window = slice(shift, shift + n)
-            view = (window, slice(None)) if axis == 0 else (slice(None), window)
-            np.minimum(lo, p[view], out=lo)
-            np.maximum(hi, q[view], out=hi)
-    return lo, hi
+        m = np.pad(y, [(radius, radius) if a == axis else (0, 0) for a in (0, 1)], mode="edge")
+        covered, n = 1, 2 * radius + 1
+        while covered < n:
+            step = min(covered, n - covered)
+            head, tail = [slice(None)] * 2, [slice(None)] * 2
+            head[axis], tail[axis] = slice(0, m.shape[axis] - step), slice(step, None)
+            m = op(m[tuple(head)], m[tuple(tail)])
+            covered += step
+        y = m
+    return y
 
 
 def _core(d: np.ndarray) -> np.ndarray:
-    return np.sign(d) * np.maximum(np.abs(d) - _CORING, 0)
+    # Soft threshold: differences within ±_CORING are rounding noise and are dropped, not amplified.
+    return d - np.clip(d, -_CORING, _CORING)
 
 
 def _check(array: np.ndarray) -> np.ndarray:
@@ -134,23 +161,29 @@ def compensate(array: np.ndarray) -> np.ndarray:
     # 1. Luminance (Rec. 601, what JPEG uses): detail is restored in brightness only, never in hue.
     rgb = array[..., :3]
     y = _luminance(rgb)
+    half = _resize(y, (w // 2, h // 2))
+    quarter = _resize(half, (w // 4, h // 4))
 
-    # 2. Defocus mask from the sharpness at two scales; an all-sharp image gets an all-zero mask.
-    mask = _mask(y)
+    # 2. Defocus mask from the sharpness at three scales; an all-sharp image gets an all-zero mask.
+    mask = _mask(y, half, quarter)
     if not mask.any():
         return array.copy()
 
-    # 3. Detail bands of a two-level Laplacian pyramid, cored so rounding noise is not amplified.
-    low1 = _resize(_resize(y, (max(1, w // 2), max(1, h // 2))), (w, h))
-    low2 = _resize(_resize(y, (max(1, w // 4), max(1, h // 4))), (w, h))
-    low3 = _resize(_resize(y, (max(1, w // 8), max(1, h // 8))), (w, h))
+    # 3. Detail: three levels of a Laplacian pyramid (1-2, 2-4 and 4-8 px), cored and boosted,
+    # then held inside the neighbourhood's own range, so an edge gets steeper but never a halo.
+    low1, low2 = _resize(half, (w, h)), _resize(quarter, (w, h))
+    low3 = _resize(_resize(quarter, (w // 8, h // 8)), (w, h))
     detail = _GAIN[0] * _core(y - low1) + _GAIN[1] * _core(low1 - low2) + _GAIN[2] * _core(low2 - low3)
-    # Never past the neighbourhood's own range: an edge gets steeper, it never gets a halo.
-    lo, hi = _local_range(y, _RADIUS)
-    target = np.clip(y + detail, lo - _MARGIN, hi + _MARGIN)
+    lo, hi = _sliding(y, _RADIUS, np.minimum) - _MARGIN, _sliding(y, _RADIUS, np.maximum) + _MARGIN
+    if _SOFT:
+        room = np.where(detail > 0, hi - y, y - lo)
+        target = y + room * np.tanh(detail / np.maximum(room, 1e-3))
+    else:
+        target = np.clip(y + detail, lo, hi)
 
-    # 4. Blend by the mask and add the same luminance step to every channel (hue unchanged).
-    step = mask * (target - y)
+    # 4. Blend by the mask: the same luminance step on every channel, nothing where the mask is 0.
+    step = (mask * (target - y))[..., None]
     out = array.copy()
-    out[..., :3] = np.rint(np.clip(rgb + step[..., None], 0, 255)).astype(np.uint8)  # 5. uint8, rounded
+    # 5. Back to uint8, rounded; clipping at 0 and 255 is the only place hue can move.
+    out[..., :3] = np.rint(np.clip(rgb + step, 0, 255))
     return out

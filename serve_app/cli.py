@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     real.add_argument("--steps", type=int)
     real.add_argument("--cfg", type=float)
     real.add_argument("--seed", type=int)
+    real.add_argument("--lora", help="LoRA version (`imgserve models` lists them), or `none`")
+    real.add_argument("--preset", help="speed preset: `full` or a configured speed adapter (e.g. `fast`)")
+    real.add_argument("--lora-scale", type=float, help="weight of the LoRA version, 0 to 2 (default 1)")
     real.add_argument("--format", default="png", choices=["png", "webp", "jpeg"])
     submit = commands.add_parser("submit", help="queue a job, show its progress, save the result")
     submit.add_argument("image", help="input image file")
@@ -189,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(client.models(), indent=2))
             elif args.command == "real":
                 result = client.real(args.image, prompt=args.prompt, negative_prompt=args.negative_prompt,
-                                     steps=args.steps, cfg=args.cfg, seed=args.seed, format=args.format)
+                                     steps=args.steps, cfg=args.cfg, seed=args.seed, lora=args.lora,
+                                     preset=args.preset, lora_scale=args.lora_scale, format=args.format)
                 result.save(args.output)
                 print(f"{args.output}: " + ", ".join(f"{k}={v}" for k, v in sorted(result.params.items())))
             elif args.command == "submit":

@@ -108,11 +108,11 @@ class Client:
         return Job(self, self._upload("/v1/jobs", image, {"task": task, **fields}).json()["id"])
 
     def real(self, image: bytes | str | Path, *, prompt: str | None = None, negative_prompt: str | None = None,
-             steps: int | None = None, cfg: float | None = None, seed: int | None = None,
-             format: str = "png") -> Result:
-        """2.5D / anime art → photoreal person."""
+             steps: int | None = None, cfg: float | None = None, seed: int | None = None, lora: str | None = None,
+             preset: str | None = None, lora_scale: float | None = None, format: str = "png") -> Result:
+        """2.5D / anime art → photoreal person (`preset`: `full` or a speed preset; `lora`: a version)."""
         return self.run("real", image, prompt=prompt, negative_prompt=negative_prompt, steps=steps, cfg=cfg,
-                        seed=seed, format=format)
+                        seed=seed, lora=lora, preset=preset, lora_scale=lora_scale, format=format)
 
 
 class Job:

@@ -14,7 +14,8 @@ into a quarantine directory and converted here:
   non-tensor values, float32 and finite. Its keys and shapes must be exactly the generator's
   (`deployments.animegan.check_state_dict`, which names every missing, unexpected or wrongly
   shaped key).
-- The child writes ``OUT`` (``<style>.safetensors``, metadata: the source's name and sha256) and
+- The child writes ``OUT`` (``<style>.safetensors``; metadata ``converted_from``: JSON with the
+  converter, the source's name and its sha256; the same pickle always gives the same bytes) and
   reads it back with `deployments.animegan.load_generator`, comparing every tensor with the input.
   The parent then checks the output again the same way, with the safetensors reader only, and
   computes its sha256 itself (the child's report is not trusted for it).
@@ -101,9 +102,9 @@ def read_flat_state_dict(source: Path) -> dict:
     problems = []
     for key, value in data.items():
         if not isinstance(key, str):
-            problems.append(f"key {key!r} is a {type(key).__name__}, not a string")
+            problems.append(f"key {key!r} is not a string ({type(key).__name__})")
         elif not isinstance(value, torch.Tensor):
-            problems.append(f"`{key}` is a {type(value).__name__}, not a tensor")
+            problems.append(f"`{key}` is not a tensor ({type(value).__name__})")
         elif value.dtype != torch.float32:
             problems.append(f"`{key}` is {value.dtype}, not float32")
         elif not bool(torch.isfinite(value).all()):
@@ -133,8 +134,10 @@ def convert_file(kind: str, source: Path, output: Path) -> dict[str, object]:
     tensors = {key: value.detach().clone().contiguous() for key, value in state.items()}  # plain, unshared
     source_sha = sha256(source)
     partial = output.with_name(output.name + ".partial")
-    save_file(tensors, str(partial), metadata={"converted_from": source.name, "source_sha256": source_sha,
-                                               "converter": kind})
+    # One metadata entry: safetensors writes several in hash-map order, which differs between
+    # processes, and the output's bytes must not (its sha256 is recorded and checked again).
+    origin = json.dumps({"converter": kind, "source": source.name, "source_sha256": source_sha}, sort_keys=True)
+    save_file(tensors, str(partial), metadata={"converted_from": origin})
     written = load_file(str(partial))
     if set(written) != set(tensors) or any(not torch.equal(written[k], tensors[k]) for k in tensors):
         partial.unlink()

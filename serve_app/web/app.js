@@ -43,7 +43,8 @@
   const FIELD_LABELS = {
     image: "Image", task: "Task", lora: "LoRA version", prompt: "Prompt", negative_prompt: "Negative prompt",
     steps: "Steps", cfg: "CFG scale", seed: "Seed", style: "Style", layers: "Number of layers",
-    resolution: "Resolution", format: "Output format", cfg_normalize: "CFG normalize",
+    resolution: "Resolution", format: "Output format", cfg_normalize: "CFG normalize", preset: "Speed",
+    lora_scale: "LoRA weight",
   };
   // How a choice (`enum`) of a field is shown; other fields show the value itself.
   const OPTION_LABELS = {
@@ -60,7 +61,7 @@
   const PARAM_LABELS = {
     task: "Task", lora: "LoRA version", style: "Style", layers: "Layers", resolution: "Resolution",
     size: "Processed size", "layer-size": "Layer size", steps: "Steps", cfg: "CFG scale", seed: "Seed",
-    scale: "Resize factor", "lora-load": "LoRA load", replica: "Replica",
+    scale: "Resize factor", preset: "Speed", adapters: "Adapters", "lora-load": "LoRA load", replica: "Replica",
   };
   const EXTENSIONS = {
     "image/png": "png", "image/webp": "webp", "image/jpeg": "jpg", "application/zip": "zip",
@@ -332,15 +333,39 @@
     return schema.type === "string" && schema.description ? schema.description : "";
   }
 
+  // A task's presets (GET /v1/models: `presets.choices`, name → the steps and cfg it defaults to).
+  function presetChoices(task) {
+    const info = (state.models && state.models.tasks[task]) || {};
+    return (info.presets && info.presets.choices) || {};
+  }
+
+  function presetLabel(task, name) {
+    const choice = presetChoices(task)[name];
+    if (!choice) return name;
+    return `${name} (${choice.steps} steps, ${choice.cfg > 1 ? `CFG ${choice.cfg}` : "no CFG"})`;
+  }
+
+  // Choosing a preset sets the steps and CFG it stands for; the user may still change them.
+  function applyPreset(task, name) {
+    const choice = presetChoices(task)[name];
+    if (!choice) return;
+    for (const field of ["steps", "cfg"]) {
+      if (choice[field] === undefined || !(field in fieldsOf(task))) continue;
+      state.advanced[task][field] = choice[field];
+      if (state.task === task) $(field).value = String(choice[field]);
+    }
+  }
+
   // One field of a task, from its JSON schema: {label, long} (long: a text, shown after the others).
   function fieldControl(task, name, schema) {
     const value = defaultOf(task, name);
     let input;
     let long = false;
     if (Array.isArray(schema.enum)) {
-      const show = OPTION_LABELS[name] || String;
+      const show = name === "preset" ? (v) => presetLabel(task, v) : OPTION_LABELS[name] || String;
       input = el("select");
       input.append(...schema.enum.map((v) => option(String(v), show(String(v)), String(v) === String(value))));
+      if (name === "preset") input.addEventListener("change", () => applyPreset(task, input.value));
     } else if (schema.type === "boolean") {
       input = el("input", { type: "checkbox" });
       input.checked = value === true;

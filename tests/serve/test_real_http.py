@@ -12,9 +12,11 @@ from PIL import Image
 from ray import serve
 
 from deployments.errors import BadImage, InvalidParameter
+from deployments.lora import TINY_VERSIONS, ensure_tiny_loras, ensure_tiny_speed_adapter
 from tests.conftest import Service
 from tests.hostile import bomb_png, encode
 from tests.serve.conftest import assert_error, small_png
+from tests.stacking import merged_output
 
 MAX_LONG_EDGE = 512
 MAX_BYTES = 3 * 1024 * 1024
@@ -109,6 +111,8 @@ def test_models_and_health(service: Service) -> None:
     real = models["tasks"]["real"]
     assert real["defaults"]["steps"] == 30 and real["defaults"]["cfg"] == 7.0
     assert real["limits"]["steps"] == [2, 100]
+    assert real["presets"] == {"default": "full", "choices": {"full": {"steps": 30, "cfg": 7.0, "adapter": False},
+                                                              "fast": {"steps": 4, "cfg": 1.0, "adapter": True}}}
     assert real["formats"] == ["png", "webp", "jpeg"]
     assert models["max_long_edge"] == MAX_LONG_EDGE
     # the OpenAPI document the README points to lists every route
@@ -215,3 +219,29 @@ def test_python_client_and_cli(service: Service, sample_photo: bytes, tmp_path) 
     assert cli.main(["--url", service.url, "real", str(source), "-o", str(output), "--steps", "2", "--seed", "5"]) == 0
     assert Image.open(output).size == (96, 64)
     assert cli.main(["--url", service.url, "real", str(source), "-o", str(output), "--steps", "0"]) == 1
+
+
+def test_a_speed_preset_stacked_with_a_version_is_served_as_the_adapters_merged_by_hand(
+        service: Service, model_cache, tmp_path) -> None:
+    from serve_app import cli
+    from serve_app.client import Client, embedded_metadata
+
+    array = np.random.default_rng(5).integers(0, 256, (32, 48, 3), dtype=np.uint8)  # sides of 16: no resizing
+    upload = encode(Image.fromarray(array), "PNG")
+    version = TINY_VERSIONS[0]
+    with Client(service.url) as client:
+        result = client.real(upload, preset="fast", lora=version, lora_scale=0.5, seed=3)
+    assert result.params["preset"] == "fast" and result.params["adapters"] == f"fast:1,{version}:0.5"
+    assert (result.params["steps"], result.params["cfg"]) == ("4", "1.0")  # the preset's defaults
+    assert embedded_metadata(result.data)["adapters"] == f"fast:1,{version}:0.5"
+    speed, file = ensure_tiny_speed_adapter(model_cache), ensure_tiny_loras(model_cache) / f"{version}.safetensors"
+    expected = merged_output(model_cache, [(speed, 1.0), (file, 0.5)], array, steps=4, cfg=1.0, seed=3)
+    served = np.asarray(Image.open(io.BytesIO(result.data)))
+    assert np.abs(served.astype(int) - expected).max() <= 1
+    source, output = tmp_path / "in.png", tmp_path / "out.png"
+    source.write_bytes(upload)
+    assert cli.main(["--url", service.url, "real", str(source), "-o", str(output), "--preset", "fast", "--lora",
+                     version, "--lora-scale", "0.5", "--seed", "3"]) == 0
+    assert output.read_bytes() == result.data
+    stats = service.model_stats()
+    assert stats["loads"] == 1 and stats["speed_adapters"] == {"fast": 1}

@@ -142,13 +142,20 @@ def test_real_progress_queue_cancel_and_the_chosen_version(context, web_service,
         assert first.input_value("#real-lora") == lora["default"] == "v2511-0823"
         assert first.input_value("#real-prompt") == models["tasks"]["real"]["defaults"]["prompt"]
         assert first.eval_on_selector_all('.task-fields[data-task="real"] [name]', "es => es.map(e => e.id)") == [
-            "real-lora", "real-prompt", "real-negative_prompt"]
+            "real-lora", "real-preset", "real-lora_scale", "real-prompt", "real-negative_prompt"]
         assert first.is_hidden("#steps")  # folded away
         choose_image(first, sample_path("photo_2.jpg"))
         first.select_option("#real-lora", "v2511-0801")
         advanced(first)
         assert first.input_value("#steps") == str(models["tasks"]["real"]["defaults"]["steps"])
         assert float(first.input_value("#cfg")) == models["tasks"]["real"]["defaults"]["cfg"]
+        # the speed choice next to the version: a preset sets the steps and CFG it stands for
+        assert first.eval_on_selector_all("#real-preset option", "os => os.map(o => o.textContent)") == [
+            "full (30 steps, CFG 7)", "fast (4 steps, no CFG)"]
+        first.select_option("#real-preset", "fast")
+        assert first.input_value("#steps") == "4" and float(first.input_value("#cfg")) == 1.0
+        first.select_option("#real-preset", "full")
+        assert first.input_value("#steps") == "30" and float(first.input_value("#cfg")) == 7.0
         advanced(first, steps=STEPS, seed=7)
         shot(first, screenshots, "form")
         first.click("#submit")
@@ -190,6 +197,7 @@ def test_real_progress_queue_cancel_and_the_chosen_version(context, web_service,
     wait_for_result(first)
     assert first.text_content("#progress-state") == "Done"
     assert param(first, "lora") == "v2511-0801"
+    assert param(first, "preset") == "full" and param(first, "adapters") == "v2511-0801:1"
     assert param(first, "steps") == str(STEPS) and param(first, "seed") == "7"
     processed = first.get_attribute("#image-info", "data-processed")
     assert processed == "512x347" and param(first, "size") == processed
