@@ -5,11 +5,12 @@
 detail missing where coarser structure is present) and adds back a scaled band-pass of the
 luminance there, so the model sees edges it can work with. Pure numpy + Pillow, no model, no Ray.
 
-It never touches sharp regions (their pixels come back identical), never changes hue (the same
-luminance step is added to R, G and B), never overshoots the local range of the input (no halos),
-never changes alpha, and never invents structure: it only amplifies detail the image already has,
-above the 8-bit quantisation floor. Same input → same bytes. Tuned for the ≤ 1024 px images
-Preprocess hands over; images under 16 px on a side come back unchanged.
+It never touches sharp or flat regions (the mask is exactly 0 there, so their pixels come back
+identical), never shifts colour (one luminance step is added to R, G and B alike), never goes past
+the local 7×7 range of the input by more than one gray level (no halos), never changes alpha, and
+never invents structure: it only amplifies detail the image already has, above the 8-bit rounding
+floor. Same input → same bytes. Tuned for the ≤ 1024 px images Preprocess hands over; images under
+16 px on a side come back unchanged.
 """
 
 from __future__ import annotations
@@ -19,23 +20,26 @@ from PIL import Image
 
 _BLOCK = 8  # side of the square the sharpness is averaged over, in pixels
 _MIN_SIDE = 2 * _BLOCK  # below this there is no block to compare at two scales
-_REC601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-# Laplacian RMS ratio fine / half scale: 0.25 for a perfectly smooth patch, ~0.3 under a Gaussian
-# blur of sigma >= 2 px, 0.6-2 in sharp photos (measured on tests/data/samples at 1024 px).
+# Ratio of fine to coarse Laplacian RMS per block (see `_defocus`), measured on the sample photos
+# at 1024 px: median 1.5-1.7 when sharp (0.66 for the softer video still, photo_3), 0.55 after a
+# Gaussian blur of sigma 1 px, 0.3 after sigma 2 px, under 0.25 beyond. Mask 1 below, 0 above.
 _BLURRED, _SHARP = 0.30, 0.45
 # Coarse Laplacian RMS (gray levels) below which a patch is flat: nothing to restore there.
 _FLAT, _STRUCTURED = 1.0, 2.5
 # Laplacian energy of uint8 rounding noise (variance 1/12, the 5-point Laplacian's gain is 20).
 _QUANTISATION = 20 / 12
-_GAIN = (2.0, 3.0, 2.0)  # boost of the 1-2, 2-4 and 4-8 px detail bands at mask 1
-_SOFT = False
+# Boost of the detail bands (periods of 2-4, 4-8 and 8-16 px) at mask 1. The coarsest is kept low:
+# boosted more, it pushes whole blobs against the range limit and flattens faint features (eyes).
+_GAIN = (1.5, 2.0, 0.5)
 _RADIUS = 3  # half-side of the window whose range the result must stay in
 _CORING = 0.5  # detail below this many gray levels is rounding noise, not structure
-_MARGIN = 1.0  # allowed overshoot past the local 5x5 range, gray levels
+_MARGIN = 1.0  # allowed overshoot past that range, gray levels
 
 
 def _luminance(rgb: np.ndarray) -> np.ndarray:
-    return rgb.astype(np.float32) @ _REC601
+    # Elementwise, not a matrix product: BLAS may sum in another order on another machine.
+    r, g, b = (rgb[..., i].astype(np.float32) for i in range(3))
+    return 0.299 * r + 0.587 * g + 0.114 * b
 
 
 def _laplacian(y: np.ndarray) -> np.ndarray:
@@ -45,13 +49,19 @@ def _laplacian(y: np.ndarray) -> np.ndarray:
 
 def _resize(y: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     # Pillow resizes float images in C, antialiased, far faster than a numpy convolution.
-    return np.asarray(Image.fromarray(y, "F").resize(size, Image.Resampling.BILINEAR))
+    image = Image.fromarray(np.ascontiguousarray(y, np.float32), "F")
+    return np.asarray(image.resize(size, Image.Resampling.BILINEAR))
+
+
+def _reduce(y: np.ndarray, block: int) -> np.ndarray:
+    """Mean over `block`×`block` squares (a partial square at an edge is averaged alone)."""
+    return np.asarray(Image.fromarray(np.ascontiguousarray(y, np.float32), "F").reduce(block))
 
 
 def _block_energy(y: np.ndarray, block: int) -> np.ndarray:
     """Mean squared Laplacian over `block`×`block` squares (partial squares at the edges dropped)."""
     h, w = (y.shape[0] // block) * block, (y.shape[1] // block) * block
-    return np.asarray(Image.fromarray(_laplacian(y)[:h, :w] ** 2, "F").reduce(block))
+    return _reduce(_laplacian(y)[:h, :w] ** 2, block)
 
 
 def _to_pixels(grid: np.ndarray, block: int, shape: tuple[int, int]) -> np.ndarray:
@@ -103,7 +113,7 @@ def _defocus(y: np.ndarray, half: np.ndarray, noise: float) -> np.ndarray:
     fine = np.pad(_block_energy(y, 2), 1, mode="edge")
     fine = fine[:-2] + fine[1:-1] + fine[2:]
     fine = (fine[:, :-2] + fine[:, 1:-1] + fine[:, 2:]) / 9
-    fine = np.maximum(np.asarray(Image.fromarray(fine, "F").reduce(_BLOCK // 2)) - noise, 0)
+    fine = np.maximum(_reduce(fine, _BLOCK // 2) - noise, 0)
     rows, cols = min(fine.shape[0], coarse.shape[0]), min(fine.shape[1], coarse.shape[1])
     fine, coarse = fine[:rows, :cols], coarse[:rows, :cols]
     ratio = np.sqrt(fine / np.maximum(coarse, 1e-6))
@@ -169,21 +179,19 @@ def compensate(array: np.ndarray) -> np.ndarray:
     if not mask.any():
         return array.copy()
 
-    # 3. Detail: three levels of a Laplacian pyramid (1-2, 2-4 and 4-8 px), cored and boosted,
+    # 3. Detail: three levels of a Laplacian pyramid (2-4, 4-8 and 8-16 px), cored and boosted,
     # then held inside the neighbourhood's own range, so an edge gets steeper but never a halo.
     low1, low2 = _resize(half, (w, h)), _resize(quarter, (w, h))
     low3 = _resize(_resize(quarter, (w // 8, h // 8)), (w, h))
     detail = _GAIN[0] * _core(y - low1) + _GAIN[1] * _core(low1 - low2) + _GAIN[2] * _core(low2 - low3)
     lo, hi = _sliding(y, _RADIUS, np.minimum) - _MARGIN, _sliding(y, _RADIUS, np.maximum) + _MARGIN
-    if _SOFT:
-        room = np.where(detail > 0, hi - y, y - lo)
-        target = y + room * np.tanh(detail / np.maximum(room, 1e-3))
-    else:
-        target = np.clip(y + detail, lo, hi)
+    target = np.clip(y + detail, lo, hi)
 
-    # 4. Blend by the mask: the same luminance step on every channel, nothing where the mask is 0.
-    step = (mask * (target - y))[..., None]
+    # 4. Blend by the mask: nothing changes where the mask is 0.
+    step = mask * (target - y)
+
+    # 5. Back to uint8: the step rounded once and added to R, G and B alike, so the differences
+    # between channels (the colour) stay exact except where a channel clips at 0 or 255.
     out = array.copy()
-    # 5. Back to uint8, rounded; clipping at 0 and 255 is the only place hue can move.
-    out[..., :3] = np.rint(np.clip(rgb + step, 0, 255))
+    out[..., :3] = np.clip(rgb + np.rint(step).astype(np.int16)[..., None], 0, 255)
     return out

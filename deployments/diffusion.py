@@ -73,6 +73,9 @@ class DiffusionConfig(ModelSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weight dtype; `auto`: bfloat16 on CUDA, float32 on CPU. With `placement` on CUDA the plan
     casts every component to bfloat16 (fp8 storage where it says so), whatever this says."""
+    vae_dtype: Literal["model", "float32"] = "model"
+    """The VAE's dtype: `model` (the same as the rest), or `float32` whatever the rest computes in
+    (the pipeline's images and latents are cast at the VAE's edges; the planner plans its memory)."""
     default_negative_prompt: str = " "
     """Negative prompt used when the request gives none (blank: CFG on, no particular avoidance)."""
     default_steps: int = 30
@@ -158,13 +161,18 @@ class DiffusionConfig(ModelSettings):
         }
 
     def plan(self) -> Plan | None:
-        """The placement plan for this model, from the configs of `source` when that directory is
-        here, else from the published configs stored in the package (what `tiny` stands in for)."""
-        if self.placement is None:
-            return None
-        directory = None if self.source == "tiny" else Path(self.source).expanduser()
-        sizes = placement.component_sizes(directory) if directory and (directory / "model_index.json").is_file() else None
-        return placement.plan(self.task, self.placement, sizes)
+        """The placement plan for this model on its `placement` (None without one)."""
+        return self.plan_on(self.placement) if self.placement is not None else None
+
+    def plan_on(self, budget: PlacementConfig, sizes: dict[str, Any] | None = None) -> Plan:
+        """This model's plan on `budget` (with its VAE dtype), sized from `sizes`, else from the
+        configs of `source` when that directory is here, else from the published configs stored in
+        the package (what `tiny` stands in for). Raises DoesNotFit."""
+        if sizes is None and self.source != "tiny":
+            directory = Path(self.source).expanduser()
+            sizes = placement.component_sizes(directory) if (directory / "model_index.json").is_file() else None
+        vae = placement.FP32 if self.vae_dtype == "float32" else "bfloat16"
+        return placement.plan(self.task, budget, sizes, vae_dtype=vae)
 
     def serve_options(self) -> dict[str, Any]:
         """From config, and with `placement` the GPUs, custom resources and placement-group bundle
@@ -199,8 +207,9 @@ class DiffusionModel(Model):
         return self.pipe is not None
 
     def load_model(self) -> None:
-        """The pipeline from `source` on this replica's device; the plan applied when CUDA is present
-        (on fake GPUs it is not)."""
+        """The pipeline from `source` on this replica's device; the plan applied when CUDA is present,
+        and without CUDA (fake GPU resources) its number formats only: bf16 compute, fp8 storage
+        and the VAE's dtype, as a card would compute."""
         from deployments import tiny
         from deployments.checkpoints import load_pipeline
 
@@ -220,7 +229,20 @@ class DiffusionModel(Model):
             placement.place_pipeline(pipe, self.plan)
         else:
             pipe = pipe.to(self.device)
+            if self.plan is not None:
+                # no card here (fake GPU resources): compute in the plan's number formats all the same
+                placement.apply_formats(pipe, self.plan)
+        if config.vae_dtype == "float32":
+            float32_vae(pipe)
         self.pipe = pipe
+
+    def extra_stats(self) -> dict[str, Any]:
+        """The settings no request can change: the VAE's dtype, the scheduler (the model's own),
+        the batch size (one image per request)."""
+        if self.pipe is None:
+            return {}
+        return {"locked": {"vae_dtype": str(self.pipe.vae.dtype).removeprefix("torch."),
+                           "scheduler": type(self.pipe.scheduler).__name__, "batch_size": 1}}
 
     async def __call__(self, prepared: Prepared, params: Any, progress: Progress | None = None) -> Generated:
         """Serve entry point: runs `generate` on the model thread."""
@@ -248,6 +270,23 @@ class DiffusionModel(Model):
             raise OutOfMemory(f"GPU out of memory at {what}: {exc}") from None
         except (RuntimeError, ValueError) as exc:
             raise ModelFailure(f"the model failed on this request: {exc}") from None
+
+
+def float32_vae(pipe: Any) -> None:
+    """The VAE in float32, whatever the transformer computes in. The edit pipeline hands its VAE
+    encoder images in the prompt embeddings' dtype and keeps the latents in it: the encoder is
+    wrapped to cast in and out. Decoding needs nothing: the pipeline casts the latents to the VAE's
+    dtype, and the float32 image is what is wanted."""
+    import torch
+
+    if pipe.vae.dtype != torch.float32:
+        pipe.vae.to(torch.float32)
+    encode = pipe._encode_vae_image
+
+    def encode_in_float32(image: Any, generator: Any) -> Any:
+        return encode(image.to(torch.float32), generator).to(image.dtype)
+
+    pipe._encode_vae_image = encode_in_float32
 
 
 def to_uint8(images: Any) -> np.ndarray:

@@ -83,6 +83,10 @@ class RealModelConfig(DiffusionConfig):
     task: ClassVar[Literal["real"]] = "real"
     tiny_only: ClassVar[tuple[str, ...]] = ("condition_area",)
 
+    vae_dtype: Literal["float32"] = "float32"
+    """Locked: the VAE encodes and decodes in float32 whatever the transformer computes in (float16
+    was measured losing hair detail at 1024²). The scheduler is the model's own flow-matching one
+    and not a request field, and a request makes one image: `stats()["locked"]` shows all three."""
     default_prompt: str = DEFAULT_PROMPT
     """Prompt used when the request gives none."""
     default_steps: int = 30
@@ -243,7 +247,7 @@ class RealModel(DiffusionModel):
             self.adapters.pin_speed(name, self.config.speed_adapter_file(name, self.cache_dir))
 
     def extra_stats(self) -> dict[str, Any]:
-        return self.adapters.stats() if self.adapters is not None else {}
+        return {**super().extra_stats(), **(self.adapters.stats() if self.adapters is not None else {})}
 
     # -- LoRA ------------------------------------------------------------------------------------
     def ensure_adapter(self, version: str) -> str:

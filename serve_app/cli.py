@@ -95,7 +95,7 @@ def plan_command(args: argparse.Namespace) -> int:
                                            layers=args.layers, allow_fp8=not args.no_fp8,
                                            allow_offload=not args.no_offload)
         sizes = placement.component_sizes(args.model) if args.model else None
-        result = placement.plan(args.task, config, sizes)
+        result = TASKS[args.task].section().plan_on(config, sizes)
     except placement.DoesNotFit as error:
         print(f"imgserve: {error.reason}", file=sys.stderr)
         return 2

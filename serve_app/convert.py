@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -95,8 +96,11 @@ def read_flat_state_dict(source: Path) -> dict:
     try:
         data = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for any global outside torch's allow-list, or a bad file
-        raise ConversionError(f"{source.name}: refused by torch.load(weights_only=True) "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        detail = (f"it holds {found.group(1)}, which is neither a tensor nor a plain container" if found
+                  else f"{type(exc).__name__}: {(text.strip().splitlines() or [''])[0]}")
+        raise ConversionError(f"{source.name}: refused by torch.load(weights_only=True): {detail}") from None
     if not isinstance(data, dict):
         raise ConversionError(f"{source.name}: expected a flat state_dict (dict of tensors), got {type(data).__name__}")
     problems = []
@@ -226,6 +230,27 @@ def convert_styles(source_dir: Path | str, dest_dir: Path | str, kind: str = "an
         pickle.unlink()
         print(f"{pickle.name} → {dest_dir / name} sha256 {written[name]}")
     return written
+
+
+def add_parser(commands) -> None:
+    """`imgserve convert-styles SOURCE DEST` on the CLI's subparsers."""
+    parser = commands.add_parser("convert-styles", help="pickled AnimeGANv2 styles (.pt) → safetensors, "
+                                 "each read with weights_only=True in a separate process (offline)")
+    parser.add_argument("source", help="a quarantine directory of .pt/.pth files; each is deleted once converted")
+    parser.add_argument("dest", help="the styles directory (anime.styles_dir) that receives <style>.safetensors")
+
+
+def command(source: str, dest: str) -> int:
+    """The CLI command: 0 when every file was converted, 2 on a refusal, 1 on an OS error."""
+    try:
+        convert_styles(source, dest)
+    except ConversionError as error:
+        print(f"imgserve: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"imgserve: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

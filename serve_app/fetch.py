@@ -93,6 +93,18 @@ def _converter(name: str, kind: str) -> tuple[str, ...]:
         raise FetchError(f"{name}: convert: {exc}") from None
 
 
+def _convertible(name: str, kind: str, files: list[str], pickles: tuple[str, ...]) -> None:
+    """Every file of a `convert` entry is a pickle its converter reads, with an output of its own."""
+    from serve_app.convert import output_name
+
+    not_pickles = [f for f in files if PurePosixPath(f).suffix.lower() not in pickles]
+    if not_pickles:
+        raise FetchError(f"{name}: with `convert: {kind}` every file is converted; "
+                         f"{', '.join(not_pickles)} is not {'/'.join(pickles)}")
+    if len({output_name(f) for f in files}) != len(files):
+        raise FetchError(f"{name}: two files convert to the same output name")
+
+
 def load_manifest(path: str | Path) -> list[ModelEntry]:
     from serve_app.convert import output_name
 
@@ -119,10 +131,7 @@ def load_manifest(path: str | Path) -> list[ModelEntry]:
             raise FetchError(f"{name}: list `files` (path: sha256) or `include` patterns for --lock")
         outputs: dict[str, str | None] = {}
         if kind is not None:
-            not_pickles = [f for f in files if PurePosixPath(f).suffix.lower() not in pickles]
-            if not_pickles:
-                raise FetchError(f"{name}: with `convert: {kind}` every file is converted; "
-                                 f"{', '.join(not_pickles)} is not {'/'.join(pickles)}")
+            _convertible(name, str(kind), list(files), pickles)
             recorded = dict(item.get("outputs") or {})
             for key in recorded:
                 _safe_path(name, key)
@@ -130,8 +139,6 @@ def load_manifest(path: str | Path) -> list[ModelEntry]:
             stray = sorted(set(recorded) - set(outputs))
             if stray:
                 raise FetchError(f"{name}: outputs {', '.join(stray)} come from no listed file")
-            if len(outputs) != len(files):
-                raise FetchError(f"{name}: two listed files convert to the same output name")
         elif item.get("outputs"):
             raise FetchError(f"{name}: `outputs` belong to an entry with `convert`")
         entries.append(ModelEntry(name, item.get("repo"), str(item["revision"]), Path(item["dest"]).expanduser(),
@@ -204,9 +211,13 @@ def verify(entry: ModelEntry, relative: str, expected: str, *, remove: bool, dir
 
 
 def _quarantine(entry: ModelEntry) -> tempfile.TemporaryDirectory:
-    """A fresh directory beside `dest` (same file system, never inside it) for pickles to convert."""
+    """A fresh directory beside `dest` (same file system, never inside it) for pickles to convert;
+    one left by an interrupted run is removed first."""
     entry.dest.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.TemporaryDirectory(prefix=f".{entry.dest.name}.quarantine-", dir=entry.dest.parent)
+    prefix = f".{entry.dest.name}.quarantine-"
+    for stale in entry.dest.parent.glob(prefix + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=prefix, dir=entry.dest.parent)
 
 
 def _convert_one(entry: ModelEntry, relative: str, expected: str | None, quarantine: Path) -> tuple[str, str]:
@@ -270,6 +281,7 @@ def _lock(entry: ModelEntry) -> None:
     if entry.convert:
         from serve_app.convert import output_name
 
+        _convertible(entry.name, entry.convert, names, pickles)
         recorded = entry.outputs
         entry.files, entry.outputs = {}, {}
         with _quarantine(entry) as quarantine:
@@ -294,9 +306,11 @@ def fetch(manifest: str | Path, *, lock: bool = False, verify_only: bool = False
         for entry in entries:
             if not verify_only:
                 _pinned(entry)
+            if not entry.files:
+                raise FetchError(f"{entry.name}: no files listed yet, only `include` patterns (run with --lock once)")
             missing = [name for name, value in {**entry.files, **entry.outputs}.items() if not value]
-            if missing or not entry.files:
-                raise FetchError(f"{entry.name}: {', '.join(missing) or 'no file'} has no sha256 in the manifest "
+            if missing:
+                raise FetchError(f"{entry.name}: {', '.join(missing)} has no sha256 in the manifest "
                                  "(run with --lock once)")
     for entry in entries:
         if lock:

@@ -145,10 +145,11 @@ def _vision_patches(pixels: int) -> int:
 
 
 def phase_transients(
-    task: Task, config: PlacementConfig, sizes: dict[str, ComponentSize], tiled: bool
+    task: Task, config: PlacementConfig, sizes: dict[str, ComponentSize], tiled: bool, vae_dtype: str = "bfloat16"
 ) -> dict[str, float]:
     """Transient bytes of each phase on the GPU that runs it, before any dtype/offload extras:
-    `encode_prompt`, `caption` (layers), `encode_image` and `decode` (VAE), `denoise`."""
+    `encode_prompt`, `caption` (layers), `encode_image` and `decode` (VAE, twice the bf16 figures
+    with a float32 VAE), `denoise`."""
     pixels = config.resolution**2
     te, vae = sizes["text_encoder"], sizes["vae"]
     phases: dict[str, float] = {}
@@ -165,6 +166,9 @@ def phase_transients(
         phases["encode_prompt"] = text_encoder_activation_bytes(te, TEXT_TOKENS, 0, generate=False)
         phases["encode_image"] = vae_encode_bytes(vae, pixels, tiled)
         phases["decode"] = vae_decode_bytes(vae, pixels, config.layers, tiled)
+    if vae_dtype == "float32":
+        phases["encode_image"] *= 2
+        phases["decode"] *= 2
     phases["denoise"] = transformer_activation_bytes(
         sizes["transformer"], image_tokens(task, config.resolution, config.layers), TEXT_TOKENS
     )

@@ -1,9 +1,11 @@
 """Applying a plan to a loaded pipeline: the only part of the package that touches torch modules.
 
-Contract: `place_pipeline(pipe, plan, devices)` casts (fp8 layerwise casting), streams (group
-offload), splits (accelerate `dispatch_model`), moves and hooks the components of a Qwen-Image
-pipeline loaded on CPU in bf16, in place, exactly as `plan` says, and checks that the pipeline
-executes where its VAE is. It never plans or second-guesses the plan; torch, accelerate and
+Contract: `apply_formats(pipe, plan)` gives the components the plan's number formats (bf16,
+fp8 storage computed in bf16 by layerwise casting, the VAE in its dtype) without moving anything:
+what a CPU replica runs to compute as a card would. `place_pipeline(pipe, plan, devices)` applies
+them, then streams (group offload), splits (accelerate `dispatch_model`), moves and hooks the
+components of a Qwen-Image pipeline loaded on CPU, in place, exactly as `plan` says, and checks
+that the pipeline executes where its VAE is. It never plans or second-guesses the plan; torch, accelerate and
 diffusers are imported inside the functions, never at module import.
 """
 
@@ -13,7 +15,6 @@ from typing import Any
 
 from deployments.placement.config import FP8
 from deployments.placement.search import Plan
-from deployments.placement.sizes import COMPONENTS
 
 
 def _scaled_counts(counts: tuple[int, ...], actual: int) -> list[int]:
@@ -49,6 +50,23 @@ def _cast_fp8(module, apply) -> None:
             layer.compute_dtype = torch.bfloat16
 
 
+def apply_formats(pipe, plan: Plan) -> None:
+    """The plan's number formats on every component, in place, on whatever device it is."""
+    import torch
+    from diffusers.hooks import apply_layerwise_casting
+
+    fp8, bf16 = torch.float8_e4m3fn, torch.bfloat16
+    te, t = pipe.text_encoder, pipe.transformer
+    for module in (te, t):  # the plan's sizes are bf16 weights (a no-op when loaded in bf16)
+        module.to(bf16)
+    if plan.text_encoder.dtype == FP8:
+        _cast_fp8(te, lambda: apply_layerwise_casting(te, fp8, bf16, skip_modules_pattern="auto"))
+    if plan.transformer.dtype == FP8:
+        _cast_fp8(t, lambda: t.enable_layerwise_casting(storage_dtype=fp8, compute_dtype=bf16))
+    if pipe.vae.dtype != getattr(torch, plan.vae.dtype):
+        pipe.vae.to(dtype=getattr(torch, plan.vae.dtype))
+
+
 def place_pipeline(pipe, plan: Plan, devices: list[str] | None = None) -> None:
     """Apply `plan` to `pipe`, a Qwen-Image pipeline loaded on CPU in bf16, in place.
 
@@ -62,20 +80,16 @@ def place_pipeline(pipe, plan: Plan, devices: list[str] | None = None) -> None:
     """
     import torch
     from accelerate import dispatch_model
-    from diffusers.hooks import apply_group_offloading, apply_layerwise_casting
+    from diffusers.hooks import apply_group_offloading
 
     devices = devices or [f"cuda:{i}" for i in range(plan.gpus_used)]
     if len(devices) < plan.gpus_used:
         raise ValueError(f"the plan uses {plan.gpus_used} GPUs, got devices {devices}")
     device = [torch.device(d) for d in devices]
-    fp8, bf16 = torch.float8_e4m3fn, torch.bfloat16
-    for name in COMPONENTS:  # the plan's sizes are bf16 weights (a no-op when loaded in bf16)
-        getattr(pipe, name).to(bf16)
+    apply_formats(pipe, plan)
 
     # text encoder (first: group offloading refuses modules that already carry accelerate hooks)
     te_plan, te = plan.text_encoder, pipe.text_encoder
-    if te_plan.dtype == FP8:
-        _cast_fp8(te, lambda: apply_layerwise_casting(te, fp8, bf16, skip_modules_pattern="auto"))
     if te_plan.offload == "group":
         # leaf level: diffusers' block level only groups ModuleLists that are direct children, and
         # Qwen2.5-VL keeps its layers at model.language_model.layers and calls its embedding from
@@ -100,8 +114,6 @@ def place_pipeline(pipe, plan: Plan, devices: list[str] | None = None) -> None:
 
     # transformer
     t_plan, t = plan.transformer, pipe.transformer
-    if t_plan.dtype == FP8:
-        _cast_fp8(t, lambda: t.enable_layerwise_casting(storage_dtype=fp8, compute_dtype=bf16))
     blocks_name = "transformer_blocks"
     blocks = getattr(t, blocks_name)
     if len(t_plan.gpus) > 1:

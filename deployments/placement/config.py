@@ -22,11 +22,12 @@ transformer). An RTX 4090's 24 GiB is 25.8 GB, so planning for 24 GB leaves ~1.8
 context and the driver."""
 
 Task = Literal["real", "layers"]
-Dtype = Literal["bfloat16", "float8_e4m3fn"]
+Dtype = Literal["bfloat16", "float8_e4m3fn", "float32"]
 Offload = Literal["none", "group", "cpu"]
 
 BF16: Dtype = "bfloat16"
 FP8: Dtype = "float8_e4m3fn"
+FP32: Dtype = "float32"
 
 
 class PlacementConfig(BaseModel):

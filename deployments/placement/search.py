@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from deployments.placement.activation import phase_transients
-from deployments.placement.config import BF16, FP8, GB, DoesNotFit, Dtype, Offload, PlacementConfig, Task
+from deployments.placement.config import BF16, FP8, FP32, GB, DoesNotFit, Dtype, Offload, PlacementConfig, Task
 from deployments.placement.sizes import COMPONENTS, TASK_MODELS, ComponentSize, component_sizes
 
 # --------------------------------------------------------------------------------------------
@@ -175,7 +175,8 @@ class _Card:
 
 
 def _layout(
-    task: Task, config: PlacementConfig, sizes: dict[str, ComponentSize], recipe: _Recipe, n: int, tiled: bool
+    task: Task, config: PlacementConfig, sizes: dict[str, ComponentSize], recipe: _Recipe, n: int, tiled: bool,
+    vae_dtype: Dtype = BF16,
 ) -> Plan | None:
     """Place `recipe` on exactly `n` GPUs, or None. Text encoder and VAE share the last GPU; the
     transformer fills GPUs from the first, whole when it fits, else split at block boundaries
@@ -185,7 +186,8 @@ def _layout(
         return None  # streaming is the one-card fallback; with more cards, splitting is the answer
     limit = (config.gpu_memory_gb - config.margin) * GB
     t, te, vae = sizes["transformer"], sizes["text_encoder"], sizes["vae"]
-    act = phase_transients(task, config, sizes, tiled)
+    act = phase_transients(task, config, sizes, tiled, vae_dtype)
+    vae_bytes = vae.bytes_bf16 * (2 if vae_dtype == FP32 else 1)
     cards = [_Card() for _ in range(n)]
     last = cards[-1]
 
@@ -198,7 +200,7 @@ def _layout(
         for phase in ("encode_prompt", "caption"):
             if phase in act:
                 last.phases[phase] = act[phase] + extra
-    last.resident += vae.bytes_bf16
+    last.resident += vae_bytes
     last.phases["encode_image"] = act["encode_image"]
     last.phases["decode"] = act["decode"]
 
@@ -263,7 +265,7 @@ def _layout(
         text_encoder = ComponentPlan((n - 1,), recipe.text_encoder, "group", (0.0,), round(te_bytes / GB, 3))
     else:
         text_encoder = ComponentPlan((), recipe.text_encoder, "cpu", (), round(te_bytes / GB, 3))
-    vae_plan = ComponentPlan((n - 1,), BF16, "none", (round(vae.bytes_bf16 / GB, 3),))
+    vae_plan = ComponentPlan((n - 1,), vae_dtype, "none", (round(vae_bytes / GB, 3),))
     return Plan(
         task=task,
         gpus=config.gpus,
@@ -301,19 +303,19 @@ def _strategy_text(transformer: ComponentPlan, text_encoder: ComponentPlan, tile
     return f"{t}; {te}" + ("; VAE tiling" if tiled else "")
 
 
-def _search(task: Task, config: PlacementConfig, sizes: dict[str, ComponentSize]) -> Plan | None:
+def _search(task: Task, config: PlacementConfig, sizes: dict[str, ComponentSize], vae_dtype: Dtype) -> Plan | None:
     forced_tiling = config.resolution**2 > VAE_TILING_ABOVE_PIXELS
     for recipe in _recipes(config.allow_fp8, config.allow_offload):
         for n in range(1, config.gpus + 1):
             for tiled in ((True,) if forced_tiling else (False, True)):
-                placed = _layout(task, config, sizes, recipe, n, tiled)
+                placed = _layout(task, config, sizes, recipe, n, tiled, vae_dtype)
                 if placed is not None:
                     return placed
     return None
 
 
 def _smallest(
-    task: Task, config: PlacementConfig, sizes: dict[str, ComponentSize]
+    task: Task, config: PlacementConfig, sizes: dict[str, ComponentSize], vae_dtype: Dtype
 ) -> list[tuple[str, PlacementConfig]]:
     """Smallest standard configurations that fit: the same options first, then with what is off
     turned on. `[(description, config), ...]`."""
@@ -334,24 +336,26 @@ def _smallest(
             candidate = config.model_copy(
                 update={"gpus": count, "gpu_memory_gb": memory, "allow_fp8": fp8, "allow_offload": offload}
             )
-            if _search(task, candidate, sizes) is not None:
+            if _search(task, candidate, sizes, vae_dtype) is not None:
                 found.append((f"{count}x{memory:g} GB " + (label or "as configured"), candidate))
                 break
     return found
 
 
-def plan(task: Task, config: PlacementConfig, sizes: dict[str, ComponentSize] | None = None) -> Plan:
-    """The best placement of `task`'s pipeline on `config`'s GPUs; raises DoesNotFit."""
+def plan(task: Task, config: PlacementConfig, sizes: dict[str, ComponentSize] | None = None,
+         vae_dtype: Dtype = BF16) -> Plan:
+    """The best placement of `task`'s pipeline on `config`'s GPUs, its VAE in `vae_dtype` (bf16, or
+    float32 where the task decodes in float32); raises DoesNotFit."""
     if task not in TASK_MODELS:
         raise ValueError(f"task must be one of {sorted(TASK_MODELS)}, got {task!r}")
     sizes = sizes if sizes is not None else component_sizes(TASK_MODELS[task])
     missing = [name for name in COMPONENTS if name not in sizes]
     if missing:
         raise ValueError(f"sizes lack {missing}")
-    found = _search(task, config, sizes)
+    found = _search(task, config, sizes, vae_dtype)
     if found is not None:
         return found
-    alternatives = _smallest(task, config, sizes)
+    alternatives = _smallest(task, config, sizes, vae_dtype)
     t = sizes["transformer"]
     smallest_t = FP8 if config.allow_fp8 else BF16
     need = t.weight_bytes(smallest_t) / GB

@@ -136,6 +136,7 @@ def test_verify_is_offline_and_reports_missing_or_changed_files(tmp_path: Path, 
     ({"files": {"../../etc/passwd": "0" * 64}}, "leaves the model directory"),
     ({"files": {"/etc/passwd": "0" * 64}}, "leaves the model directory"),
     ({"files": {"model_index.json": None}}, "has no sha256"),
+    ({"files": None, "include": ["*.json"]}, "no files listed yet, only `include` patterns (run with --lock once)"),
     ({"revision": "main", "files": {"model_index.json": "0" * 64}}, "pinned 40-hex commit"),
     ({"repo": None}, "give exactly one source"),
     ({"url": STYLES_URL}, "give exactly one source"),
@@ -145,6 +146,8 @@ def test_verify_is_offline_and_reports_missing_or_changed_files(tmp_path: Path, 
     ({"convert": "onnx"}, "unknown converter 'onnx'"),
     ({"convert": "animegan"}, "model_index.json is not .pt/.pth"),
     ({"convert": "animegan", "files": {"paprika.ckpt": "0" * 64}}, "the converter reads .pt, .pth"),
+    ({"convert": "animegan", "files": {"a/paprika.pt": "0" * 64, "b/paprika.pt": "0" * 64}},
+     "two files convert to the same output name"),
     ({"convert": "animegan", "files": {"paprika.pt": "0" * 64}}, "paprika.safetensors has no sha256"),
     ({"convert": "animegan", "files": {"paprika.pt": "0" * 64}, "outputs": {"hayao.safetensors": "0" * 64}},
      "outputs hayao.safetensors come from no listed file"),
@@ -164,6 +167,9 @@ def test_pickled_styles_are_converted_in_quarantine_recorded_on_lock_and_verifie
     published = publish_style(fake_hub, "paprika.pt", seed=5)
     path = styles_manifest(tmp_path, files={"paprika.pt": None})
     models, styles = tmp_path / "models", tmp_path / "models" / "styles"
+    stale = models / ".styles.quarantine-old"  # left by an interrupted run
+    stale.mkdir(parents=True)
+    (stale / "paprika.pt").write_bytes(b"half a download")
 
     assert cli.main(["fetch", str(path), "--lock"]) == 0
     locked = yaml.safe_load(path.read_text())["models"][0]
