@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
-from deployments import imagememory, metrics
+from deployments import depth, imagememory, metrics
 from deployments.errors import BadImage, ImgserveError, TooLarge, UnsupportedFormat
 from deployments.records import ImageSpec, Prepared, PreparedImage
 
@@ -236,8 +236,11 @@ class Preprocess:
                     notes.append(f"{source_mode} transparency flattened over white")
                 im = im.convert("RGB")
 
-            # 8. Hand over plain numbers only.
+            # 8. Hand over plain numbers only, defocused regions restored where asked (on the final
+            # size: the detection is tuned for it).
             array = np.ascontiguousarray(np.asarray(im, dtype=np.uint8))
+            if spec.depth_compensation:
+                array = depth.compensate(array)
 
         info = PreparedImage(
             original_size=original,

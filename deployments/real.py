@@ -12,6 +12,7 @@ starts (`deployments.adapters`). Knows nothing about HTTP, jobs or encoding.
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -47,6 +48,9 @@ class RealParams(DiffusionParams):
     defaults of `steps` and `cfg`; None → the configured default. GET /v1/models lists them."""
     lora_scale: float | None = None
     """Weight of the LoRA version (0 … 2); None → 1."""
+    depth_compensation: bool | None = None
+    """Restore local detail in defocused (depth-of-field blurred) regions before the model sees the
+    image, as 2.5D game screenshots have; sharp regions are left untouched. None → off."""
 
 
 class SpeedAdapter(BaseModel):
@@ -191,7 +195,8 @@ class RealModelConfig(DiffusionConfig):
         scale = 1.0 if params.lora_scale is None else params.lora_scale
         if not 0.0 <= scale <= MAX_LORA_SCALE:  # also false for NaN
             raise InvalidParameter(f"must be between 0 and {MAX_LORA_SCALE:g}, got {scale}", "lora_scale")
-        return RealParams(**common, lora=lora, preset=preset, lora_scale=scale)
+        return RealParams(**common, lora=lora, preset=preset, lora_scale=scale,
+                          depth_compensation=bool(params.depth_compensation))
 
     def describe(self, store: LoraStore | None = None) -> dict[str, Any]:
         versions = store.versions() if store else []
@@ -216,7 +221,8 @@ class RealModelConfig(DiffusionConfig):
         lora = described["lora"]
         return {**limits, "lora": {**choice_schema(lora["versions"]), "default": lora["default"]},
                 "preset": {"enum": list(self.presets()), "default": self.default_preset},
-                "lora_scale": {"minimum": 0.0, "maximum": MAX_LORA_SCALE, "default": 1.0}}
+                "lora_scale": {"minimum": 0.0, "maximum": MAX_LORA_SCALE, "default": 1.0},
+                "depth_compensation": {"default": False}}
 
 
 class RealModel(DiffusionModel):
@@ -334,5 +340,10 @@ def _route(params: RealParams) -> str | None:
     return params.lora if params.lora and params.lora != NONE else None
 
 
+def _prepare(params: RealParams, spec: ImageSpec) -> ImageSpec:
+    return replace(spec, depth_compensation=bool(params.depth_compensation))
+
+
 TASK = Task(name="real", summary="art → photoreal person", model=RealModel, params=RealParams,
-            section=RealModelConfig, headers=("steps", "cfg", "seed", "lora", "preset", "adapters"), route=_route)
+            section=RealModelConfig, headers=("steps", "cfg", "seed", "lora", "preset", "adapters"), route=_route,
+            prepare=_prepare)

@@ -23,6 +23,8 @@ class ImageSpec:
     """Both sides of the array handed to the model are multiples of this."""
     alpha: bool = False
     """Keep an alpha channel (RGBA array) instead of compositing over white (RGB array)."""
+    depth_compensation: bool = False
+    """Restore detail in defocused regions of the prepared array (`deployments.depth`)."""
 
 
 @dataclass

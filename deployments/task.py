@@ -107,6 +107,9 @@ class Task:
     """Result parameters echoed as `X-Imgserve-*` response headers (besides task, size, scale)."""
     route: Callable[[Any], str | None] | None = None
     """Resolved params → the choice Serve routes the request by (a replica that holds it), or None."""
+    prepare: Callable[[Any, ImageSpec], ImageSpec] | None = None
+    """(resolved params, the model's `input_spec`) → how preprocess prepares this request's image,
+    where a request field changes it (e.g. depth compensation); None: always the model's spec."""
 
     @property
     def deployment(self) -> str:
@@ -117,6 +120,10 @@ class Task:
     def input_spec(self) -> ImageSpec:
         """What the model needs from preprocess."""
         return self.model.input_spec
+
+    def spec_for(self, params: Any) -> ImageSpec:
+        """How preprocess prepares the image of a request with these resolved params."""
+        return self.prepare(params, self.input_spec) if self.prepare is not None else self.input_spec
 
     def configured(self, section: TaskSection, cache_dir: Path) -> ConfiguredTask:
         """This task as a service offers it, with `section` (opens its catalog)."""

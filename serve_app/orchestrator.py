@@ -87,7 +87,7 @@ class Orchestrator:
         #    DeploymentResponse passed straight on bypasses max_queued_requests in Ray Serve 2.60)
         if progress is not None:
             progress.stage("preprocess")
-        prepared = await self.handles.preprocess.prepare.remote(image, task.input_spec, task=task.name)
+        prepared = await self.handles.preprocess.prepare.remote(image, task.spec_for(request.params), task=task.name)
         # 2. the model, on a replica that already holds the request's choice when one is free
         handle = self.handles.models[task.name]
         route = task.route(request.params) if task.route is not None else None

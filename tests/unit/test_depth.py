@@ -170,3 +170,20 @@ def test_deterministic(blurred: np.ndarray) -> None:
 def test_refuses_what_is_not_an_image_array(bad: np.ndarray) -> None:
     with pytest.raises(ValueError, match="uint8"):
         compensate(bad)
+
+
+def test_preprocess_compensates_only_when_the_request_asks(blurred: np.ndarray) -> None:
+    from io import BytesIO
+
+    from deployments.preprocess import Preprocess, PreprocessConfig
+    from deployments.records import ImageSpec
+
+    buffer = BytesIO()
+    Image.fromarray(blurred).save(buffer, "PNG")
+    prepare = Preprocess(PreprocessConfig(max_long_edge=max(blurred.shape))).prepare
+    plain = prepare(buffer.getvalue(), ImageSpec(multiple=1)).array
+    restored = prepare(buffer.getvalue(), ImageSpec(multiple=1, depth_compensation=True)).array
+    assert np.array_equal(plain, blurred)  # off by default: the upload's pixels
+    assert np.array_equal(restored, compensate(blurred))  # on: exactly the compensation, on the final size
+    box = background(blurred)
+    assert region_sharpness(restored, box) > 1.8 * region_sharpness(plain, box)
