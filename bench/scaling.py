@@ -82,6 +82,8 @@ def bench_args(replicas: int, cache_dir: Path) -> dict[str, Any]:
         options["autoscaling_config"].update(min_replicas=count, max_replicas=count)
     real = args["real"]
     real.update(source="tiny", lora_dir=None)
+    for adapter in real["speed_adapters"].values():
+        adapter["file"] = "tiny"
     real["placement"]["gpus"] = 1
     real["serve"].update(num_replicas=replicas, autoscaling_config=None, max_queued_requests=64)
     real["serve"]["ray_actor_options"]["num_cpus"] = 0.1

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from deployments.tasks import TASKS
+from serve_app import convert as convert_styles
 from serve_app.client import Client, ServiceError, progress_line
 
 
@@ -66,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--no-offload", action="store_true", help="never stream weights from CPU")
     plan.add_argument("--model", help="a local diffusers directory to size instead of the published configs")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    convert_styles.add_parser(commands)
     fetch = commands.add_parser("fetch", help="download model files ahead of time, verifying each sha256")
     fetch.add_argument("manifest", help="a models manifest, e.g. models.yaml")
     mode = fetch.add_mutually_exclusive_group()
@@ -160,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         return plan_command(args)
     if args.command == "key":
         return key_command(args.key_command)
+    if args.command == "convert-styles":
+        return convert_styles.command(args.source, args.dest)
     if args.command == "fetch":
         from serve_app.fetch import FetchError, fetch
 

@@ -42,6 +42,8 @@ def cluster_args(cache_dir: Any) -> dict[str, Any]:
         serve_options["autoscaling_config"].update(min_replicas=1, max_replicas=1)
     args["jobs"]["serve"]["ray_actor_options"]["num_cpus"] = 0.05
     args["real"].update(source="tiny", lora_dir="tiny", condition_area=4096, num_threads=1)
+    for adapter in args["real"]["speed_adapters"].values():  # the presets as configured, on a tiny stand-in
+        adapter["file"] = "tiny"
     args["real"]["serve"]["ray_actor_options"]["num_cpus"] = 0.2
     args["real"]["serve"]["autoscaling_config"].update(
         min_replicas=1, max_replicas=2, upscale_delay_s=0.5, downscale_delay_s=3, look_back_period_s=2, metrics_interval_s=0.5,
