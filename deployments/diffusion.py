@@ -73,6 +73,12 @@ class DiffusionConfig(ModelSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weight dtype; `auto`: bfloat16 on CUDA, float32 on CPU. With `placement` on CUDA the plan
     casts every component to bfloat16 (fp8 storage where it says so), whatever this says."""
+    attention_backend: Literal["auto", "native", "flash", "sage", "xformers"] = "auto"
+    """The transformer's attention kernels, through diffusers' attention dispatcher: `native`
+    (PyTorch's scaled dot-product attention), `flash` (flash-attn 2), `sage` (SageAttention),
+    `xformers`. `auto`: on a CUDA replica the first of flash, sage, xformers that is installed, else
+    native. A named one that is not installed, or anything but native without CUDA, stops the
+    replica with an error naming it."""
     vae_dtype: Literal["model", "float32"] = "model"
     """The VAE's dtype: `model` (the same as the rest), or `float32` whatever the rest computes in
     (the pipeline's images and latents are cast at the VAE's edges; the planner plans its memory)."""
@@ -202,6 +208,8 @@ class DiffusionModel(Model):
     def __init__(self, config: DiffusionConfig | None = None, cache_dir: Path | str = "~/.cache/imgserve") -> None:
         super().__init__(config, cache_dir)
         self.pipe: Any = None
+        self.attention = "native"
+        """The attention backend the transformer runs (`attention_backend` resolved)."""
 
     def loaded(self) -> bool:
         return self.pipe is not None
@@ -222,6 +230,10 @@ class DiffusionModel(Model):
             if not (directory / "model_index.json").is_file():
                 raise FileNotFoundError(f"{config.task}.source {str(directory)!r} is not a local diffusers directory "
                                         "(no model_index.json); prepare it ahead")
+        if self.plan is not None and self.plan.transformer.compute == "fp8":
+            problem = placement.fp8_compute_problem(self.device)
+            if problem:
+                raise ValueError(f"{config.task}.placement.compute is fp8, but {problem}")
         pipe = load_pipeline(self.kind, directory, torch_dtype=self.dtype)
         pipe.set_progress_bar_config(disable=True)
         if self.device == "cuda" and self.plan is not None:
@@ -234,6 +246,7 @@ class DiffusionModel(Model):
                 placement.apply_formats(pipe, self.plan)
         if config.vae_dtype == "float32":
             float32_vae(pipe)
+        self.attention = use_attention(pipe.transformer, config.attention_backend, self.device, config.task)
         self.pipe = pipe
 
     def extra_stats(self) -> dict[str, Any]:
@@ -241,7 +254,8 @@ class DiffusionModel(Model):
         the batch size (one image per request)."""
         if self.pipe is None:
             return {}
-        return {"locked": {"vae_dtype": str(self.pipe.vae.dtype).removeprefix("torch."),
+        return {"attention": self.attention,
+                "locked": {"vae_dtype": str(self.pipe.vae.dtype).removeprefix("torch."),
                            "scheduler": type(self.pipe.scheduler).__name__, "batch_size": 1}}
 
     async def __call__(self, prepared: Prepared, params: Any, progress: Progress | None = None) -> Generated:
@@ -270,6 +284,30 @@ class DiffusionModel(Model):
             raise OutOfMemory(f"GPU out of memory at {what}: {exc}") from None
         except (RuntimeError, ValueError) as exc:
             raise ModelFailure(f"the model failed on this request: {exc}") from None
+
+
+ATTENTION_PACKAGES = {"flash": "flash_attn", "sage": "sageattention", "xformers": "xformers"}
+"""The Python package each attention backend needs, in the order `auto` tries them."""
+
+
+def use_attention(transformer: Any, choice: str, device: str, task: str) -> str:
+    """Set the transformer's attention backend (`choice` resolved: `auto` → the first installed one
+    on CUDA, else native) and return its name; ValueError naming the setting when it cannot run."""
+    import importlib.util
+
+    if choice == "native" or (choice == "auto" and device != "cuda"):
+        return "native"  # diffusers' default: PyTorch's scaled dot-product attention, nothing to set
+    if choice != "auto" and device != "cuda":
+        raise ValueError(f"{task}.attention_backend is {choice!r}, but it runs on CUDA only; this replica has none")
+    installed = [name for name, package in ATTENTION_PACKAGES.items() if importlib.util.find_spec(package)]
+    for name in installed if choice == "auto" else [choice]:
+        try:
+            transformer.set_attention_backend(name)  # checks the package and its version
+            return name
+        except (RuntimeError, ValueError) as exc:
+            if choice != "auto":
+                raise ValueError(f"{task}.attention_backend is {name!r}, but it cannot run here: {exc}") from None
+    return "native"
 
 
 def float32_vae(pipe: Any) -> None:

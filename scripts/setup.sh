@@ -13,8 +13,12 @@ if ! "$py" -c "import torch" 2>/dev/null; then
     "$py" -m pip install -q torch==2.13.0
   fi
 fi
+gpu=""
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  gpu=",gpu"  # torchao: float8 compute on cards that have it (real.placement.compute: fp8)
+fi
 if [ "$extra" = "test" ]; then
-  "$py" -m pip install -q -e ".[test]"
+  "$py" -m pip install -q -e ".[test$gpu]"
   # tests/web drives the page in Debian's Chromium through Playwright (never `playwright install`);
   # without it those tests skip and say why, so a failed install here warns instead of stopping.
   if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
@@ -35,6 +39,8 @@ if [ "$extra" = "test" ]; then
     fi
     rm -f "$log"
   fi
+elif [ -n "$gpu" ]; then
+  "$py" -m pip install -q -e ".[gpu]"
 else
   "$py" -m pip install -q -e .
 fi

@@ -40,7 +40,7 @@ see (kernel workspaces, allocator slack).
 from __future__ import annotations
 
 from deployments.placement.activation import TEXT_TOKENS, phase_transients
-from deployments.placement.apply import apply_formats, place_pipeline
+from deployments.placement.apply import apply_formats, fp8_compute_problem, place_pipeline
 from deployments.placement.config import FP8, FP32, GB, DoesNotFit, PlacementConfig, parse_gpus
 from deployments.placement.resources import ray_options
 from deployments.placement.search import MAX_STREAMED_FRACTION, ComponentPlan, Plan, plan
@@ -48,6 +48,7 @@ from deployments.placement.sizes import COMPONENTS, MODEL_CONFIGS, TASK_MODELS, 
 
 __all__ = [
     "apply_formats",
+    "fp8_compute_problem",
     "COMPONENTS",
     "FP8",
     "FP32",

@@ -49,6 +49,11 @@ class PlacementConfig(BaseModel):
     """`layers` task only: the layer count the plan must hold (each layer is a frame of tokens)."""
     allow_fp8: bool = True
     """Allow fp8 weight storage (float8_e4m3fn, computed in bf16 by layerwise casting)."""
+    compute: Literal["bf16", "fp8"] = "bf16"
+    """How the transformer's Linear layers compute. `bf16`: in bfloat16 (fp8-stored weights are
+    upcast layer by layer). `fp8`: in float8 with torchao's dynamic activation + weight scheme,
+    per-row scales (cards of compute capability ≥ 8.9: RTX 4090, H100/H200; LoRA layers stay bf16,
+    so versions still hot-swap); the transformer is then stored in fp8 too. Needs `allow_fp8`."""
     allow_offload: bool = True
     """Allow streaming weights from CPU memory (group offload) or running the text encoder on CPU."""
     margin_gb: float | None = None
@@ -78,6 +83,12 @@ class PlacementConfig(BaseModel):
         if value is not None and not (0 <= value < float("inf")):
             raise ValueError(f"{info.field_name} must be a finite number >= 0, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _fp8_compute_needs_fp8(self) -> PlacementConfig:
+        if self.compute == "fp8" and not self.allow_fp8:
+            raise ValueError("compute: fp8 stores the transformer in fp8: it needs allow_fp8: true")
+        return self
 
     @model_validator(mode="after")
     def _margin_below_memory(self) -> PlacementConfig:

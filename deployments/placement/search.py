@@ -11,7 +11,7 @@ imports torch.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from deployments.placement.activation import phase_transients
 from deployments.placement.config import BF16, FP8, FP32, GB, DoesNotFit, Dtype, Offload, PlacementConfig, Task
@@ -60,6 +60,9 @@ class ComponentPlan:
     when split at block boundaries); empty for the other components."""
     streamed_blocks: int = 0
     """Transformer blocks kept on CPU and streamed to the GPU on every call."""
+    compute: Literal["bf16", "fp8"] = "bf16"
+    """Transformer only: `fp8`, its Linear layers compute in float8 (torchao, per-row scales);
+    `bf16`, in bfloat16 (fp8 storage upcast layer by layer)."""
 
     def device_text(self) -> str:
         if not self.gpus:
@@ -151,8 +154,9 @@ class _Recipe:
         return self.text_offload != "none" or self.stream
 
 
-def _recipes(allow_fp8: bool, allow_offload: bool) -> list[_Recipe]:
-    """Candidates from best to worst (quality first, then speed)."""
+def _recipes(allow_fp8: bool, allow_offload: bool, fp8_compute: bool = False) -> list[_Recipe]:
+    """Candidates from best to worst (quality first, then speed); with fp8 compute, only those with
+    an fp8 transformer that is not streamed (torchao's float8 weights are not offloaded)."""
     ladder = [
         _Recipe(BF16, BF16, "none", False),
         _Recipe(FP8, BF16, "none", False),
@@ -161,7 +165,8 @@ def _recipes(allow_fp8: bool, allow_offload: bool) -> list[_Recipe]:
     for text_offload in ("group", "cpu"):
         for stream in (False, True):
             ladder += [_Recipe(BF16, BF16, text_offload, stream), _Recipe(FP8, BF16, text_offload, stream)]
-    return [r for r in ladder if (allow_fp8 or not r.uses_fp8()) and (allow_offload or not r.uses_offload())]
+    return [r for r in ladder if (allow_fp8 or not r.uses_fp8()) and (allow_offload or not r.uses_offload())
+            and (not fp8_compute or (r.transformer == FP8 and not r.stream))]
 
 
 @dataclass
@@ -207,7 +212,8 @@ def _layout(
     # transformer: non-block layers on the first card, blocks greedily from the first card on
     dtype = recipe.transformer
     block = t.block_bytes(dtype)
-    denoise = act["denoise"] + (t.largest_layer_bytes if dtype == FP8 else 0)
+    # the bf16 copy of one fp8-stored layer while it runs; float8 compute needs none
+    denoise = act["denoise"] + (t.largest_layer_bytes if dtype == FP8 and config.compute != "fp8" else 0)
     cards[0].resident += t.nonblock_bytes(dtype)
     stream_buffer = block if recipe.stream else 0  # the one streamed block on the GPU at a time (n == 1)
     caps = []
@@ -257,6 +263,7 @@ def _layout(
         cpu_weights_gb=round(streamed * block / GB, 3),
         blocks=tuple(alloc[i] for i in t_gpus),
         streamed_blocks=streamed,
+        compute=config.compute,
     )
     te_bytes = te.weight_bytes(recipe.text_encoder)
     if recipe.text_offload == "none":
@@ -286,7 +293,10 @@ def _layout(
 
 
 def _strategy_text(transformer: ComponentPlan, text_encoder: ComponentPlan, tiled: bool) -> str:
-    t = "fp8 transformer (layerwise casting)" if transformer.dtype == FP8 else "bf16 transformer"
+    if transformer.compute == "fp8":
+        t = "fp8 transformer (float8 compute, torchao)"
+    else:
+        t = "fp8 transformer (layerwise casting)" if transformer.dtype == FP8 else "bf16 transformer"
     if len(transformer.gpus) > 1:
         t += f" split over GPUs {','.join(map(str, transformer.gpus))}"
     else:
@@ -305,7 +315,7 @@ def _strategy_text(transformer: ComponentPlan, text_encoder: ComponentPlan, tile
 
 def _search(task: Task, config: PlacementConfig, sizes: dict[str, ComponentSize], vae_dtype: Dtype) -> Plan | None:
     forced_tiling = config.resolution**2 > VAE_TILING_ABOVE_PIXELS
-    for recipe in _recipes(config.allow_fp8, config.allow_offload):
+    for recipe in _recipes(config.allow_fp8, config.allow_offload, config.compute == "fp8"):
         for n in range(1, config.gpus + 1):
             for tiled in ((True,) if forced_tiling else (False, True)):
                 placed = _layout(task, config, sizes, recipe, n, tiled, vae_dtype)

@@ -102,3 +102,43 @@ def test_a_speed_adapter_that_does_not_fit_stops_the_replica_naming_the_file(mod
     real = RealModel(config(speed_adapters={"fast": {"file": str(bad), "steps": 4}}), model_cache)
     with pytest.raises(AdapterDoesNotFit, match=r"speed adapter 'fast' \(.*lightning.safetensors\) does not fit"):
         real.load()
+
+
+# -- the card's settings: float8 compute, attention kernels, the locked knobs -------------------------
+def test_float8_compute_is_planned_without_upcast_copies_and_needs_fp8_storage() -> None:
+    from deployments import placement
+
+    storage = config(placement={"gpus": 2, "gpu_memory_gb": 24}, serve={"ray_actor_options": {}}).plan()
+    compute = config(placement={"gpus": 2, "gpu_memory_gb": 24, "compute": "fp8"},
+                     serve={"ray_actor_options": {}}).plan()
+    assert (storage.transformer.dtype, storage.transformer.compute) == ("float8_e4m3fn", "bf16")
+    assert (compute.transformer.dtype, compute.transformer.compute) == ("float8_e4m3fn", "fp8")
+    assert "float8 compute" in compute.strategy and compute.transformer.streamed_blocks == 0
+    assert compute.peak_gb[0] < storage.peak_gb[0]  # no bf16 copy of the layer that runs
+    assert storage.vae.dtype == "float32"  # real's locked VAE, planned
+    with pytest.raises(ValidationError, match="compute: fp8 stores the transformer in fp8: it needs allow_fp8"):
+        placement.PlacementConfig(compute="fp8", allow_fp8=False)
+
+
+def test_float8_compute_is_refused_where_there_is_no_card_that_has_it(model_cache) -> None:
+    real = RealModel(config(placement={"gpus": 1, "gpu_memory_gb": 24, "compute": "fp8"},
+                            serve={"ray_actor_options": {}}), model_cache)
+    with pytest.raises(ValueError, match=r"real\.placement\.compute is fp8, but it needs a CUDA GPU of compute "
+                                         r"capability >= 8\.9 \(RTX 4090, H100/H200\); this replica has none"):
+        real.load()
+
+
+def test_attention_backend_auto_is_native_without_cuda_and_a_named_kernel_is_refused(model: RealModel,
+                                                                                      model_cache) -> None:
+    assert model.stats()["attention"] == "native"
+    with pytest.raises(ValueError, match=r"real\.attention_backend is 'flash', but it runs on CUDA only"):
+        RealModel(config(attention_backend="flash"), model_cache).load()
+    with pytest.raises(ValidationError, match="attention_backend"):
+        config(attention_backend="magic")
+
+
+def test_the_locked_knobs_are_shown_in_stats(model: RealModel) -> None:
+    assert model.stats()["locked"] == {"vae_dtype": "float32", "scheduler": "FlowMatchEulerDiscreteScheduler",
+                                       "batch_size": 1}
+    with pytest.raises(ValidationError, match="vae_dtype"):
+        config(vae_dtype="model")  # locked for real
