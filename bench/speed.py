@@ -63,7 +63,7 @@ VARIANTS: dict[str, dict[str, str | None]] = {
 GOAL_FULL_FORWARDS = 60
 GOAL_FAST_FORWARDS_MAX = 8
 SEED = 1
-NOTE = ("On the tiny demo model the transformer is a few thousand parameters, so the text encoder and "
+NOTE = ("On the tiny demo model the transformer has about 0.2 M parameters, so the text encoder and "
         "above all the float32 VAE (encode of the condition image, decode of the result at the input's "
         "size) are a much larger share of an image's time than on a real card, where the 20B-parameter "
         "transformer dominates (DESIGN.md §9: 46.8 s transformer time for 50 steps + CFG on an H100). "
@@ -83,6 +83,14 @@ def versions() -> dict[str, str]:
 
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
             "transformers": transformers.__version__, "numpy": np.__version__}
+
+
+def matplotlib_version() -> str | None:
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    return matplotlib.__version__
 
 
 def stats_ms(seconds: list[float]) -> dict[str, Any]:
@@ -287,7 +295,7 @@ def plot(result: dict[str, Any], path: Path) -> str:
     right.set_ylim(0, max(p90) * 1.25)
     right.set_title(f"time: full/fast {result['time']['ratio_full_over_fast']}× "
                     f"(transformer alone {result['time']['transformer_ratio_full_over_fast']}×)")
-    right.legend(fontsize=8, loc="upper right")
+    right.legend(fontsize=8, loc="upper center")
     p = result["parameters"]
     fig.suptitle(f"real, demo profile (tiny model, {p['device']}, {p['torch_threads']} thread), "
                  f"{p['repeat']} rounds; tiny model: VAE/text encoder dominate, so time ratio understates a card's",
@@ -315,7 +323,7 @@ def main() -> None:
 
     library_versions = versions()  # first: its imports stay out of the timings
     measured = measure(args.repeat, args.cache_dir.expanduser(), args.input.resolve())
-    header = report_header("speed", **library_versions)
+    header = report_header("speed", **library_versions, matplotlib=matplotlib_version())
     header["machine"]["cuda"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     result = {**header, **measured}
     result["plot"] = plot(result, args.plot.resolve())

@@ -22,6 +22,8 @@ from deployments.lora import NONE, LoraReport, LoraStore, diffusers_state_dict, 
 
 SPEED_PREFIX = "speed:"
 """Adapter names of speed adapters start with this; `:` never appears in a version's name."""
+VERSION_SLOT = "version:slot"
+"""With hot swapping (a compiled transformer), the one adapter every version is swapped into."""
 
 
 class AdapterDoesNotFit(ValueError):
@@ -31,10 +33,13 @@ class AdapterDoesNotFit(ValueError):
 class Adapters:
     """The adapters of one pipeline's transformer."""
 
-    def __init__(self, pipe: Any, store: LoraStore | None, max_versions: int) -> None:
+    def __init__(self, pipe: Any, store: LoraStore | None, max_versions: int, hotswap_rank: int | None = None) -> None:
         self.pipe = pipe
         self.store = store
         self.max_versions = max_versions
+        self.hotswap_rank = hotswap_rank
+        """With a rank: versions share one adapter (`VERSION_SLOT`) sized for that rank, whose weights
+        are swapped in place, so a compiled transformer keeps its graph; `max_versions` is then 1."""
         self.shapes = linear_shapes(pipe.transformer)
         """The base's Linear shapes, before any adapter wraps a layer."""
         self.speed: dict[str, str] = {}
@@ -49,13 +54,15 @@ class Adapters:
         """Read the speed adapter of `preset` now and keep it for the replica's life."""
         name = SPEED_PREFIX + preset
         report = inspect_lora(path, self.shapes)
-        if not report.ok:
+        problems = report.problems + self._rank_problems(report)
+        if problems:
             raise AdapterDoesNotFit(f"speed adapter {preset!r} ({path}) does not fit the base model: "
-                                    f"{'; '.join(report.problems)}")
+                                    f"{'; '.join(problems)}")
         try:
             self._read(name, path, report)
         except ValueError as exc:
             raise AdapterDoesNotFit(f"speed adapter {preset!r} ({path}) could not be loaded: {exc}"[:500]) from None
+        self.loads[name] += 1
         self.speed[preset] = name
 
     def ensure_version(self, version: str) -> bool:
@@ -71,31 +78,45 @@ class Adapters:
             raise InvalidParameter(f"no LoRA directory is configured; only {NONE!r} is available", "lora")
         path = self.store.path(version)
         report = inspect_lora(path, self.shapes)
-        if not report.ok:
-            raise InvalidParameter(f"LoRA {version!r} does not fit the base model: {'; '.join(report.problems)}", "lora")
+        problems = report.problems + self._rank_problems(report)
+        if problems:
+            raise InvalidParameter(f"LoRA {version!r} does not fit the base model: {'; '.join(problems)}", "lora")
+        swap = self.hotswap_rank is not None and bool(self.versions)  # the slot exists: its weights are replaced in place
         while len(self.versions) >= self.max_versions:
             evicted, _ = self.versions.popitem(last=False)
-            self.pipe.delete_adapters([evicted])
+            if not swap:
+                self.pipe.delete_adapters([evicted])
             metrics.lora_events.inc(tags={"event": "evict", "version": evicted})
         try:
-            self._read(version, path, report)
+            self._read(self.adapter_name(version), path, report, swap)
         except ValueError as exc:
             raise InvalidParameter(f"LoRA {version!r} could not be loaded: {exc}"[:500], "lora") from None
         self.versions[version] = None
+        self.loads[version] += 1
         metrics.lora_events.inc(tags={"event": "load", "version": version})
         return True
 
-    def _read(self, name: str, path: Path, report: LoraReport) -> None:
-        """Load one checked file under `name`; on failure nothing of it stays (ValueError)."""
+    def _rank_problems(self, report: LoraReport) -> list[str]:
+        if self.hotswap_rank is not None and report.ranks and max(report.ranks) > self.hotswap_rank:
+            return [f"rank {max(report.ranks)} is above the compiled replica's real.compile_max_rank "
+                    f"({self.hotswap_rank})"]
+        return []
+
+    def adapter_name(self, version: str) -> str:
+        """The adapter a resident version is loaded as."""
+        return VERSION_SLOT if self.hotswap_rank is not None else version
+
+    def _read(self, name: str, path: Path, report: LoraReport, swap: bool = False) -> None:
+        """Load one checked file under `name` (`swap`: into that existing adapter, in place); on
+        failure nothing of it stays (ValueError)."""
         try:
-            self.pipe.load_lora_weights(diffusers_state_dict(path, report), adapter_name=name)
+            self.pipe.load_lora_weights(diffusers_state_dict(path, report), adapter_name=name, hotswap=swap)
             if name not in self.pipe.get_list_adapters().get("transformer", []):
                 raise ValueError("no weights matched the transformer")
         except Exception as exc:
             if name in self.pipe.get_list_adapters().get("transformer", []):
                 self.pipe.delete_adapters([name])
             raise ValueError(str(exc)) from None
-        self.loads[name] += 1
 
     # -- a request's stack -----------------------------------------------------------------------
     def stack(self, preset: str, version: str, version_weight: float, speed_weight: float) -> list[tuple[str, float]]:
@@ -117,8 +138,9 @@ class Adapters:
             if self.speed or self.versions:
                 self.pipe.disable_lora()
             return
+        names = [name if name.startswith(SPEED_PREFIX) else self.adapter_name(name) for name, _ in stack]
         self.pipe.enable_lora()
-        self.pipe.set_adapters([name for name, _ in stack], adapter_weights=[weight for _, weight in stack])
+        self.pipe.set_adapters(names, adapter_weights=[weight for _, weight in stack])
 
     def version_loads(self) -> int:
         """How many times versions were read from disk into this pipeline, in all."""

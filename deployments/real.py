@@ -114,8 +114,15 @@ class RealModelConfig(DiffusionConfig):
     evicted; a request with that preset runs it stacked under its version."""
     default_preset: str = FULL
     """The preset of a request that names none: `full` or a name of `speed_adapters`."""
+    compile: bool = False
+    """Compile the transformer (`torch.compile`). Versions are then swapped into one adapter whose
+    rank is padded to `compile_max_rank`, so switching versions does not recompile; each image size
+    and each combination of a speed preset and a LoRA weight compiles once, on its first request
+    (seconds on the tiny model, minutes on a card). Needs `max_adapters_per_replica: 1`."""
+    compile_max_rank: int = 64
+    """With `compile`: the largest LoRA rank a version may have (the swapped adapter is that large)."""
 
-    _real_positive = at_least(1, "max_adapters_per_replica", "condition_area")
+    _real_positive = at_least(1, "max_adapters_per_replica", "condition_area", "compile_max_rank")
 
     @model_validator(mode="after")
     def _presets_within_limits(self) -> RealModelConfig:
@@ -131,6 +138,9 @@ class RealModelConfig(DiffusionConfig):
                                  f"within max_steps ({self.max_steps}) and max_cfg ({self.max_cfg})")
         if self.default_preset not in self.presets():
             raise ValueError(f"default_preset must be one of {list(self.presets())}, got {self.default_preset!r}")
+        if self.compile and self.max_adapters_per_replica != 1:
+            raise ValueError(f"compile swaps every version into one adapter: max_adapters_per_replica must be 1, "
+                             f"got {self.max_adapters_per_replica}")
         return self
 
     def presets(self) -> dict[str, tuple[int, float]]:
@@ -248,9 +258,15 @@ class RealModel(DiffusionModel):
         if self.config.condition_area:
             tiny.set_condition_areas(self.config.condition_area, self.config.condition_area)
         super().load_model()
-        self.adapters = Adapters(self.pipe, self.store, self.config.max_adapters_per_replica)
+        if self.config.compile:
+            # before any adapter: every one is sized for the largest rank, so swapping keeps the graph
+            self.pipe.enable_lora_hotswap(target_rank=self.config.compile_max_rank)
+        rank = self.config.compile_max_rank if self.config.compile else None
+        self.adapters = Adapters(self.pipe, self.store, self.config.max_adapters_per_replica, rank)
         for name in self.config.speed_adapters:
             self.adapters.pin_speed(name, self.config.speed_adapter_file(name, self.cache_dir))
+        if self.config.compile:
+            self.pipe.transformer.compile()
 
     def extra_stats(self) -> dict[str, Any]:
         return {**super().extra_stats(), **(self.adapters.stats() if self.adapters is not None else {})}

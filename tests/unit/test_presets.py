@@ -142,3 +142,25 @@ def test_the_locked_knobs_are_shown_in_stats(model: RealModel) -> None:
                                        "batch_size": 1}
     with pytest.raises(ValidationError, match="vae_dtype"):
         config(vae_dtype="model")  # locked for real
+
+
+def test_compile_swaps_versions_into_one_adapter_sized_for_its_rank(model_cache) -> None:
+    with pytest.raises(ValidationError, match="max_adapters_per_replica must be 1, got 3"):
+        config(compile=True)
+    # the swapping without the compilation (bench/compile.py compiles: too slow for the suite)
+    from deployments.adapters import VERSION_SLOT, Adapters
+
+    real = RealModel(config(max_adapters_per_replica=1, speed_adapters={}), model_cache)
+    real.load()
+    real.pipe.enable_lora_hotswap(target_rank=4)
+    real.adapters = Adapters(real.pipe, real.store, 1, hotswap_rank=4)
+    outputs = [real.generate(prepared(), RealParams(lora=version, steps=2, seed=1)).array for version in TINY_VERSIONS]
+    assert real.pipe.get_list_adapters()["transformer"] == [VERSION_SLOT]  # one adapter, swapped in place
+    assert real.stats()["adapters"] == [TINY_VERSIONS[-1]] and real.stats()["adapter_loads"] == dict.fromkeys(TINY_VERSIONS, 1)
+    plain = RealModel(config(max_adapters_per_replica=1, speed_adapters={}), model_cache)
+    plain.load()
+    for version, output in zip(TINY_VERSIONS, outputs):  # each version's own result, as without swapping
+        assert np.array_equal(output, plain.generate(prepared(), RealParams(lora=version, steps=2, seed=1)).array)
+    narrow = Adapters(real.pipe, real.store, 1, hotswap_rank=2)
+    with pytest.raises(InvalidParameter, match="rank 4 is above the compiled replica's real.compile_max_rank"):
+        narrow.ensure_version(TINY_VERSIONS[0])
