@@ -142,7 +142,8 @@ def test_real_progress_queue_cancel_and_the_chosen_version(context, web_service,
         assert first.input_value("#real-lora") == lora["default"] == "v2511-0823"
         assert first.input_value("#real-prompt") == models["tasks"]["real"]["defaults"]["prompt"]
         assert first.eval_on_selector_all('.task-fields[data-task="real"] [name]', "es => es.map(e => e.id)") == [
-            "real-lora", "real-preset", "real-lora_scale", "real-prompt", "real-negative_prompt"]
+            "real-lora", "real-preset", "real-lora_scale", "real-depth_compensation", "real-prompt",
+            "real-negative_prompt"]
         assert first.is_hidden("#steps")  # folded away
         choose_image(first, sample_path("photo_2.jpg"))
         first.select_option("#real-lora", "v2511-0801")
