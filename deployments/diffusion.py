@@ -76,8 +76,8 @@ class DiffusionConfig(ModelSettings):
     attention_backend: Literal["auto", "native", "flash", "sage", "xformers"] = "auto"
     """The transformer's attention kernels, through diffusers' attention dispatcher: `native`
     (PyTorch's scaled dot-product attention), `flash` (flash-attn 2), `sage` (SageAttention),
-    `xformers`. `auto`: on a CUDA replica the first of flash, sage, xformers that is installed, else
-    native. A named one that is not installed, or anything but native without CUDA, stops the
+    `xformers`. `auto`: on a CUDA replica the fastest installed (sage, then flash, then xformers),
+    else native. A named one that is not installed, or anything but native without CUDA, stops the
     replica with an error naming it."""
     vae_dtype: Literal["model", "float32"] = "model"
     """The VAE's dtype: `model` (the same as the rest), or `float32` whatever the rest computes in
@@ -286,12 +286,13 @@ class DiffusionModel(Model):
             raise ModelFailure(f"the model failed on this request: {exc}") from None
 
 
-ATTENTION_PACKAGES = {"flash": "flash_attn", "sage": "sageattention", "xformers": "xformers"}
-"""The Python package each attention backend needs, in the order `auto` tries them."""
+ATTENTION_PACKAGES = {"sage": "sageattention", "flash": "flash_attn", "xformers": "xformers"}
+"""The Python package each attention backend needs, in the order `auto` tries them: fastest first
+(SageAttention's 8-bit QK kernels outrun FlashAttention 2 on RTX 4090 and H100 class cards)."""
 
 
 def use_attention(transformer: Any, choice: str, device: str, task: str) -> str:
-    """Set the transformer's attention backend (`choice` resolved: `auto` → the first installed one
+    """Set the transformer's attention backend (`choice` resolved: `auto` → the fastest installed one
     on CUDA, else native) and return its name; ValueError naming the setting when it cannot run."""
     import importlib.util
 
