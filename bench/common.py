@@ -192,3 +192,13 @@ def open_loop(call: Callable[[float], None], arrivals: list[float], max_workers:
                 time.sleep(delay)
             pool.submit(call, offset)
     return time.monotonic() - begin
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 100) -> None:
+    """Write a matplotlib figure to `path` (its folder made) and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

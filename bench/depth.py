@@ -31,32 +31,20 @@ from typing import Any
 
 import numpy as np
 import PIL
-from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import SAMPLES, report_header  # noqa: E402
+from bench.common import SAMPLES, report_header, save_figure  # noqa: E402
 from deployments.depth import compensate, defocus_mask, region_sharpness  # noqa: E402
+from tests.defocus import at_1024, with_background_blur  # noqa: E402
 
 SIGMAS = (2.0, 3.0, 5.0)
 GOAL = {"background_ratio_sigma3>=": 1.8, "foreground_mean_abs_change<=": 0.25, "median_ms<=": 100.0}
 # Background crops (left, top) of 256x192 px for the pictures: detail the blur took away.
 CROPS = {"photo_1.jpg": (40, 60), "photo_2.jpg": (430, 60), "photo_3.jpg": (300, 20)}
 CROP = (256, 192)
-
-
-def load(path: Path) -> Image.Image:
-    image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
-    image.thumbnail((1024, 1024), Image.Resampling.LANCZOS)
-    return image
-
-
-def defocused(image: Image.Image, sigma: float) -> np.ndarray:
-    array = np.array(image)
-    half = array.shape[0] // 2
-    array[:half] = np.asarray(image.filter(ImageFilter.GaussianBlur(sigma)))[:half]
-    return array
 
 
 def timed(array: np.ndarray, repeat: int) -> dict[str, float]:
@@ -137,10 +125,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> bool:
     right.set_title("Cost at 1024 px")
     right.set_ylim(0, 1.35 * GOAL["median_ms<="])
     right.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -162,13 +147,13 @@ def main() -> None:
 
     results, written = [], []
     for path in sorted(SAMPLES.glob("*.jpg")):
-        image = load(path)
+        image = at_1024(path)
         sharp = np.asarray(image)
         h, w = sharp.shape[:2]
         background, foreground = (0, 0, w, int(h * 0.4)), slice(int(h * 0.6), None)
         rows = []
         for sigma in SIGMAS:
-            blurred = defocused(image, sigma)
+            blurred = with_background_blur(image, sigma)
             out = compensate(blurred)
             before, after = region_sharpness(blurred, background), region_sharpness(out, background)
             rows.append({

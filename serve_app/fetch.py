@@ -28,7 +28,6 @@ Knows nothing about serving.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import re
 import shutil
 import tempfile
@@ -37,6 +36,8 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import quote
 
 import yaml
+
+from serve_app.convert import sha256
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 """Formats that can run code when loaded: never fetched into a model directory (the service reads
@@ -60,14 +61,6 @@ class ModelEntry:
     convert: str | None = None
     outputs: dict[str, str | None] = field(default_factory=dict)
     """`convert` entries: converted file (in `dest`) → sha256, one per listed pickle."""
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _safe_path(name: str, relative: str, pickles: tuple[str, ...] = ()) -> str:

@@ -5,27 +5,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from PIL import Image, ImageDraw, ImageFilter
 
 from deployments.depth import compensate, defocus_mask, region_sharpness, sharpness
 from tests.conftest import sample_path
+from tests.defocus import at_1024, with_background_blur
 
 PHOTOS = ["photo_1.jpg", "photo_2.jpg", "photo_3.jpg"]
 
 
 def photo(name: str) -> Image.Image:
     """A sample photo as Preprocess hands it over: oriented, RGB, 1024 px long edge."""
-    image = ImageOps.exif_transpose(Image.open(sample_path(name))).convert("RGB")
-    image.thumbnail((1024, 1024), Image.Resampling.LANCZOS)
-    return image
-
-
-def with_background_blur(image: Image.Image, sigma: float) -> np.ndarray:
-    """`image` with its top half Gaussian-blurred: a background out of focus behind a sharp foreground."""
-    array = np.array(image)
-    half = array.shape[0] // 2
-    array[:half] = np.asarray(image.filter(ImageFilter.GaussianBlur(sigma)))[:half]
-    return array
+    return at_1024(sample_path(name))
 
 
 def background(array: np.ndarray) -> tuple[int, int, int, int]:
