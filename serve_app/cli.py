@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--layers", type=int, default=8, help="layers task: layer count to plan for")
     plan.add_argument("--no-fp8", action="store_true", help="keep every weight in bf16")
     plan.add_argument("--no-offload", action="store_true", help="never stream weights from CPU")
+    plan.add_argument("--compute", choices=["bf16", "fp8"], default="bf16",
+                      help="how the transformer computes: bf16, or float8 (cards of compute capability >= 8.9)")
     plan.add_argument("--model", help="a local diffusers directory to size instead of the published configs")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     convert_styles.add_parser(commands)
@@ -95,7 +97,7 @@ def plan_command(args: argparse.Namespace) -> int:
         count, memory = placement.parse_gpus(args.gpus)
         config = placement.PlacementConfig(gpus=count, gpu_memory_gb=memory, resolution=args.resolution,
                                            layers=args.layers, allow_fp8=not args.no_fp8,
-                                           allow_offload=not args.no_offload)
+                                           allow_offload=not args.no_offload, compute=args.compute)
         sizes = placement.component_sizes(args.model) if args.model else None
         result = TASKS[args.task].section().plan_on(config, sizes)
     except placement.DoesNotFit as error:

@@ -4,6 +4,7 @@ version spreads over replicas, and alternating versions does not reload adapters
 from __future__ import annotations
 
 import io
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -76,7 +77,8 @@ def test_versions_match_a_directly_called_pipeline(routed, model_cache) -> None:
     # no version named: the default (newest) is used and named
     response = service.post_image(image, {"steps": 2, "seed": 1}, content_type="image/png")
     assert response.headers["x-imgserve-lora"] == C
-    assert Image.open(io.BytesIO(response.content)).info["imgserve"].count(C) == 1
+    metadata = json.loads(Image.open(io.BytesIO(response.content)).info["imgserve"])
+    assert metadata["lora"] == C and metadata["adapters"] == f"{C}:1"
 
 
 def test_unknown_and_path_like_versions_are_refused(routed) -> None:
