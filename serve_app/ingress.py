@@ -196,7 +196,7 @@ class Ingress:
             image, fields = await read_upload(request, self.orchestrator.upload.max_bytes)
             task = fields.pop("task", None)
             if task is None:
-                raise InvalidParameter(f"required: {self.orchestrator.choices_text()}", "task")
+                raise InvalidParameter(f"required: {self.orchestrator.registry.choices_text()}", "task")
             note(request, task=task[:32])
             status = await self.jobs.submit.remote(task, image, fields, request.headers.get("x-request-id"))
         except Exception as exc:

@@ -52,10 +52,6 @@ class Orchestrator:
         on first use, in the replica that uses it (the builder only passes the orchestrator on)."""
         return {task.name: task.configured(self.sections[task.name], self.cache_dir) for task in self.registry}
 
-    def choices_text(self) -> str:
-        """The task names as a sentence's list: `real, anime or layers`."""
-        return self.registry.choices_text()
-
     def task(self, name: str) -> ConfiguredTask:
         """The configured task `name`; NotFound naming the available ones."""
         if name not in self.tasks:
