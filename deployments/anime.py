@@ -15,9 +15,10 @@ Preprocess therefore only applies the long-edge limit (`input_spec.multiple == 1
 returned array has the input's size, so postprocess resizes nothing. Images with a side of 16 px
 or less, where a reflection cannot reach that far, are padded by edge replication instead.
 
-CPU path: channels-last float32 under `inference_mode` through `Generator.forward_lean` (images
-under ~160² use the plain forward), which never materialises a reflect-padded copy of an
-activation, normalises in place and writes activations into a `Workspace` kept between calls
+CPU path (`deployments.stylize`, which pads, batches and crops): channels-last float32 under
+`inference_mode` through `Generator.forward_lean` (images under ~160² use the plain forward), which
+never materialises a reflect-padded copy of an activation, normalises in place and writes
+activations into a `Workspace` kept between calls
 (`workspace_mb`), because faulting in fresh activation memory on every call was the largest cost on
 CPU. Outputs equal the plain forward's to within 1/255. The service stays on PyTorch alone (compile,
 TorchScript, bfloat16 and ONNX Runtime were measured and not taken), and CPU profiles keep
@@ -54,11 +55,6 @@ from deployments.task import Task, choice_schema
 from deployments.validation import at_least
 
 DEFAULT_STYLE = "face_paint_512_v2"
-#: Sides are padded to a multiple of this inside the model (the checkpoints' training geometry).
-PAD_MULTIPLE = 32
-# Below about this many (padded) pixels the lean forward's extra border convolutions cost more than
-# the padded copies they avoid (measured on 2 cores: 0.8x at 64², even at ~160²); above it it wins.
-_LEAN_MIN_PIXELS = 160 * 160
 
 
 class AnimeParams(BaseModel):
@@ -187,13 +183,6 @@ class AnimeModelConfig(ModelSettings):
         return AnimeParams(style=style)
 
 
-def padding_for(height: int, width: int) -> tuple[int, int, int, int]:
-    """(left, right, top, bottom) reflect padding that brings both sides to a multiple of 32."""
-    pad_h = -height % PAD_MULTIPLE
-    pad_w = -width % PAD_MULTIPLE
-    return pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2
-
-
 class AnimeModel(Model):
     """AnimeGANv2 generator, all styles resident: Prepared → Generated of the same size."""
 
@@ -239,7 +228,7 @@ class AnimeModel(Model):
                 f"styles there: {sorted(files) or 'none'}"
             )
         if self.device == "cpu" and cfg.workspace_mb > 0:
-            from deployments.animegan import Workspace
+            from deployments.stylize import Workspace
 
             self._workspace = Workspace(cfg.workspace_mb << 20) if Workspace.supported() else None
         nets = {name: self._read(path) for name, path in sorted(files.items())}
@@ -318,6 +307,8 @@ class AnimeModel(Model):
         self, prepared: list[Prepared], params: list[AnimeParams]
     ) -> list[Generated | BaseException]:
         """Requests of any sizes and styles → each its own result or error (never another's)."""
+        from deployments.stylize import padding_for
+
         if len(prepared) != len(params):
             raise ValueError(f"{len(prepared)} images but {len(params)} parameter sets")
         results: list[Generated | BaseException | None] = [None] * len(prepared)
@@ -373,11 +364,16 @@ class AnimeModel(Model):
         return height, width
 
     def _run_safely(self, style: str, arrays: list[np.ndarray], size: tuple[int, int]) -> list[Any]:
-        """`_run`, with errors turned into per-request results; after a GPU OOM, retries one by one."""
+        """`run_batch` on the style's generator, with errors turned into per-request results; after a GPU
+        OOM, retries one by one."""
         import torch
 
+        from deployments.stylize import run_batch
+
         try:
-            return self._run(self._net(style), arrays, size)
+            return run_batch(self._net(style), arrays, size, device=self.device, dtype=self.dtype,
+                             align_corners=self.config.align_corners, workspace=self._workspace,
+                             lock=self._forward_lock)
         except InvalidParameter as exc:
             return [exc] * len(arrays)
         except torch.cuda.OutOfMemoryError as exc:
@@ -388,54 +384,6 @@ class AnimeModel(Model):
             return [OutOfMemory(f"GPU out of memory at {width}x{height} ({style}): {exc}")]
         except (RuntimeError, ValueError) as exc:
             return [ModelFailure(f"the model failed on this request: {exc}")] * len(arrays)
-
-    def _run(self, net: Any, arrays: list[np.ndarray], size: tuple[int, int]) -> list[np.ndarray]:
-        """Pad each array to ``size`` (both sides multiples of 32), run one batch, crop each back."""
-        import torch
-        import torch.nn.functional as F
-
-        height, width = size
-        with torch.inference_mode():
-            batch = torch.empty(
-                (len(arrays), 3, height, width), dtype=self.dtype, device=self.device, memory_format=torch.channels_last
-            )
-            pads = []
-            for i, array in enumerate(arrays):
-                h, w = array.shape[:2]
-                pad = padding_for(h, w)  # the group's size is every member's own padded size
-                pads.append(pad)
-                # arrays from preprocess may be read-only (a view of a PIL buffer): torch warns on those
-                source = array if array.flags.writeable else array.copy()
-                x = torch.from_numpy(source).to(self.device).permute(2, 0, 1).unsqueeze(0).to(self.dtype)
-                x = x.mul_(1 / 127.5).sub_(1.0)
-                if any(pad):
-                    mode = "reflect" if max(pad[2:]) < h and max(pad[:2]) < w else "replicate"
-                    x = F.pad(x, pad, mode=mode)
-                batch[i] = x[0]
-            if self.device == "cpu" and height * width >= _LEAN_MIN_PIXELS:
-                with self._forward_lock:
-                    workspace = self._workspace
-                    try:
-                        out = net.forward_lean(batch, self.config.align_corners, workspace)
-                    except BaseException:
-                        if workspace is not None:
-                            workspace.reset()  # blocks taken by the failed call were never given back
-                        raise
-                    finally:
-                        if workspace is not None:
-                            workspace.trim()
-            else:
-                out = net(batch, self.config.align_corners)
-            del batch
-            # [-1, 1] → [0, 255], rounded (the published test.py truncates; rounding is the closer)
-            out = out.add_(1.0).mul_(127.5).clamp_(0.0, 255.0).round_().to(torch.uint8)
-            out = out.permute(0, 2, 3, 1).cpu()  # NHWC; contiguous when `out` was channels-last
-            results = []
-            for i, array in enumerate(arrays):
-                h, w = array.shape[:2]
-                left, _, top, _ = pads[i]
-                results.append(np.ascontiguousarray(out[i, top : top + h, left : left + w].numpy()))
-            return results
 
 
 def _in_serve_replica() -> bool:

@@ -16,13 +16,13 @@ from PIL import Image
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from deployments.anime import AnimeModel, AnimeModelConfig, AnimeParams, padding_for
+from deployments.anime import AnimeModel, AnimeModelConfig, AnimeParams
 from deployments.styles import TINY_STYLES, ensure_tiny_styles
+from deployments.stylize import Workspace, padding_for
 from deployments.animegan import (
     PARAMETER_COUNT,
     Generator,
     WeightsMismatch,
-    Workspace,
     load_generator,
     random_generator,
 )
