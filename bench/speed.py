@@ -138,7 +138,6 @@ class ForwardMeter:
 
 
 def measure(repeat: int, cache_dir: Path, input_path: Path) -> dict[str, Any]:
-    import numpy as np
     import torch
     import yaml
 

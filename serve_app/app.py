@@ -50,7 +50,7 @@ class ServedJobRunner(JobRunner):
     async def __init__(self, config: JobsSection, orchestrator: Orchestrator) -> None:
         context = serve.get_replica_context()
         handle = serve.get_deployment_handle(context.deployment, context.app_name)
-        JobRunner.__init__(self, config, orchestrator, handle)
+        JobRunner.__init__(self, config, orchestrator.open(), handle)
         await self.start()
 
 

@@ -156,7 +156,7 @@ class Ingress:
 
     def __init__(self, settings: IngressSection, orchestrator: Orchestrator, jobs: Any) -> None:
         self.settings = settings
-        self.orchestrator = orchestrator
+        self.orchestrator = orchestrator.open()
         self.jobs = jobs
 
     def __serve_build_asgi_app__(self) -> FastAPI:

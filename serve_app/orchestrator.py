@@ -49,8 +49,13 @@ class Orchestrator:
     @functools.cached_property
     def tasks(self) -> dict[str, ConfiguredTask]:
         """Task name → the task with its config section and catalog, in the registry's order; opened
-        on first use, in the replica that uses it (the builder only passes the orchestrator on)."""
+        in the replica that uses it (`open`), never in the builder, which only passes it on."""
         return {task.name: task.configured(self.sections[task.name], self.cache_dir) for task in self.registry}
+
+    def open(self) -> Orchestrator:
+        """Open the tasks' catalogs now (a replica's start), not on its first request."""
+        self.tasks
+        return self
 
     def task(self, name: str) -> ConfiguredTask:
         """The configured task `name`; NotFound naming the available ones."""
