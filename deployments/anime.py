@@ -364,8 +364,7 @@ class AnimeModel(Model):
         return height, width
 
     def _run_safely(self, style: str, arrays: list[np.ndarray], size: tuple[int, int]) -> list[Any]:
-        """`run_batch` on the style's generator, with errors turned into per-request results; after a GPU
-        OOM, retries one by one."""
+        """`run_batch` on the style's generator, errors as per-request results; after an OOM, one by one."""
         import torch
 
         from deployments.stylize import run_batch
