@@ -48,10 +48,42 @@ def _torchvision_available() -> bool:
     return importlib.util.find_spec("torchvision") is not None
 
 
-def load_pipeline(kind: Kind, directory: Path, torch_dtype: torch.dtype = torch.float32) -> Any:
-    """Load a Qwen-Image pipeline of ``kind`` from a local diffusers directory; never downloads."""
+def load_pipeline(kind: Kind, directory: Path, torch_dtype: torch.dtype = torch.float32, **components: Any) -> Any:
+    """Load a Qwen-Image pipeline of ``kind`` from a local diffusers directory; never downloads.
+    ``components`` replace what would be loaded (None: leave that component out)."""
     directory = Path(directory)
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": torch_dtype}  # diffusers 0.42: not `torch_dtype`
-    if not _torchvision_available():
+    if not _torchvision_available() and "processor" not in components:
         kwargs["processor"] = NoVideoProcessor.from_pretrained(directory / "processor", local_files_only=True)
-    return pipeline_class(kind).from_pretrained(directory, **kwargs)
+    return pipeline_class(kind).from_pretrained(directory, **kwargs, **components)
+
+
+def load_text_pipeline(kind: Kind, directory: Path, torch_dtype: torch.dtype = torch.float32,
+                       text_encoder: Any = None) -> Any:
+    """The pipeline of ``kind`` with its text parts only (text encoder, tokenizer, processor): what
+    the text encoder stage runs ``encode_prompt`` and captions with. ``text_encoder``: an already
+    loaded one to share. The VAE is not loaded, but its scale factor (which sizes the caption's
+    image) is read from its config, as the whole pipeline would compute it."""
+    import json
+
+    from diffusers.image_processor import VaeImageProcessor
+
+    shared = {"text_encoder": text_encoder} if text_encoder is not None else {}
+    pipe = load_pipeline(kind, directory, torch_dtype, transformer=None, vae=None, **shared)
+    vae = json.loads((Path(directory) / "vae" / "config.json").read_text())
+    pipe.vae_scale_factor = 2 ** len(vae["temperal_downsample"])
+    pipe.latent_channels = vae["z_dim"]
+    pipe.image_processor = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor * 2)
+    return pipe
+
+
+class EncoderElsewhere:
+    """Stands in for the text encoder of a pipeline whose prompts are encoded by the text encoder
+    stage: the layered pipeline reads only ``text_encoder.dtype`` (the dtype it casts its input
+    image to), which is the dtype the encoder would have had here."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def __repr__(self) -> str:
+        return f"EncoderElsewhere({self.dtype})"

@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from deployments import metrics, placement
 from deployments.errors import Cancelled, InvalidParameter, ModelFailure, OutOfMemory, TimedOut
 from deployments.model import Model, ModelSettings
 from deployments.options import DeploymentOptions, model_defaults
 from deployments.placement import DoesNotFit, PlacementConfig, Plan
-from deployments.records import Generated, Prepared, Progress
+from deployments.records import Conditioning, Generated, Prepared, Progress
 from deployments.validation import at_least
 
 if TYPE_CHECKING:
@@ -36,6 +36,8 @@ MIN_STEPS = 2
 """Fewest denoising steps: with the Qwen-Image scheduler config (shift_terminal) one step divides
 0 by 0 in the sigma stretch and returns NaN pixels, for the real models as for the tiny ones."""
 MAX_SEED = 2**32 - 1
+PIPELINE_MAX_SEQUENCE = 512
+"""The pipelines' `max_sequence_length` default, used for their prompts here too."""
 
 
 class DiffusionParams(BaseModel):
@@ -101,6 +103,14 @@ class DiffusionConfig(ModelSettings):
 
     _steps = at_least(MIN_STEPS, "default_steps", "max_steps")
     _diffusion_positive = at_least(1, "max_prompt_chars")
+    _text_encoder: Literal["inline", "stage"] = PrivateAttr("inline")
+
+    @property
+    def text_encoder(self) -> Literal["inline", "stage"]:
+        """Where this model's prompts are encoded: `inline` (its own text encoder) or `stage` (the
+        TextEncoder deployment; the replica loads none). The app config's `text_encoder.mode`,
+        given to the section at validation (the context's `text_encoder`)."""
+        return self._text_encoder
 
     @field_validator("default_cfg", "max_cfg")
     @classmethod
@@ -110,7 +120,9 @@ class DiffusionConfig(ModelSettings):
         return value
 
     @model_validator(mode="after")
-    def _defaults_within_limits(self) -> DiffusionConfig:
+    def _defaults_within_limits(self, info: ValidationInfo) -> DiffusionConfig:
+        if info.context and info.context.get("text_encoder") in ("inline", "stage"):
+            self._text_encoder = info.context["text_encoder"]
         if self.default_steps > self.max_steps:
             raise ValueError(f"default_steps must be <= max_steps ({self.max_steps}), got {self.default_steps}")
         if self.default_cfg > self.max_cfg:
@@ -170,15 +182,17 @@ class DiffusionConfig(ModelSettings):
         """The placement plan for this model on its `placement` (None without one)."""
         return self.plan_on(self.placement) if self.placement is not None else None
 
-    def plan_on(self, budget: PlacementConfig, sizes: dict[str, Any] | None = None) -> Plan:
-        """This model's plan on `budget` (with its VAE dtype), sized from `sizes`, else from the
-        configs of `source` when that directory is here, else from the published configs stored in
-        the package (what `tiny` stands in for). Raises DoesNotFit."""
+    def plan_on(self, budget: PlacementConfig, sizes: dict[str, Any] | None = None,
+                text_encoder: Literal["inline", "stage"] | None = None) -> Plan:
+        """This model's plan on `budget` (with its VAE dtype and, unless `text_encoder` says
+        otherwise, where its prompts are encoded), sized from `sizes`, else from the configs of
+        `source` when that directory is here, else from the published configs stored in the
+        package (what `tiny` stands in for). Raises DoesNotFit."""
         if sizes is None and self.source != "tiny":
             directory = Path(self.source).expanduser()
             sizes = placement.component_sizes(directory) if (directory / "model_index.json").is_file() else None
         vae = placement.FP32 if self.vae_dtype == "float32" else "bfloat16"
-        return placement.plan(self.task, budget, sizes, vae_dtype=vae)
+        return placement.plan(self.task, budget, sizes, vae_dtype=vae, text_encoder=text_encoder or self.text_encoder)
 
     def serve_options(self) -> dict[str, Any]:
         """From config, and with `placement` the GPUs, custom resources and placement-group bundle
@@ -218,23 +232,19 @@ class DiffusionModel(Model):
         """The pipeline from `source` on this replica's device; the plan applied when CUDA is present,
         and without CUDA (fake GPU resources) its number formats only: bf16 compute, fp8 storage
         and the VAE's dtype, as a card would compute."""
-        from deployments import tiny
-        from deployments.checkpoints import load_pipeline
+        from deployments.checkpoints import EncoderElsewhere, load_pipeline
 
         config = self.config
         self.plan = config.plan()
-        if config.source == "tiny":
-            directory = tiny.ensure_tiny(self.kind, self.cache_dir)
-        else:
-            directory = Path(config.source).expanduser()
-            if not (directory / "model_index.json").is_file():
-                raise FileNotFoundError(f"{config.task}.source {str(directory)!r} is not a local diffusers directory "
-                                        "(no model_index.json); prepare it ahead")
+        directory = self.directory()
         if self.plan is not None and self.plan.transformer.compute == "fp8":
             problem = placement.fp8_compute_problem(self.device)
             if problem:
                 raise ValueError(f"{config.task}.placement.compute is fp8, but {problem}")
-        pipe = load_pipeline(self.kind, directory, torch_dtype=self.dtype)
+        staged = {"text_encoder": None} if config.text_encoder == "stage" else {}
+        pipe = load_pipeline(self.kind, directory, torch_dtype=self.dtype, **staged)
+        if staged:
+            pipe.text_encoder = EncoderElsewhere(self.compute_dtype())
         pipe.set_progress_bar_config(disable=True)
         if self.device == "cuda" and self.plan is not None:
             # loaded on CPU first: the plan may cast to fp8 or offload before anything reaches a GPU
@@ -249,6 +259,77 @@ class DiffusionModel(Model):
         self.attention = use_attention(pipe.transformer, config.attention_backend, self.device, config.task)
         self.pipe = pipe
 
+    def directory(self) -> Path:
+        """The local diffusers directory of `source` (the tiny one generated first if asked)."""
+        from deployments import tiny
+
+        config = self.config
+        if config.source == "tiny":
+            return tiny.ensure_tiny(self.kind, self.cache_dir)
+        directory = Path(config.source).expanduser()
+        if not (directory / "model_index.json").is_file():
+            raise FileNotFoundError(f"{config.task}.source {str(directory)!r} is not a local diffusers directory "
+                                    "(no model_index.json); prepare it ahead")
+        return directory
+
+    def compute_dtype(self) -> Any:
+        """The dtype prompt embeddings reach the transformer in: the plan's bf16 when there is a
+        plan, else the replica's dtype (what its own text encoder would have computed in)."""
+        import torch
+
+        return torch.bfloat16 if self.plan is not None else self.dtype
+
+    # -- text --------------------------------------------------------------------------------------
+    def load_text(self, text_encoder: Any = None) -> None:
+        """Load only the text parts of the pipeline (for the text encoder stage, which sets
+        `device` and `dtype` first); `text_encoder`: an already loaded one with the same bytes."""
+        from deployments.checkpoints import load_text_pipeline
+
+        self.pipe = load_text_pipeline(self.kind, self.directory(), self.dtype, text_encoder)
+        if text_encoder is None:
+            self.pipe.text_encoder.to(self.device)
+
+    def encode_text(self, prepared: Prepared, params: Any) -> Conditioning:
+        """The request's prompt embeddings, made with the pipeline's own `encode_prompt` (and, for
+        a task that captions, its caption): the same wherever it runs."""
+        raise NotImplementedError
+
+    def encoded(self, prompt: str, negative: str | None, **inputs: Any) -> Conditioning:
+        """`encode_prompt` of `prompt` (and of `negative` when given, for CFG) with the pipeline's
+        call arguments, as arrays; `inputs` are the task's extra inputs (the condition image)."""
+        import torch
+
+        pipe = self.pipe
+        arrays: list[np.ndarray | None] = []
+        dtype = None
+        for text in (prompt, negative):
+            if text is None:
+                arrays += [None, None]
+                continue
+            embeds, mask = pipe.encode_prompt(prompt=text, device=pipe._execution_device, num_images_per_prompt=1,
+                                              max_sequence_length=PIPELINE_MAX_SEQUENCE, **inputs)
+            if mask is None:  # the pipeline drops an all-ones mask; passing it back in drops it again
+                mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+            dtype = embeds.dtype
+            arrays += [embeds.detach().float().cpu().numpy(), mask.detach().cpu().numpy()]
+        return Conditioning(*arrays, dtype=str(dtype).removeprefix("torch."), prompt=prompt,
+                            served={"encoder": self.replica})
+
+    def conditioned(self, conditioning: Conditioning) -> dict[str, Any]:
+        """The pipeline's embedding arguments from `conditioning`, on its execution device in the
+        dtype the transformer takes them."""
+        import torch
+
+        device, dtype = self.pipe._execution_device, self.compute_dtype()
+
+        def tensor(array: np.ndarray | None, cast: Any = None) -> Any:
+            return None if array is None else torch.from_numpy(array).to(device=device, dtype=cast)
+
+        return {"prompt_embeds": tensor(conditioning.embeds, dtype),
+                "prompt_embeds_mask": tensor(conditioning.mask),
+                "negative_prompt_embeds": tensor(conditioning.negative_embeds, dtype),
+                "negative_prompt_embeds_mask": tensor(conditioning.negative_mask)}
+
     def extra_stats(self) -> dict[str, Any]:
         """The settings no request can change: the VAE's dtype, the scheduler (the model's own),
         the batch size (one image per request)."""
@@ -258,22 +339,33 @@ class DiffusionModel(Model):
                 "locked": {"vae_dtype": str(self.pipe.vae.dtype).removeprefix("torch."),
                            "scheduler": type(self.pipe.scheduler).__name__, "batch_size": 1}}
 
-    async def __call__(self, prepared: Prepared, params: Any, progress: Progress | None = None) -> Generated:
-        """Serve entry point: runs `generate` on the model thread."""
-        return await self.on_model_thread(self.generate, prepared, params, progress)
+    async def __call__(self, prepared: Prepared, params: Any, progress: Progress | None = None,
+                       conditioning: Conditioning | None = None) -> Generated:
+        """Serve entry point: runs `generate` on the model thread (`conditioning`: the text
+        encoder stage's work for this request)."""
+        return await self.on_model_thread(self.generate, prepared, params, progress, conditioning)
 
-    def generate(self, prepared: Prepared, params: Any, progress: Progress | None = None) -> Generated:
+    def generate(self, prepared: Prepared, params: Any, progress: Progress | None = None,
+                 conditioning: Conditioning | None = None) -> Generated:
         raise NotImplementedError
 
+    def needs_conditioning(self, conditioning: Conditioning | None) -> None:
+        """A replica without a text encoder cannot run a request that brings no embeddings."""
+        if conditioning is None and self.config.text_encoder == "stage":
+            raise ModelFailure(f"{type(self).__name__} has no text encoder (text_encoder.mode is stage): "
+                               "its requests must come through the TextEncoder stage")
+
     @contextlib.contextmanager
-    def guarded(self, what: str) -> Iterator[metrics.DiffusionStages]:
+    def guarded(self, what: str, conditioning: Conditioning | None = None) -> Iterator[metrics.DiffusionStages]:
         """Around one request's model work (`what` describes its size for the out-of-memory
         message): stage times and the GPU peak recorded when it succeeds, and every failure turned
-        into the request's own error; the replica keeps serving."""
+        into the request's own error; the replica keeps serving. With `conditioning` the prompt
+        was encoded elsewhere, and its stages are recorded there."""
         import torch
 
         try:
-            with metrics.diffusion_request(self.pipe, self.task) as stages, torch.inference_mode():
+            with metrics.diffusion_request(self.pipe, self.task, encode_prompt=conditioning is None) as stages, \
+                    torch.inference_mode():
                 yield stages
         except (Cancelled, TimedOut) as exc:
             self.stopped(exc.code, str(exc))

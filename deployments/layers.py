@@ -59,7 +59,7 @@ from pydantic import field_validator, model_validator
 from deployments.diffusion import DiffusionConfig, DiffusionModel, DiffusionParams, step_callback, to_uint8
 from deployments.errors import InvalidParameter, ModelFailure
 from deployments.postprocess import LAYER_FORMATS
-from deployments.records import Generated, ImageSpec, Prepared, Progress
+from deployments.records import Conditioning, Generated, ImageSpec, Prepared, Progress
 from deployments.task import Task
 from deployments.validation import at_least
 
@@ -251,45 +251,67 @@ class LayersModel(DiffusionModel):
         return text.strip()
 
     # -- serving ---------------------------------------------------------------------------------
-    def generate(self, prepared: Prepared, params: LayersParams, progress: Progress | None = None) -> Generated:
-        """One request: `progress` (optional) hears the stages and steps and can cancel between steps."""
-        import torch
+    def checked(self, prepared: Prepared, params: LayersParams) -> tuple[Any, tuple[int, int]]:
+        """The request's image as PIL RGBA (RGB made opaque) and its bucket size; InvalidParameter
+        where the pipeline cannot take it. Call inside `sizes()`."""
         from PIL import Image
 
-        started = time.perf_counter()
-        # 1. validate
-        params = self.config.resolve(params)
         array = prepared.array
         if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] not in (3, 4) or 0 in array.shape:
             raise InvalidParameter(f"expected an RGBA (or RGB) uint8 array, got {array.dtype} {array.shape}", "image")
         if array.shape[2] == 3:  # the RGBA VAE needs 4 channels: RGB is opaque RGBA
             array = np.dstack([array, np.full(array.shape[:2], 255, np.uint8)])
-        self.check_health()
         height, width = array.shape[:2]
-        image = Image.fromarray(np.ascontiguousarray(array), "RGBA")
-        if progress is not None:
+        bucket = self.bucket_size(width, height, params.resolution)
+        if min(bucket) < 16:
+            raise InvalidParameter(
+                f"aspect ratio {width}x{height} is too extreme for the {params.resolution} bucket "
+                f"(layers would be {bucket[0]}x{bucket[1]})", "image")
+        return Image.fromarray(np.ascontiguousarray(array), "RGBA"), bucket
+
+    def encode_text(self, prepared: Prepared, params: LayersParams) -> Conditioning:
+        """The prompt (the image's caption when the request has none) and, with CFG, the negative
+        prompt, encoded; the caption's time is its own stage."""
+        with self.sizes():
+            image, bucket = self.checked(prepared, params)
+            prompt, source, seconds = params.prompt, "request", {}
+            if not prompt:
+                start = time.perf_counter()
+                prompt = self.caption(image, bucket) or BLANK_CAPTION_PROMPT
+                seconds["caption"] = time.perf_counter() - start
+                source = "caption"
+            encoded = self.encoded(prompt, params.negative_prompt if params.cfg > 1 else None)
+        encoded.prompt_source = source
+        encoded.seconds.update(seconds)
+        return encoded
+
+    def generate(self, prepared: Prepared, params: LayersParams, progress: Progress | None = None,
+                 conditioning: Conditioning | None = None) -> Generated:
+        """One request: `progress` (optional) hears the stages and steps and can cancel between
+        steps; `conditioning`, the text encoder stage's work, when it did it."""
+        import torch
+
+        started = time.perf_counter()
+        # 1. validate
+        params = self.config.resolve(params)
+        self.check_health()
+        self.needs_conditioning(conditioning)
+        if progress is not None and conditioning is None:
             progress.stage("encode_prompt")  # the caption, when there is one, is part of it
         with self.sizes():
-            bucket = self.bucket_size(width, height, params.resolution)
-            if min(bucket) < 16:
-                raise InvalidParameter(
-                    f"aspect ratio {width}x{height} is too extreme for the {params.resolution} bucket "
-                    f"(layers would be {bucket[0]}x{bucket[1]})", "image")
-            with self.guarded(f"resolution {params.resolution}, {params.layers} layers, {params.steps} steps") as stages:
-                # 2. caption (only when the request has no prompt)
-                prompt, source = params.prompt, "request"
-                if not prompt:
-                    start = time.perf_counter()
-                    prompt = self.caption(image, bucket) or BLANK_CAPTION_PROMPT
-                    stages.seconds["caption"] = time.perf_counter() - start
-                    source = "caption"
+            image, bucket = self.checked(prepared, params)
+            with self.guarded(f"resolution {params.resolution}, {params.layers} layers, {params.steps} steps",
+                              conditioning) as stages:
+                # 2. caption (only when the request has no prompt) and encode, unless the stage did
+                encoded = conditioning or self.encode_text(prepared, params)
+                if conditioning is None:
+                    stages.seconds.update({k: v for k, v in encoded.seconds.items() if k == "caption"})
                 # 3. run
                 generator = torch.Generator(device="cpu").manual_seed(params.seed)
                 output = self.pipe(
                     image=image,
-                    prompt=prompt,
-                    # only used with cfg > 1; passing it otherwise just logs a warning
-                    negative_prompt=params.negative_prompt if params.cfg > 1 else None,
+                    prompt=encoded.prompt,  # never captioned again: the embeddings are given
+                    **self.conditioned(encoded),
                     true_cfg_scale=params.cfg,
                     layers=params.layers,
                     num_inference_steps=params.steps,
@@ -307,16 +329,18 @@ class LayersModel(DiffusionModel):
                 f"the pipeline returned layers of shape {frames.shape}, expected "
                 f"{(params.layers, bucket[1], bucket[0], 4)}"
             )
-        seconds = {"caption": stages.seconds.pop("caption", 0.0), **stages.seconds,
+        elsewhere = conditioning.seconds if conditioning is not None else {}
+        seconds = {"caption": stages.seconds.pop("caption", 0.0), **stages.seconds, **elsewhere,
                    "total": time.perf_counter() - started}
         used = {
             "task": self.task,
             **params.model_dump(),
-            "prompt": prompt,
-            "prompt_source": source,
+            "prompt": encoded.prompt,
+            "prompt_source": encoded.prompt_source,
             "layer_size": f"{bucket[0]}x{bucket[1]}",
         }
-        served = {"replica": self.replica, "timings_s": {k: round(v, 6) for k, v in seconds.items()}}
+        served = {"replica": self.replica, **(conditioning.served if conditioning else {}),
+                  "timings_s": {k: round(v, 6) for k, v in seconds.items()}}
         return Generated(array=to_uint8(frames), info=prepared.info, params=used, served=served)
 
 

@@ -266,7 +266,7 @@ class DiffusionStages:
         self._decode_started: float | None = None
 
     @contextlib.contextmanager
-    def around(self, pipe: Any) -> Iterator[DiffusionStages]:
+    def around(self, pipe: Any, encode_prompt: bool = True) -> Iterator[DiffusionStages]:
         patched: list[tuple[Any, str, Any]] = []
         missing = object()
 
@@ -297,7 +297,8 @@ class DiffusionStages:
 
             setattr(owner, method, wrapper)
 
-        timed(pipe, "encode_prompt", "encode_prompt")
+        if encode_prompt:
+            timed(pipe, "encode_prompt", "encode_prompt")
         timed(pipe, "prepare_latents", "encode_image")
         timed(getattr(pipe, "vae", None), "decode", "decode")
         try:
@@ -313,11 +314,12 @@ class DiffusionStages:
 
 
 @contextlib.contextmanager
-def diffusion_request(pipe: Any, task: str) -> Iterator[DiffusionStages]:
-    """Around one pipeline call: its stage times and the GPU memory peak, recorded if it succeeds."""
+def diffusion_request(pipe: Any, task: str, encode_prompt: bool = True) -> Iterator[DiffusionStages]:
+    """Around one pipeline call: its stage times and the GPU memory peak, recorded if it succeeds
+    (`encode_prompt` False: the prompt was encoded elsewhere, which records that stage)."""
     stages = DiffusionStages()
     reset_gpu_peak()
-    with stages.around(pipe):
+    with stages.around(pipe, encode_prompt):
         yield stages
     record_stages(task, stages.seconds)
     record_gpu_peak(task)

@@ -24,7 +24,7 @@ from deployments.adapters import Adapters, stack_text
 from deployments.diffusion import MIN_STEPS, DiffusionConfig, DiffusionModel, DiffusionParams, step_callback, to_uint8
 from deployments.errors import InvalidParameter
 from deployments.lora import NONE, LoraStore, check_name, ensure_tiny_loras, ensure_tiny_speed_adapter
-from deployments.records import Generated, ImageSpec, Prepared, Progress
+from deployments.records import Conditioning, Generated, ImageSpec, Prepared, Progress
 from deployments.task import Task, choice_schema
 from deployments.validation import at_least, between
 
@@ -248,15 +248,25 @@ class RealModel(DiffusionModel):
         self.store: LoraStore | None = None
         self.adapters: Adapters | None = None
         """Speed adapters and resident versions of this replica's transformer (after `load`)."""
+        self.prefetched: set[str] = set()
+        """Versions loaded by `prefetch` that no request has used yet."""
 
-    def load_model(self) -> None:
+    def condition_areas(self) -> None:
+        """The demo's smaller condition images (process-wide), where the config asks for them."""
         from deployments import tiny
 
+        if self.config.condition_area:
+            tiny.set_condition_areas(self.config.condition_area, self.config.condition_area)
+
+    def load_text(self, text_encoder: Any = None) -> None:
+        self.condition_areas()
+        super().load_text(text_encoder)
+
+    def load_model(self) -> None:
         # Several named adapters on one transformer is exactly what hot swapping means here.
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         self.store = self.config.lora_store(self.cache_dir)
-        if self.config.condition_area:
-            tiny.set_condition_areas(self.config.condition_area, self.config.condition_area)
+        self.condition_areas()
         super().load_model()
         if self.config.compile:
             # before any adapter: every one is sized for the largest rank, so swapping keeps the graph
@@ -283,26 +293,36 @@ class RealModel(DiffusionModel):
         `serve.multiplexed`, which tells the router which replica holds which version."""
         return await self.on_model_thread(self.ensure_adapter, version)
 
+    async def prefetch(self, version: str) -> str:
+        """Make `version` resident ahead of a request that will use it (while its prompt is being
+        encoded elsewhere); that request then reports the load as its own (`lora_load: cold`)."""
+        loads_before = self.adapters.version_loads() if self.adapters is not None else 0
+        await self.adapter(version)
+        if self.adapters is not None and self.adapters.version_loads() > loads_before:
+            self.prefetched.add(version)
+        return version
+
     # -- serving ---------------------------------------------------------------------------------
-    async def __call__(self, prepared: Prepared, params: RealParams, progress: Progress | None = None) -> Generated:
+    async def __call__(self, prepared: Prepared, params: RealParams, progress: Progress | None = None,
+                       conditioning: Conditioning | None = None) -> Generated:
         """Serve entry point: the version made resident, then `generate` on the model thread."""
         loads_before = self.adapters.version_loads() if self.adapters is not None else 0
         if params.lora and params.lora != NONE:
             await self.adapter(params.lora)
-        generated = await self.on_model_thread(self.generate, prepared, params, progress)
+        generated = await self.on_model_thread(self.generate, prepared, params, progress, conditioning)
         if params.lora != NONE:
-            generated.served["lora_load"] = "cold" if self.adapters.version_loads() > loads_before else "warm"
+            prefetched = params.lora in self.prefetched
+            self.prefetched.discard(params.lora)
+            cold = prefetched or self.adapters.version_loads() > loads_before
+            generated.served["lora_load"] = "cold" if cold else "warm"
             if generated.served["lora_load"] == "warm":  # loads are counted where they happen
                 metrics.lora_events.inc(tags={"event": "hit", "version": params.lora})
         return generated
 
-    def generate(self, prepared: Prepared, params: RealParams, progress: Progress | None = None) -> Generated:
-        import torch
+    def checked(self, prepared: Prepared) -> np.ndarray:
+        """The request's image, refused (InvalidParameter) where the pipeline cannot take it."""
         from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
-        from PIL import Image
 
-        # 1. validate
-        params = self.config.resolve(params, self.store)
         array = prepared.array
         if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
             raise InvalidParameter(f"expected an RGB uint8 array, got {array.dtype} {array.shape}", "image")
@@ -318,22 +338,46 @@ class RealModel(DiffusionModel):
         if min(min(sides) for sides in conditions) < 32:
             raise InvalidParameter(f"aspect ratio {width}x{height} is too extreme for this model (its condition "
                                    f"images would be {' and '.join(f'{w}x{h}' for w, h in conditions)})", "image")
+        return array
+
+    def encode_text(self, prepared: Prepared, params: RealParams) -> Conditioning:
+        """The prompt (and negative prompt, with CFG) encoded with the condition image, sized as
+        the pipeline sizes it."""
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
+        from PIL import Image
+
+        image = Image.fromarray(self.checked(prepared))
+        width, height = image.size
+        condition_width, condition_height = edit_plus.calculate_dimensions(edit_plus.CONDITION_IMAGE_SIZE,
+                                                                           width / height)
+        condition = self.pipe.image_processor.resize(image, condition_height, condition_width)
+        return self.encoded(params.prompt, params.negative_prompt if params.cfg > 1 else None, image=[condition])
+
+    def generate(self, prepared: Prepared, params: RealParams, progress: Progress | None = None,
+                 conditioning: Conditioning | None = None) -> Generated:
+        import torch
+        from PIL import Image
+
+        # 1. validate
+        params = self.config.resolve(params, self.store)
+        array = self.checked(prepared)
+        height, width = array.shape[:2]
         self.check_health()
+        self.needs_conditioning(conditioning)
         # 2. the request's adapters: its preset's speed adapter, then its version
         loads_before = self.adapters.version_loads()
         speed = self.config.speed_adapters.get(params.preset)
         stack = self.adapters.stack(params.preset, params.lora, params.lora_scale, speed.weight if speed else 0.0)
         self.adapters.activate(stack)
-        # 3. run
+        # 3. run: the prompt encoded here unless the text encoder stage did it
         generator = torch.Generator(device="cpu").manual_seed(params.seed)
-        if progress is not None:
+        if progress is not None and conditioning is None:
             progress.stage("encode_prompt")
-        with self.guarded(f"{width}x{height}, {params.steps} steps"):
+        with self.guarded(f"{width}x{height}, {params.steps} steps", conditioning):
+            encoded = conditioning or self.encode_text(prepared, params)
             output = self.pipe(
                 image=[Image.fromarray(array)],
-                prompt=params.prompt,
-                # only used with cfg > 1; passing it otherwise just logs a warning
-                negative_prompt=params.negative_prompt if params.cfg > 1 else None,
+                **self.conditioned(encoded),
                 true_cfg_scale=params.cfg,
                 num_inference_steps=params.steps,
                 height=height,
@@ -343,7 +387,7 @@ class RealModel(DiffusionModel):
                 callback_on_step_end=step_callback(progress, params.steps),
             )
         # 4. package
-        served: dict[str, Any] = {"replica": self.replica}
+        served: dict[str, Any] = {"replica": self.replica, **(conditioning.served if conditioning else {})}
         if params.lora != NONE:
             served["lora_load"] = "cold" if self.adapters.version_loads() > loads_before else "warm"
         return Generated(array=to_uint8(output.images[0]), info=prepared.info,

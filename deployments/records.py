@@ -71,6 +71,37 @@ class Generated:
     disk); reported to the client but never embedded, so results stay byte-identical."""
 
 
+@dataclass
+class Conditioning:
+    """What a text encoder made of one request, for a diffusion model to denoise with: the
+    pipeline's own `encode_prompt` outputs as arrays (float32, exact for bfloat16 and float32
+    encoders; cast back to `dtype` on arrival), and the prompt actually used."""
+
+    embeds: np.ndarray
+    """(1, tokens, hidden) prompt embeddings."""
+    mask: np.ndarray
+    """(1, tokens) attention mask (all ones where the pipeline passes none)."""
+    negative_embeds: np.ndarray | None
+    """The negative prompt's embeddings; None without classifier-free guidance."""
+    negative_mask: np.ndarray | None
+    dtype: str
+    """The torch dtype the encoder computed in (`bfloat16`, `float32`)."""
+    prompt: str
+    """The prompt the embeddings are of (a caption when the model wrote one)."""
+    prompt_source: str = "request"
+    """`request`, or `caption` when the encoder captioned the image."""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Stage times of the encoder's work (`encode_prompt`, `caption`)."""
+    served: dict[str, Any] = field(default_factory=dict)
+    """Where it was encoded (the encoder's replica), for the result's `served`."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of arrays that cross the hop."""
+        arrays = (self.embeds, self.mask, self.negative_embeds, self.negative_mask)
+        return sum(array.nbytes for array in arrays if array is not None)
+
+
 class Progress(Protocol):
     """Where a model reports how far one request is; passed in by the caller, may be None.
 

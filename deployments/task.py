@@ -117,6 +117,12 @@ class Task:
         return self.model.__name__
 
     @property
+    def encodes_text(self) -> bool:
+        """Whether its model conditions on a text encoder the text encoder stage can run for it
+        (its class has `encode_text`)."""
+        return callable(getattr(self.model, "encode_text", None))
+
+    @property
     def input_spec(self) -> ImageSpec:
         """What the model needs from preprocess."""
         return self.model.input_spec

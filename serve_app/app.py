@@ -1,7 +1,7 @@
 """Builds the one driver graph from a validated config: `serve_app.app:build_app(args)`.
 
-Ingress → Preprocess (CPU) → each task's model (GPU or CPU) → Postprocess (CPU), plus the job
-runner, composed by handles passed to `.bind()`. The builder loops over a task registry: one model
+Ingress → Preprocess (CPU) → [TextEncoder, in stage mode] → each task's model (GPU or CPU) →
+Postprocess (CPU), plus the job runner, composed by handles passed to `.bind()`. The builder loops over a task registry: one model
 deployment per task, named after its model class, with the Serve options its section asks for
 (placement included). Deployment classes are plain classes; this module alone attaches Ray Serve
 options, makes Serve call a model's separate `load()` step when a replica starts, and routes a
@@ -20,7 +20,8 @@ from deployments.postprocess import Postprocess
 from deployments.preprocess import Preprocess
 from deployments.task import Task, Tasks, TaskSection
 from deployments.tasks import TASKS
-from serve_app.config import JobsSection, load_config
+from deployments.text_encoder import TextEncoder, identity
+from serve_app.config import BaseAppConfig, JobsSection, load_config
 from serve_app.ingress import Ingress
 from serve_app.jobs import JobRunner
 from serve_app.orchestrator import Handles, Orchestrator
@@ -68,15 +69,34 @@ def model_deployment(task: Task, section: TaskSection, cache_dir: Any, cls: type
     return deployment(served, section.serve_options(), name=task.deployment).bind(section, cache_dir)
 
 
+def text_encoders(config: BaseAppConfig, tasks: Tasks, cls: type = TextEncoder) -> dict[str, Application]:
+    """Task → the TextEncoder deployment encoding its prompts (stage mode; {} inline). Tasks whose
+    text encoder files have the same bytes share one deployment, named `TextEncoder`; where they
+    differ (or cannot be read here) each group gets its own, `TextEncoder_<tasks>`."""
+    groups: dict[str, list[str]] = {}
+    for name in config.staged():
+        digest = identity(tasks[name].model, config.section(name), config.cache_dir)
+        groups.setdefault(digest or f"unknown:{name}", []).append(name)
+    encoders: dict[str, Application] = {}
+    for names in groups.values():
+        label = "TextEncoder" if len(groups) == 1 else "TextEncoder_" + "_".join(names)
+        models = {name: (tasks[name].model, config.section(name)) for name in names}
+        app = deployment(loading(cls), config.text_encoder.stage_options(tuple(names)), name=label).bind(
+            config.text_encoder, models, config.cache_dir)
+        encoders.update(dict.fromkeys(names, app))
+    return encoders
+
+
 def build_app(args: dict[str, Any]) -> Application:
     """The imgserve application from a Serve config's `args` (Serve requires exactly one parameter)."""
     return build_graph(args)
 
 
 def build_graph(args: dict[str, Any] | None = None, *, tasks: Tasks = TASKS,
-                models: dict[str, type] | None = None) -> Application:
+                models: dict[str, type] | None = None, encoder: type = TextEncoder) -> Application:
     """The graph of `tasks` (the built-in ones by default); `models` lets tests substitute a
-    subclass of a task's model class (e.g. a gated one), by task name."""
+    subclass of a task's model class (e.g. a gated one), by task name, and `encoder` one of the
+    TextEncoder."""
     config = load_config(args, tasks)
     models = models or {}
     unknown = sorted(set(models) - set(tasks.names))
@@ -87,6 +107,7 @@ def build_graph(args: dict[str, Any] | None = None, *, tasks: Tasks = TASKS,
         models={task.name: model_deployment(task, config.section(task.name), config.cache_dir, models.get(task.name))
                 for task in tasks},
         postprocess=deployment(Postprocess, config.postprocess.serve).bind(config.postprocess),
+        encoders=text_encoders(config, tasks, encoder),
     )
     orchestrator = Orchestrator(tasks, config.sections(), config.preprocess, config.cache_dir, handles)
     jobs = deployment(ServedJobRunner, config.jobs.serve, name="JobRunner").bind(config.jobs, orchestrator)

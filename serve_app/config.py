@@ -23,6 +23,7 @@ from deployments.postprocess import PostprocessConfig
 from deployments.preprocess import PreprocessConfig
 from deployments.task import Tasks, TaskSection
 from deployments.tasks import TASKS
+from deployments.text_encoder import TextEncoderConfig
 from deployments.validation import at_least, expanded_paths
 from serve_app.keys import check_digest
 
@@ -170,6 +171,8 @@ class BaseAppConfig(BaseModel):
     """Encoding settings and Serve options."""
     jobs: JobsSection = Field(default_factory=JobsSection)
     """Asynchronous jobs: queue depth, retries, retention, where the store lives."""
+    text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
+    """Where the diffusion tasks' prompts are encoded: in each replica, or the TextEncoder stage."""
 
     _paths = expanded_paths("cache_dir")
 
@@ -178,6 +181,18 @@ class BaseAppConfig(BaseModel):
         for section in self.sections().values():
             section.check_input_edge(self.preprocess.max_long_edge)
         return self
+
+    @model_validator(mode="after")
+    def _text_encoder_fits(self) -> BaseAppConfig:
+        if self.text_encoder.mode == "stage":
+            self.text_encoder.check(self.staged())
+        return self
+
+    def staged(self) -> tuple[str, ...]:
+        """The tasks whose prompts the TextEncoder stage encodes (none with `mode: inline`)."""
+        if self.text_encoder.mode != "stage":
+            return ()
+        return tuple(task.name for task in self.tasks if task.encodes_text)
 
     def section(self, task: str) -> TaskSection:
         """The config section of `task`."""
@@ -209,4 +224,7 @@ def load_config(args: dict[str, Any] | BaseAppConfig | None, tasks: Tasks = TASK
         if args.tasks != tasks:
             raise ValueError(f"a config of {args.tasks} given where one of {tasks} is needed")
         return args
-    return config_model(tasks).model_validate(args or {})
+    mode = (args or {}).get("text_encoder", {}) or {}
+    mode = mode.get("mode") if isinstance(mode, dict) else None
+    # the diffusion sections plan their cards with or without the encoder: they learn the mode first
+    return config_model(tasks).model_validate(args or {}, context={"text_encoder": mode})

@@ -30,7 +30,6 @@ copied by hand onto an offline host), deleting each pickle once its safetensors 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -38,6 +37,8 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+
+from deployments.identity import sha256
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHILD_TIMEOUT_S = 300.0
@@ -76,14 +77,6 @@ def check_kind(kind: str) -> tuple[str, ...]:
 def output_name(relative: str) -> str:
     """Where the conversion of `relative` goes, relative to the destination: its stem + .safetensors."""
     return PurePosixPath(relative).stem + ".safetensors"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -- the child ------------------------------------------------------------------------------------

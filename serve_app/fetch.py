@@ -37,7 +37,7 @@ from urllib.parse import quote
 
 import yaml
 
-from serve_app.convert import sha256
+from deployments.identity import sha256
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 """Formats that can run code when loaded: never fetched into a model directory (the service reads

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ class Handles:
     models: dict[str, Any]
     """Task name → its model deployment's handle."""
     postprocess: Any
+    encoders: dict[str, Any] = field(default_factory=dict)
+    """Task name → the handle of the TextEncoder deployment encoding its prompts (stage mode)."""
 
 
 class Orchestrator:
@@ -94,7 +96,20 @@ class Orchestrator:
         route = task.route(request.params) if task.route is not None else None
         if route is not None:
             handle = handle.options(multiplexed_model_id=route)
-        generated = await handle.remote(prepared, request.params, progress)
+        conditioning = None
+        encoder = self.handles.encoders.get(task.name)
+        if encoder is not None:
+            # 2a. the text encoder stage; meanwhile the replica that will take the request loads
+            #     its choice (a LoRA version) if it is cold, so a switch costs max(encode, load)
+            if progress is not None:
+                progress.stage("encode_prompt")
+            encoding = encoder.encode.remote(task.name, prepared, request.params)
+            if route is not None:
+                conditioning, _ = await asyncio.gather(encoding, _warm(handle, route))
+            else:
+                conditioning = await encoding
+        extra = (conditioning,) if conditioning is not None else ()  # only models that encode text take it
+        generated = await handle.remote(prepared, request.params, progress, *extra)
         # 3. encode on CPU replicas
         if progress is not None:
             progress.stage("postprocess")
@@ -107,3 +122,14 @@ class Orchestrator:
             "max_long_edge": self.upload.max_long_edge,
             "max_bytes": self.upload.max_bytes,
         }
+
+
+async def _warm(handle: Any, choice: str) -> None:
+    """Have a replica of `handle` (routed by `choice`) make it resident (the model's `prefetch`). Only a head start: a
+    failure here (a full queue, a lost replica) is the model call's to report, not this one's."""
+    try:
+        await handle.prefetch.remote(choice)
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # noqa: BLE001 - the request's own model call surfaces any real problem
+        return

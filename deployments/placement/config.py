@@ -3,8 +3,8 @@
 Contract: `PlacementConfig` is the GPUs one replica owns (count × memory, margin) and the
 trade-offs it may make to fit them (fp8, offload); `parse_gpus` reads `"2x24"` as (2, 24.0);
 `DoesNotFit` is what the planner raises when nothing fits. Also `GB` (decimal) and the type names
-`Task`, `Dtype`, `Offload` with `BF16`/`FP8`. Validation only: it never sizes a model, never plans,
-never imports torch.
+`Task`, `Dtype`, `Offload`, `TextEncoderMode` with `BF16`/`FP8`. Validation only: it never sizes a
+model, never plans, never imports torch.
 """
 
 from __future__ import annotations
@@ -23,7 +23,11 @@ context and the driver."""
 
 Task = Literal["real", "layers"]
 Dtype = Literal["bfloat16", "float8_e4m3fn", "float32"]
-Offload = Literal["none", "group", "cpu"]
+Offload = Literal["none", "group", "cpu", "stage"]
+TextEncoderMode = Literal["inline", "stage"]
+"""Where a diffusion replica's prompts are encoded: `inline`, by its own text encoder (on its cards,
+streamed to them, or on its CPU); `stage`, by the separate TextEncoder deployment (the replica
+loads no text encoder)."""
 
 BF16: Dtype = "bfloat16"
 FP8: Dtype = "float8_e4m3fn"

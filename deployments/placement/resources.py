@@ -2,8 +2,10 @@
 
 Contract: `ray_options(plan, config, num_cpus)` returns the deployment options that give one
 replica exactly the GPUs `plan` uses: actor CPUs and GPUs, the custom GPU resource when the config
-names one, and one STRICT_PACK bundle holding every GPU when the plan uses several. A pure
-function of its arguments: it never imports or calls Ray.
+names one, and one STRICT_PACK bundle holding every GPU when the plan uses several.
+`encoder_ray_options(plan, config, num_cpus)` does the same for the TextEncoder stage: one GPU
+(and the custom resource) for a card plan, none for a CPU plan. Pure functions of their
+arguments: they never import or call Ray.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from deployments.placement.config import PlacementConfig
+from deployments.placement.encoder import EncoderPlan
 from deployments.placement.search import Plan
 
 
@@ -31,3 +34,13 @@ def ray_options(plan: Plan, config: PlacementConfig, num_cpus: float) -> dict[st
         options["placement_group_bundles"] = [bundle]
         options["placement_group_strategy"] = "STRICT_PACK"
     return options
+
+
+def encoder_ray_options(plan: EncoderPlan, config: PlacementConfig | None, num_cpus: float) -> dict[str, Any]:
+    """Ray Serve deployment options of one TextEncoder replica: its one GPU (and `gpu_resource`)
+    for a card plan; no GPU for a CPU plan (a CPU replica asking for a GPU would hold a card idle)."""
+    gpus = plan.gpus
+    actor: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": gpus}
+    if gpus and config is not None and config.gpu_resource:
+        actor["resources"] = {config.gpu_resource: gpus}
+    return {"ray_actor_options": actor}

@@ -1,21 +1,36 @@
 """The planner: the best placement of a task's pipeline on the GPUs one replica owns.
 
-Contract: `plan(task, config, sizes)` tries the candidate recipes from best to worst (the order is
-in the `deployments.placement` docstring) on 1..`config.gpus` GPUs and returns the first `Plan`
-whose predicted peak fits every GPU (memory minus margin); otherwise it raises `DoesNotFit`,
-naming why and the smallest standard configuration that would fit. Pure arithmetic on
+Contract: `plan(task, config, sizes, vae_dtype, text_encoder)` tries the candidate recipes from best
+to worst (the order is in the `deployments.placement` docstring) on 1..`config.gpus` GPUs and
+returns the first `Plan` whose predicted peak fits every GPU (memory minus margin); otherwise it
+raises `DoesNotFit`, naming why and the smallest standard configuration that would fit. With
+`text_encoder="stage"` the cards hold only the transformer and the VAE (the prompts are encoded by
+the TextEncoder stage, `deployments.placement.encoder`). Pure arithmetic on
 `ComponentSize`s and the activation model: it never loads weights, never touches a GPU, never
 imports torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field
 
 from deployments.placement.activation import phase_transients
-from deployments.placement.config import BF16, FP8, FP32, GB, DoesNotFit, Dtype, Offload, PlacementConfig, Task
+from deployments.placement.config import (
+    BF16,
+    FP8,
+    FP32,
+    GB,
+    DoesNotFit,
+    Dtype,
+    Offload,
+    PlacementConfig,
+    Task,
+    TextEncoderMode,
+)
+from deployments.placement.plans import ComponentPlan, Plan, strategy_text
 from deployments.placement.sizes import COMPONENTS, TASK_MODELS, ComponentSize, component_sizes
+
+__all__ = ["MAX_STREAMED_FRACTION", "ComponentPlan", "Plan", "plan"]
 
 # --------------------------------------------------------------------------------------------
 # policy
@@ -36,110 +51,6 @@ configuration that fits."""
 MAX_SEARCH_GPUS = 8
 
 
-# --------------------------------------------------------------------------------------------
-# the plan
-
-
-@dataclass(frozen=True)
-class ComponentPlan:
-    """Where one component lives and in what form."""
-
-    gpus: tuple[int, ...]
-    """GPU indices (within the replica) holding it; empty: it runs on the CPU."""
-    dtype: Dtype
-    offload: Offload
-    """`none`: resident on its GPU(s); `group`: weights in CPU memory, streamed to the GPU as it runs
-    (all of them for the text encoder, `streamed_blocks` blocks for the transformer); `cpu`: runs
-    on the CPU."""
-    weights_gb: tuple[float, ...]
-    """Resident weights on each GPU of `gpus`, same order."""
-    cpu_weights_gb: float = 0.0
-    """Weights kept in host memory (streamed, or the whole component when it runs on CPU)."""
-    blocks: tuple[int, ...] = ()
-    """Transformer only: its resident blocks on each GPU of `gpus` (one entry when whole, several
-    when split at block boundaries); empty for the other components."""
-    streamed_blocks: int = 0
-    """Transformer blocks kept on CPU and streamed to the GPU on every call."""
-    compute: Literal["bf16", "fp8"] = "bf16"
-    """Transformer only: `fp8`, its Linear layers compute in float8 (torchao, per-row scales);
-    `bf16`, in bfloat16 (fp8 storage upcast layer by layer)."""
-
-    def device_text(self) -> str:
-        if not self.gpus:
-            return "CPU"
-        text = "GPU " + ",".join(str(g) for g in self.gpus)
-        if len(self.blocks) > 1:
-            text += " (blocks " + "+".join(str(b) for b in self.blocks) + ")"
-        return text
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Placement of one replica's pipeline; see the `deployments.placement` docstring."""
-
-    task: Task
-    gpus: int
-    """GPUs the replica owns (the budget)."""
-    gpu_memory_gb: float
-    margin_gb: float
-    resolution: int
-    layers: int | None
-    gpus_used: int
-    transformer: ComponentPlan
-    text_encoder: ComponentPlan
-    vae: ComponentPlan
-    vae_tiling: bool
-    vae_slicing: bool
-    """Decode the frames one at a time (`layers`: every layer is a frame)."""
-    peak_gb: tuple[float, ...]
-    """Predicted peak of each used GPU."""
-    peak_phase: tuple[str, ...]
-    """The phase that sets each GPU's peak."""
-    strategy: str
-
-    @property
-    def components(self) -> dict[str, ComponentPlan]:
-        return {"transformer": self.transformer, "text_encoder": self.text_encoder, "vae": self.vae}
-
-    @property
-    def usable_gb(self) -> float:
-        """What a GPU's peak may reach: memory minus margin."""
-        return self.gpu_memory_gb - self.margin_gb
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for name in COMPONENTS:
-            data[name] = {key: list(value) if isinstance(value, tuple) else value for key, value in data[name].items()}
-        data["peak_gb"], data["peak_phase"] = list(self.peak_gb), list(self.peak_phase)
-        data["usable_gb"] = self.usable_gb
-        return data
-
-    def describe(self) -> str:
-        layers = f", {self.layers} layers" if self.task == "layers" else ""
-        lines = [
-            f"plan: {self.task}, {self.resolution} px{layers} on {self.gpus}x{self.gpu_memory_gb:g} GB "
-            f"(uses {self.gpus_used} GPU{'s' if self.gpus_used > 1 else ''})",
-            f"strategy: {self.strategy}",
-            "",
-            f"{'component':<13} {'device(s)':<22} {'dtype':<14} {'offload':<17} {'GPU GB':>7} {'CPU GB':>7}",
-        ]
-        for name, part in self.components.items():
-            offload = part.offload if not part.streamed_blocks else f"group ({part.streamed_blocks} blocks)"
-            lines.append(
-                f"{name:<13} {part.device_text():<22} {part.dtype:<14} {offload:<17} "
-                f"{sum(part.weights_gb):>7.2f} {part.cpu_weights_gb:>7.2f}"
-            )
-        on = {True: "on", False: "off"}
-        lines.append(f"vae tiling: {on[self.vae_tiling]}, vae slicing: {on[self.vae_slicing]}")
-        lines += ["", f"{'GPU':<4} {'peak GB':>8} {'budget GB':>10} {'margin GB':>10} {'free GB':>8}  peak phase"]
-        for gpu, (peak, phase) in enumerate(zip(self.peak_gb, self.peak_phase)):
-            lines.append(
-                f"{gpu:<4} {peak:>8.2f} {self.gpu_memory_gb:>10.1f} {self.margin_gb:>10.2f} "
-                f"{self.usable_gb - peak:>8.2f}  {phase}"
-            )
-        return "\n".join(lines)
-
-
 @dataclass(frozen=True)
 class _Recipe:
     transformer: Dtype
@@ -151,12 +62,13 @@ class _Recipe:
         return FP8 in (self.transformer, self.text_encoder)
 
     def uses_offload(self) -> bool:
-        return self.text_offload != "none" or self.stream
+        return self.text_offload in ("group", "cpu") or self.stream
 
 
-def _recipes(allow_fp8: bool, allow_offload: bool, fp8_compute: bool = False) -> list[_Recipe]:
+def _recipes(allow_fp8: bool, allow_offload: bool, fp8_compute: bool = False, stage: bool = False) -> list[_Recipe]:
     """Candidates from best to worst (quality first, then speed); with fp8 compute, only those with
-    an fp8 transformer that is not streamed (torchao's float8 weights are not offloaded)."""
+    an fp8 transformer that is not streamed (torchao's float8 weights are not offloaded). With the
+    text encoder in the stage, recipes that differ only in where it goes are one recipe."""
     ladder = [
         _Recipe(BF16, BF16, "none", False),
         _Recipe(FP8, BF16, "none", False),
@@ -165,6 +77,8 @@ def _recipes(allow_fp8: bool, allow_offload: bool, fp8_compute: bool = False) ->
     for text_offload in ("group", "cpu"):
         for stream in (False, True):
             ladder += [_Recipe(BF16, BF16, text_offload, stream), _Recipe(FP8, BF16, text_offload, stream)]
+    if stage:
+        ladder = list(dict.fromkeys(_Recipe(r.transformer, BF16, "stage", r.stream) for r in ladder))
     return [r for r in ladder if (allow_fp8 or not r.uses_fp8()) and (allow_offload or not r.uses_offload())
             and (not fp8_compute or (r.transformer == FP8 and not r.stream))]
 
@@ -186,7 +100,9 @@ def _layout(
     """Place `recipe` on exactly `n` GPUs, or None. Text encoder and VAE share the last GPU; the
     transformer fills GPUs from the first, whole when it fits, else split at block boundaries
     (evenly over the GPUs that hold only transformer blocks); on one GPU, blocks that do not fit
-    are streamed when the recipe allows."""
+    are streamed when the recipe allows. With the text encoder in the stage the VAE goes on the
+    first GPU instead: the pipeline then executes where the transformer's first GPU is (accelerate
+    dispatches a split transformer with that as its main device), and the VAE must be there."""
     if recipe.stream and n > 1:
         return None  # streaming is the one-card fallback; with more cards, splitting is the answer
     limit = (config.gpu_memory_gb - config.margin) * GB
@@ -194,10 +110,12 @@ def _layout(
     act = phase_transients(task, config, sizes, tiled, vae_dtype)
     vae_bytes = vae.bytes_bf16 * (2 if vae_dtype == FP32 else 1)
     cards = [_Card() for _ in range(n)]
-    last = cards[-1]
+    stage = recipe.text_offload == "stage"
+    home_index = 0 if stage else n - 1
+    last = cards[home_index]
 
-    # text encoder and VAE on the last card
-    if recipe.text_offload != "cpu":
+    # text encoder and VAE on the last card (the VAE alone on the first with the stage)
+    if recipe.text_offload in ("none", "group"):
         # a streamed leaf, or the bf16 copy of an fp8 layer while it runs
         extra = te.largest_layer_bytes if (recipe.text_offload == "group" or recipe.text_encoder == FP8) else 0
         if recipe.text_offload == "none":
@@ -232,7 +150,7 @@ def _layout(
             return None
         streamed = remaining
     # spread the blocks evenly over the cards that hold nothing but transformer blocks
-    only = [i for i in range(n - 1) if alloc[i]]
+    only = [i for i in range(n) if alloc[i] and (stage or i < n - 1)]
     if len(only) > 1:
         total = sum(alloc[i] for i in only)
         share = [total // len(only) + (1 if k < total % len(only) else 0) for k in range(len(only))]
@@ -247,7 +165,7 @@ def _layout(
     peaks = [card.peak() for card in cards]
     if any(peak > limit for peak, _ in peaks):
         return None
-    used = [i for i in range(n) if alloc[i] or i in (0, n - 1)]
+    used = [i for i in range(n) if alloc[i] or i in (0, home_index)]
     if used != list(range(n)):  # an empty card in the middle: a smaller n places this recipe too
         return None
 
@@ -266,13 +184,15 @@ def _layout(
         compute=config.compute,
     )
     te_bytes = te.weight_bytes(recipe.text_encoder)
-    if recipe.text_offload == "none":
+    if stage:
+        text_encoder = ComponentPlan((), BF16, "stage", ())
+    elif recipe.text_offload == "none":
         text_encoder = ComponentPlan((n - 1,), recipe.text_encoder, "none", (round(te_bytes / GB, 3),))
     elif recipe.text_offload == "group":
         text_encoder = ComponentPlan((n - 1,), recipe.text_encoder, "group", (0.0,), round(te_bytes / GB, 3))
     else:
         text_encoder = ComponentPlan((), recipe.text_encoder, "cpu", (), round(te_bytes / GB, 3))
-    vae_plan = ComponentPlan((n - 1,), vae_dtype, "none", (round(vae_bytes / GB, 3),))
+    vae_plan = ComponentPlan((home_index,), vae_dtype, "none", (round(vae_bytes / GB, 3),))
     return Plan(
         task=task,
         gpus=config.gpus,
@@ -288,34 +208,15 @@ def _layout(
         vae_slicing=task == "layers",
         peak_gb=tuple(round(peak / GB, 3) for peak, _ in peaks),
         peak_phase=tuple(phase for _, phase in peaks),
-        strategy=_strategy_text(transformer, text_encoder, tiled),
+        strategy=strategy_text(transformer, text_encoder, tiled),
     )
 
 
-def _strategy_text(transformer: ComponentPlan, text_encoder: ComponentPlan, tiled: bool) -> str:
-    if transformer.compute == "fp8":
-        t = "fp8 transformer (float8 compute, torchao)"
-    else:
-        t = "fp8 transformer (layerwise casting)" if transformer.dtype == FP8 else "bf16 transformer"
-    if len(transformer.gpus) > 1:
-        t += f" split over GPUs {','.join(map(str, transformer.gpus))}"
-    else:
-        t += f" on GPU {transformer.gpus[0]}"
-    if transformer.streamed_blocks:
-        t += f", {transformer.streamed_blocks} blocks streamed from CPU"
-    te = "fp8 text encoder" if text_encoder.dtype == FP8 else "bf16 text encoder"
-    if text_encoder.offload == "group":
-        te += f" streamed from CPU to GPU {text_encoder.gpus[0]} (group offload)"
-    elif text_encoder.offload == "cpu":
-        te += " on CPU"
-    else:
-        te += f" + VAE on GPU {text_encoder.gpus[0]}"
-    return f"{t}; {te}" + ("; VAE tiling" if tiled else "")
-
-
-def _search(task: Task, config: PlacementConfig, sizes: dict[str, ComponentSize], vae_dtype: Dtype) -> Plan | None:
+def _search(task: Task, config: PlacementConfig, sizes: dict[str, ComponentSize], vae_dtype: Dtype,
+            text_encoder: TextEncoderMode = "inline") -> Plan | None:
     forced_tiling = config.resolution**2 > VAE_TILING_ABOVE_PIXELS
-    for recipe in _recipes(config.allow_fp8, config.allow_offload, config.compute == "fp8"):
+    stage = text_encoder == "stage"
+    for recipe in _recipes(config.allow_fp8, config.allow_offload, config.compute == "fp8", stage):
         for n in range(1, config.gpus + 1):
             for tiled in ((True,) if forced_tiling else (False, True)):
                 placed = _layout(task, config, sizes, recipe, n, tiled, vae_dtype)
@@ -325,7 +226,8 @@ def _search(task: Task, config: PlacementConfig, sizes: dict[str, ComponentSize]
 
 
 def _smallest(
-    task: Task, config: PlacementConfig, sizes: dict[str, ComponentSize], vae_dtype: Dtype
+    task: Task, config: PlacementConfig, sizes: dict[str, ComponentSize], vae_dtype: Dtype,
+    text_encoder: TextEncoderMode = "inline",
 ) -> list[tuple[str, PlacementConfig]]:
     """Smallest standard configurations that fit: the same options first, then with what is off
     turned on. `[(description, config), ...]`."""
@@ -346,32 +248,37 @@ def _smallest(
             candidate = config.model_copy(
                 update={"gpus": count, "gpu_memory_gb": memory, "allow_fp8": fp8, "allow_offload": offload}
             )
-            if _search(task, candidate, sizes, vae_dtype) is not None:
+            if _search(task, candidate, sizes, vae_dtype, text_encoder) is not None:
                 found.append((f"{count}x{memory:g} GB " + (label or "as configured"), candidate))
                 break
     return found
 
 
 def plan(task: Task, config: PlacementConfig, sizes: dict[str, ComponentSize] | None = None,
-         vae_dtype: Dtype = BF16) -> Plan:
+         vae_dtype: Dtype = BF16, text_encoder: TextEncoderMode = "inline") -> Plan:
     """The best placement of `task`'s pipeline on `config`'s GPUs, its VAE in `vae_dtype` (bf16, or
-    float32 where the task decodes in float32); raises DoesNotFit."""
+    float32 where the task decodes in float32), its text encoder on these cards (`inline`) or in
+    the TextEncoder stage (`stage`: not on them at all); raises DoesNotFit."""
     if task not in TASK_MODELS:
         raise ValueError(f"task must be one of {sorted(TASK_MODELS)}, got {task!r}")
+    if text_encoder not in ("inline", "stage"):
+        raise ValueError(f"text_encoder must be 'inline' or 'stage', got {text_encoder!r}")
     sizes = sizes if sizes is not None else component_sizes(TASK_MODELS[task])
     missing = [name for name in COMPONENTS if name not in sizes]
     if missing:
         raise ValueError(f"sizes lack {missing}")
-    found = _search(task, config, sizes, vae_dtype)
+    found = _search(task, config, sizes, vae_dtype, text_encoder)
     if found is not None:
         return found
-    alternatives = _smallest(task, config, sizes, vae_dtype)
+    alternatives = _smallest(task, config, sizes, vae_dtype, text_encoder)
     t = sizes["transformer"]
     smallest_t = FP8 if config.allow_fp8 else BF16
     need = t.weight_bytes(smallest_t) / GB
     denoise = phase_transients(task, config, sizes, True)["denoise"] / GB
     layers = f", {config.layers} layers" if task == "layers" else ""
     options = f"fp8 {'allowed' if config.allow_fp8 else 'off'}, offload {'allowed' if config.allow_offload else 'off'}"
+    if text_encoder == "stage":
+        options += ", text encoder in the TextEncoder stage"
     reason = (
         f"{task} at {config.resolution} px{layers} does not fit {config.shape} GB ({options}; "
         f"{config.gpu_memory_gb - config.margin:.1f} GB usable per GPU after the {config.margin:.1f} GB margin): "

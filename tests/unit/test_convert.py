@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from deployments.animegan import load_generator, random_generator
+from deployments.identity import sha256
 from serve_app import convert
 from serve_app.convert import ConversionError
 
@@ -61,11 +62,11 @@ def test_a_published_style_converts_in_a_child_process_to_an_equal_loadable_file
     output = tmp_path / "styles" / "paprika.safetensors"
     output.parent.mkdir()
     digest = convert.convert("animegan", source, output)
-    assert digest == convert.sha256(output)
+    assert digest == sha256(output)
     assert_equal_state(output, state)  # the service's loader accepts it; every tensor is the input's
     with safe_open(str(output), framework="pt") as handle:
         origin = json.loads(handle.metadata()["converted_from"])
-    assert origin == {"converter": "animegan", "source": "paprika.pt", "source_sha256": convert.sha256(source)}
+    assert origin == {"converter": "animegan", "source": "paprika.pt", "source_sha256": sha256(source)}
     assert sorted(p.name for p in output.parent.iterdir()) == ["paprika.safetensors"]  # no partial left
     # Deterministic: the same pickle gives the same bytes, so a recorded sha256 can be checked again.
     again = tmp_path / "again.safetensors"
