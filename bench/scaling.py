@@ -62,7 +62,7 @@ class FixedTimeRealModel(RealModel):
     def loaded(self) -> bool:
         return True
 
-    def generate(self, prepared: Any, params: Any, progress: Any = None) -> Generated:
+    def generate(self, prepared: Any, params: Any, progress: Any = None, conditioning: Any = None) -> Generated:
         params = self.config.resolve(params, self.store)
         time.sleep(SERVICE_TIME_S)
         return Generated(array=prepared.array, info=prepared.info,

@@ -48,10 +48,10 @@ class Gate:
 class GatedRealModel(RealModel):
     """RealModel whose every request first waits for the test's gate to open."""
 
-    def generate(self, prepared, params, progress=None):
+    def generate(self, prepared, params, progress=None, conditioning=None):
         gate = ray.get_actor(GATE_NAME)
         ray.get(gate.wait.remote())
-        return super().generate(prepared, params, progress)
+        return super().generate(prepared, params, progress, conditioning)
 
 
 SLOW_STEP_S = 0.25

@@ -37,7 +37,7 @@ def test_the_built_in_tasks_are_real_anime_layers_each_one_consistent_unit() -> 
         assert set(task.formats) <= set(MEDIA_TYPES) and task.formats
         assert task.params.model_config["extra"] == "forbid"  # unknown fields are refused by name
         assert set(task.headers) <= set(task.params.model_fields) | {"layer_size", "adapters"}  # the model's own
-    assert list(AppConfig.model_fields) == ["name", "cache_dir", "ingress", "preprocess", "postprocess", "jobs",
+    assert list(AppConfig.model_fields) == ["name", "cache_dir", "ingress", "preprocess", "postprocess", "jobs", "text_encoder",
                                             *TASKS.names]
 
 

@@ -34,10 +34,10 @@ class _Holding:
 class HeldRealModel(RealModel):
     """RealModel whose jobs stop after the gate's step while the gate is closed."""
 
-    def generate(self, prepared, params, progress=None):
+    def generate(self, prepared, params, progress=None, conditioning=None):
         if progress is not None:
             gate = ray.get_actor(HOLD_NAME, namespace=HOLD_NAMESPACE)
             at = ray.get(gate.at_step.remote())
             if at is not None:
                 progress = _Holding(progress, gate, at)
-        return super().generate(prepared, params, progress)
+        return super().generate(prepared, params, progress, conditioning)
