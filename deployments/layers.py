@@ -200,18 +200,24 @@ class LayersModel(DiffusionModel):
     task = "layers"
     kind = "layered"
     config_class = LayersModelConfig
+    _sized = False
 
     # -- sizes -----------------------------------------------------------------------------------
     @contextlib.contextmanager
     def sizes(self) -> Iterator[None]:
-        """The tiny size patch around one call when `tiny_edge` is set; nothing otherwise."""
-        if self.config.tiny_edge is None:
+        """The tiny size patch around one call when `tiny_edge` is set; nothing otherwise.
+        Re-entrant: inside it (the caption within a request), the sizes are patched once."""
+        if self.config.tiny_edge is None or self._sized:
             yield
             return
         from deployments.tiny import small_layered_sizes
 
-        with small_layered_sizes(self.config.tiny_edge):
-            yield
+        self._sized = True
+        try:
+            with small_layered_sizes(self.config.tiny_edge):
+                yield
+        finally:
+            self._sized = False
 
     def bucket_size(self, width: int, height: int, resolution: int) -> tuple[int, int]:
         """(width, height) the pipeline resizes a width×height input to, and its layers' size.
