@@ -331,11 +331,12 @@ class DiffusionModel(Model):
                 "negative_prompt_embeds_mask": tensor(conditioning.negative_mask)}
 
     def extra_stats(self) -> dict[str, Any]:
-        """The settings no request can change: the VAE's dtype, the scheduler (the model's own),
-        the batch size (one image per request)."""
+        """Where its prompts are encoded (`inline`, `stage`), and the settings no request can
+        change: the VAE's dtype, the scheduler (the model's own), the batch size (one image per
+        request)."""
         if self.pipe is None:
             return {}
-        return {"attention": self.attention,
+        return {"attention": self.attention, "text_encoder": self.config.text_encoder,
                 "locked": {"vae_dtype": str(self.pipe.vae.dtype).removeprefix("torch."),
                            "scheduler": type(self.pipe.scheduler).__name__, "batch_size": 1}}
 

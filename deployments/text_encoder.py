@@ -138,7 +138,7 @@ class TextEncoder(Model):
         elif on_card:
             placement.place_text_encoder(module, self.plan)
         else:
-            placement.apply_encoder_formats(module, self.plan)
+            placement.apply_encoder_format(module, self.plan)
 
     def loaded(self) -> bool:
         return bool(self.models) and all(model.pipe is not None for model in self.models.values())

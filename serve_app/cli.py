@@ -20,6 +20,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from deployments.tasks import TASKS
 from serve_app import convert as convert_styles
@@ -68,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--compute", choices=["bf16", "fp8"], default="bf16",
                       help="how the transformer computes: bf16, or float8 (cards of compute capability >= 8.9)")
     plan.add_argument("--model", help="a local diffusers directory to size instead of the published configs")
+    plan.add_argument("--text-encoder", choices=["inline", "stage"], default="stage",
+                      help="where prompts are encoded: in the TextEncoder stage (default; the replica's cards "
+                           "hold only transformer and VAE) or inline on the replica's own cards")
+    plan.add_argument("--encoder-gpus", help="the TextEncoder stage's card, 1xGB, or `cpu` (default: 1x the GB of --gpus)")
+    plan.add_argument("--cards", type=int, help="cluster size: recommend how many cards encode and how many denoise")
+    plan.add_argument("--steps", type=int, help="with --cards: denoising steps per request (default: the task's)")
+    plan.add_argument("--cfg", type=float, help="with --cards: true CFG scale, > 1 doubles the passes (default: the task's)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     convert_styles.add_parser(commands)
     fetch = commands.add_parser("fetch", help="download model files ahead of time, verifying each sha256")
@@ -87,8 +95,65 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _encoder_budget(args: argparse.Namespace, memory: float) -> Any:
+    """The TextEncoder stage's card from `--encoder-gpus` (None: on the CPU)."""
+    from deployments import placement
+
+    text = args.encoder_gpus or f"1x{memory:g}"
+    if text.strip().lower() == "cpu":
+        return None
+    count, card = placement.parse_gpus(text)
+    if count != 1:
+        raise ValueError(f"--encoder-gpus must be 1xGB or cpu (the TextEncoder stage uses exactly one card), got {text!r}")
+    return placement.PlacementConfig(gpu_memory_gb=card, resolution=args.resolution, layers=args.layers,
+                                     allow_fp8=not args.no_fp8, allow_offload=not args.no_offload)
+
+
+def _timed(args: argparse.Namespace, section: Any, result: Any, encoder: Any, sizes: Any) -> dict[str, Any]:
+    """With `--cards`: the predicted stage times and the split of the cards (or, inline, the replicas)."""
+    from deployments import placement
+
+    if args.cards < 1:
+        raise ValueError(f"--cards must be >= 1, got {args.cards}")
+    steps = args.steps if args.steps is not None else section.default_steps
+    cfg = args.cfg if args.cfg is not None else section.default_cfg
+    # a `layers` request without a prompt is captioned first: timed at the caption's cap (worst case)
+    caption = getattr(section, "caption_max_new_tokens", None)
+    denoise = placement.transformer_seconds(result, steps, cfg, sizes)
+    encode = placement.encoder_seconds(encoder or result, args.task, negative=cfg > 1, caption_tokens=caption,
+                                       sizes=sizes)
+    timed: dict[str, Any] = {"steps": steps, "cfg": cfg, "card": placement.RTX_4090.name,
+                             "stage_times": {"transformer": vars(denoise), "text_encoder": vars(encode)}}
+    if encoder is not None:
+        timed["split"] = placement.recommend_split(args.cards, denoise.seconds, encode.seconds, result.gpus_used,
+                                                   encoder.gpus)
+    else:
+        replicas = args.cards // result.gpus_used
+        if replicas < 1:
+            raise ValueError(f"--cards {args.cards} cannot hold one replica of {result.gpus_used} cards")
+        timed["inline"] = {"cards": args.cards, "replicas": replicas,
+                           "requests_per_s": replicas / (denoise.seconds + encode.seconds)}
+    return timed
+
+
+def _describe_timed(timed: dict[str, Any]) -> str:
+    times = timed["stage_times"]
+    lines = [f"time model ({timed['card']} datasheet figures, uncalibrated; {timed['steps']} steps, cfg {timed['cfg']:g}):"]
+    for stage in times.values():
+        lines.append(f"  {stage['stage']}: {stage['seconds']:.2f} s per request = {stage['detail']}")
+    if "split" in timed:
+        lines.append(timed["split"].describe())
+    else:
+        inline = timed["inline"]
+        lines.append(f"inline: {inline['replicas']} replicas on {inline['cards']} cards, each encoding its own prompts; "
+                     f"throughput {inline['requests_per_s']:.4f} requests/s ({inline['requests_per_s'] * 3600:.1f} per hour)")
+    return "\n".join(lines)
+
+
 def plan_command(args: argparse.Namespace) -> int:
-    """`imgserve plan`: print the plan (exit 0) or why nothing fits (exit 2); needs no service."""
+    """`imgserve plan`: print the replica's plan, the TextEncoder stage's plan (with `--text-encoder
+    stage`, the default) and with `--cards` the predicted stage times and the split of the cards
+    (exit 0), or why nothing fits (exit 2); needs no service."""
     from pydantic import ValidationError
 
     from deployments import placement
@@ -99,7 +164,12 @@ def plan_command(args: argparse.Namespace) -> int:
                                            layers=args.layers, allow_fp8=not args.no_fp8,
                                            allow_offload=not args.no_offload, compute=args.compute)
         sizes = placement.component_sizes(args.model) if args.model else None
-        result = TASKS[args.task].section().plan_on(config, sizes)
+        section = TASKS[args.task].section()
+        result = section.plan_on(config, sizes, text_encoder=args.text_encoder)
+        encoder = None
+        if args.text_encoder == "stage":
+            encoder = placement.plan_encoder(args.task, _encoder_budget(args, memory), sizes)
+        timed = _timed(args, section, result, encoder, sizes) if args.cards is not None else None
     except placement.DoesNotFit as error:
         print(f"imgserve: {error.reason}", file=sys.stderr)
         return 2
@@ -109,7 +179,20 @@ def plan_command(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as error:
         print(f"imgserve: {error}", file=sys.stderr)
         return 1
-    print(json.dumps(result.to_dict(), indent=2) if args.json else result.describe())
+    if args.json:
+        data = result.to_dict()
+        if encoder is not None:
+            data["encoder_stage"] = encoder.to_dict()
+        if timed is not None:
+            data.update(timed, **({"split": timed["split"].to_dict()} if "split" in timed else {}))
+        print(json.dumps(data, indent=2))
+        return 0
+    parts = [result.describe()]
+    if encoder is not None:
+        parts.append(encoder.describe())
+    if timed is not None:
+        parts.append(_describe_timed(timed))
+    print("\n\n".join(parts))
     return 0
 
 

@@ -1,8 +1,10 @@
 """The one request path, shared by synchronous requests, handle callers and jobs.
 
 `Orchestrator` resolves a task's fields without pixels (422 before any decoding), then drives
-Preprocess → the task's model → Postprocess through deployment handles, awaiting each hop so every
-queue limit holds. An optional `Progress` receives the stages (and, from the model, each denoising
+Preprocess → [the TextEncoder stage, for a task it encodes for] → the task's model → Postprocess
+through deployment handles, awaiting each hop so every queue limit holds. While the stage encodes,
+the model replica that will take the request is asked to make the request's choice resident (a
+LoRA version), so the two overlap. An optional `Progress` receives the stages (and, from the model, each denoising
 step) and can stop the run. It holds handles, the configured tasks and the upload limits; it
 knows nothing about HTTP and never names a task.
 """

@@ -179,22 +179,25 @@ StartService = Callable[..., Iterator[Service]]
 
 @pytest.fixture(scope="session")
 def demo_service(ray_cluster: int, model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> StartService:
-    """`start(overrides, *, models=None, tasks=None, logging_config=None)`: deploys the demo service
+    """`start(overrides, *, models=None, tasks=None, encoder=None, logging_config=None)`: deploys the demo service
     (configs/demo.yaml's args) with `overrides` deep-merged in, on this session's Ray, and yields its
     `Service`; deleted when the generator resumes (a module fixture: `yield from start({...})`).
 
     Unless `overrides` say otherwise: `cache_dir` is the session's model cache and `jobs.directory`
     a fresh temporary directory. `models` substitutes a task's model class (e.g.
-    `{"real": GatedRealModel}`) and `tasks` the task registry (`build_graph`'s keywords);
+    `{"real": GatedRealModel}`), `tasks` the task registry and `encoder` the TextEncoder class
+    (`build_graph`'s keywords);
     `logging_config`: Serve's, for every deployment of the app.
     """
 
     def start(overrides: Mapping[str, Any] | None = None, *, models: dict[str, type] | None = None,
-              tasks: Tasks | None = None, logging_config: dict[str, Any] | None = None) -> Iterator[Service]:
+              tasks: Tasks | None = None, encoder: type | None = None,
+              logging_config: dict[str, Any] | None = None) -> Iterator[Service]:
         base = merged(demo_args(), {"cache_dir": str(model_cache),
                                     "jobs": {"directory": str(tmp_path_factory.mktemp("jobs"))}})
         args = merged(base, overrides or {})
-        substitutes = {name: value for name, value in (("models", models), ("tasks", tasks)) if value is not None}
+        substitutes = {name: value for name, value in (("models", models), ("tasks", tasks), ("encoder", encoder))
+                       if value is not None}
         yield from run_service(ray_cluster, args, logging_config, **substitutes)
 
     return start

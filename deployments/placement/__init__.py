@@ -11,9 +11,19 @@ fits it raises `DoesNotFit`, naming why and the smallest configuration that woul
 `place_pipeline(pipe, plan)` (the only torch-touching part) applies a plan to a pipeline loaded on
 CPU. Importing the package imports none of torch, diffusers, transformers or ray.
 
+Text encoder stage: with `plan(..., text_encoder="stage")` a replica's cards hold only the
+transformer and the VAE (the VAE on the first card, where the pipeline then executes); the
+separate TextEncoder deployment encodes the prompts (and `layers` captions) for them.
+`plan_encoder(tasks, config)` places that encoder on its one card (bf16, else fp8 storage) or on
+the CPU (`EncoderPlan`), `encoder_ray_options` asks Ray for it, `place_text_encoder` applies it,
+and `timing` predicts each stage's seconds per request and splits N cards between the two
+(`recommend_split`).
+
 Modules, each depending only on those before it: `config` (the budget, `GB`, `DoesNotFit`),
-`sizes` (component sizes on the meta device), `activation` (transient bytes per phase), `search`
-(`Plan`, the candidates, `plan`), `resources` (`ray_options`), `apply` (`place_pipeline`).
+`sizes` (component sizes on the meta device), `activation` (transient bytes per phase), `plans`
+(`Plan`, `ComponentPlan`), `search` (the candidates, `plan`), `encoder` (`EncoderPlan`,
+`plan_encoder`), `timing` (stage seconds, `recommend_split`), `resources` (`ray_options`,
+`encoder_ray_options`), `apply` (`place_pipeline`, `place_text_encoder`).
 
 Sizes come from the published configs stored in `deployments/model_configs/` (or a local
 diffusers directory), built on the meta device (`component_sizes`): the transformer is
@@ -40,32 +50,61 @@ see (kernel workspaces, allocator slack).
 from __future__ import annotations
 
 from deployments.placement.activation import TEXT_TOKENS, phase_transients
-from deployments.placement.apply import apply_formats, fp8_compute_problem, place_pipeline
-from deployments.placement.config import FP8, FP32, GB, DoesNotFit, PlacementConfig, parse_gpus
-from deployments.placement.resources import ray_options
+from deployments.placement.apply import (
+    apply_encoder_format,
+    apply_formats,
+    fp8_compute_problem,
+    place_pipeline,
+    place_text_encoder,
+)
+from deployments.placement.config import FP8, FP32, GB, DoesNotFit, PlacementConfig, TextEncoderMode, parse_gpus
+from deployments.placement.encoder import EncoderPlan, plan_encoder
+from deployments.placement.resources import encoder_ray_options, ray_options
 from deployments.placement.search import MAX_STREAMED_FRACTION, ComponentPlan, Plan, plan
 from deployments.placement.sizes import COMPONENTS, MODEL_CONFIGS, TASK_MODELS, ComponentSize, component_sizes
+from deployments.placement.timing import (
+    RTX_4090,
+    CardSpeed,
+    Split,
+    StageTime,
+    encoder_seconds,
+    recommend_split,
+    transformer_seconds,
+)
 
 __all__ = [
-    "apply_formats",
-    "fp8_compute_problem",
     "COMPONENTS",
     "FP8",
     "FP32",
     "GB",
     "MAX_STREAMED_FRACTION",
     "MODEL_CONFIGS",
+    "RTX_4090",
     "TASK_MODELS",
     "TEXT_TOKENS",
+    "CardSpeed",
     "ComponentPlan",
     "ComponentSize",
     "DoesNotFit",
-    "Plan",
+    "EncoderPlan",
     "PlacementConfig",
+    "Plan",
+    "Split",
+    "StageTime",
+    "TextEncoderMode",
+    "apply_encoder_format",
+    "apply_formats",
     "component_sizes",
+    "encoder_ray_options",
+    "encoder_seconds",
+    "fp8_compute_problem",
     "parse_gpus",
     "phase_transients",
     "place_pipeline",
+    "place_text_encoder",
     "plan",
+    "plan_encoder",
     "ray_options",
+    "recommend_split",
+    "transformer_seconds",
 ]

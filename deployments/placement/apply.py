@@ -5,7 +5,11 @@ fp8 storage computed in bf16 by layerwise casting, the VAE in its dtype) without
 what a CPU replica runs to compute as a card would. `place_pipeline(pipe, plan, devices)` applies
 them, then streams (group offload), splits (accelerate `dispatch_model`), moves and hooks the
 components of a Qwen-Image pipeline loaded on CPU, in place, exactly as `plan` says, and checks
-that the pipeline executes where its VAE is. It never plans or second-guesses the plan; torch, accelerate and
+that the pipeline executes where its VAE is. With a stage plan (`plan.text_encoder.offload ==
+"stage"`) the pipeline has no text encoder module (None, or a stand-in that is not a torch module)
+and both skip it. For the TextEncoder stage, `apply_encoder_format(module, plan)` gives the text
+encoder an `EncoderPlan`'s format in place and `place_text_encoder(module, plan, device)` also moves
+it where the plan runs it. It never plans or second-guesses the plan; torch, accelerate and
 diffusers are imported inside the functions, never at module import.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from deployments.placement.config import FP8
+from deployments.placement.encoder import EncoderPlan
 from deployments.placement.search import Plan
 
 
@@ -79,17 +84,45 @@ def _quantize_float8(transformer) -> None:
               filter_fn=lambda module, name: isinstance(module, torch.nn.Linear) and "lora_" not in name)
 
 
-def apply_formats(pipe, plan: Plan) -> None:
-    """The plan's number formats on every component, in place, on whatever device it is."""
+def _text_encoder(pipe, plan: Plan):
+    """The pipeline's text encoder module, or None with a stage plan; raises ValueError when the
+    pipeline and the plan disagree about where the text encoder is."""
+    import torch
+
+    te = getattr(pipe, "text_encoder", None)
+    loaded = isinstance(te, torch.nn.Module)
+    if plan.text_encoder.offload == "stage":
+        if loaded:
+            raise ValueError("the plan puts the text encoder in the TextEncoder stage, but the pipeline has one "
+                             "loaded: load it without (text_encoder=None)")
+        return None
+    if not loaded:
+        raise ValueError(f"the plan places the text encoder ({plan.text_encoder.offload}), but the pipeline has none")
+    return te
+
+
+def _encoder_format(te, dtype: str) -> None:
+    """bf16 weights, then fp8 storage (bf16 compute) when `dtype` says fp8: the inline encoder and
+    the stage's get the same casting."""
     import torch
     from diffusers.hooks import apply_layerwise_casting
 
+    te.to(torch.bfloat16)  # the plans' sizes are bf16 weights (a no-op when loaded in bf16)
+    if dtype == FP8:
+        _cast_fp8(te, lambda: apply_layerwise_casting(te, torch.float8_e4m3fn, torch.bfloat16,
+                                                      skip_modules_pattern="auto"))
+
+
+def apply_formats(pipe, plan: Plan) -> None:
+    """The plan's number formats on every component, in place, on whatever device it is (the text
+    encoder skipped when the plan puts it in the TextEncoder stage)."""
+    import torch
+
     fp8, bf16 = torch.float8_e4m3fn, torch.bfloat16
-    te, t = pipe.text_encoder, pipe.transformer
-    for module in (te, t):  # the plan's sizes are bf16 weights (a no-op when loaded in bf16)
-        module.to(bf16)
-    if plan.text_encoder.dtype == FP8:
-        _cast_fp8(te, lambda: apply_layerwise_casting(te, fp8, bf16, skip_modules_pattern="auto"))
+    te, t = _text_encoder(pipe, plan), pipe.transformer
+    if te is not None:
+        _encoder_format(te, plan.text_encoder.dtype)
+    t.to(bf16)
     if plan.transformer.compute == "fp8":
         _quantize_float8(t)
     elif plan.transformer.dtype == FP8:
@@ -120,8 +153,10 @@ def place_pipeline(pipe, plan: Plan, devices: list[str] | None = None) -> None:
     apply_formats(pipe, plan)
 
     # text encoder (first: group offloading refuses modules that already carry accelerate hooks)
-    te_plan, te = plan.text_encoder, pipe.text_encoder
-    if te_plan.offload == "group":
+    te_plan, te = plan.text_encoder, _text_encoder(pipe, plan)
+    if te is None:
+        pass  # in the TextEncoder stage
+    elif te_plan.offload == "group":
         # leaf level: diffusers' block level only groups ModuleLists that are direct children, and
         # Qwen2.5-VL keeps its layers at model.language_model.layers and calls its embedding from
         # outside language_model.forward; every leaf is onloaded by its own forward instead.
@@ -192,9 +227,29 @@ def place_pipeline(pipe, plan: Plan, devices: list[str] | None = None) -> None:
     # call enable_sequential_cpu_offload after loading the adapter).
     pipe.hf_device_map = {
         "transformer": ",".join(devices[g] for g in t_plan.gpus),
-        "text_encoder": devices[te_plan.gpus[0]] if te_plan.gpus else "cpu",
         "vae": devices[plan.vae.gpus[0]],
     }
+    if te is not None:
+        pipe.hf_device_map["text_encoder"] = devices[te_plan.gpus[0]] if te_plan.gpus else "cpu"
     execution = torch.device(pipe._execution_device)
     if execution != vae_device and not (execution.type == vae_device.type == "cpu"):
         raise RuntimeError(f"pipeline executes on {execution}, but its VAE is on {vae_device}")
+
+
+def apply_encoder_format(module, plan: EncoderPlan) -> None:
+    """The TextEncoder stage's format on its text encoder `module`, in place, without moving it:
+    bf16, or fp8 storage computed in bf16 (the same layerwise casting as an inline fp8 encoder).
+    What a stage replica without CUDA (fake GPU resources) runs to compute as its card would."""
+    _encoder_format(module, plan.dtype)
+
+
+def place_text_encoder(module, plan: EncoderPlan, device: str | None = None) -> None:
+    """Apply `plan` to the TextEncoder stage's text encoder `module` (loaded on CPU), in place: its
+    format, then onto `device` (default: `cuda` for a card plan, `cpu` for a CPU plan; tests pass
+    `cpu`), hooked so inputs move there and outputs come back to where the inputs were."""
+    import torch
+
+    apply_encoder_format(module, plan)
+    target = torch.device(device or ("cuda" if plan.device == "cuda" else "cpu"))
+    module.to(target)
+    _align(module, target)

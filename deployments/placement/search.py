@@ -112,20 +112,20 @@ def _layout(
     cards = [_Card() for _ in range(n)]
     stage = recipe.text_offload == "stage"
     home_index = 0 if stage else n - 1
-    last = cards[home_index]
+    home = cards[home_index]
 
     # text encoder and VAE on the last card (the VAE alone on the first with the stage)
     if recipe.text_offload in ("none", "group"):
         # a streamed leaf, or the bf16 copy of an fp8 layer while it runs
         extra = te.largest_layer_bytes if (recipe.text_offload == "group" or recipe.text_encoder == FP8) else 0
         if recipe.text_offload == "none":
-            last.resident += te.weight_bytes(recipe.text_encoder)
+            home.resident += te.weight_bytes(recipe.text_encoder)
         for phase in ("encode_prompt", "caption"):
             if phase in act:
-                last.phases[phase] = act[phase] + extra
-    last.resident += vae_bytes
-    last.phases["encode_image"] = act["encode_image"]
-    last.phases["decode"] = act["decode"]
+                home.phases[phase] = act[phase] + extra
+    home.resident += vae_bytes
+    home.phases["encode_image"] = act["encode_image"]
+    home.phases["decode"] = act["decode"]
 
     # transformer: non-block layers on the first card, blocks greedily from the first card on
     dtype = recipe.transformer

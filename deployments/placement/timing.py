@@ -190,17 +190,21 @@ class Split:
         return asdict(self)
 
     def describe(self) -> str:
-        where = f"{self.encoder_cards} card{'s' if self.encoder_cards != 1 else ''}" if self.encoder_cards else "CPU"
+        def count(n: int, noun: str) -> str:
+            return f"{n} {noun}{'s' if n != 1 else ''}"
+
+        where = count(self.encoder_cards, "card") if self.encoder_cards else "CPU"
         idle = f", {self.idle_cards} idle" if self.idle_cards else ""
-        return "\n".join([
-            f"split of {self.cards} cards: {self.encoder_replicas} TextEncoder replica"
-            f"{'s' if self.encoder_replicas != 1 else ''} ({where}), {self.transformer_replicas} diffusion replica"
-            f"{'s' if self.transformer_replicas != 1 else ''} ({self.transformer_cards} card"
-            f"{'s' if self.transformer_cards != 1 else ''}){idle}",
-            f"per request: transformer {self.transformer_s:.2f} s, text encoder {self.encoder_s:.2f} s; one "
-            f"TextEncoder replica feeds {self.feeds:.1f} diffusion replicas",
+        encoders = count(self.encoder_replicas, "TextEncoder replica")
+        diffusion = count(self.transformer_replicas, "diffusion replica")
+        lines = [
+            f"split of {self.cards} cards: {encoders} ({where}), {diffusion} ({count(self.transformer_cards, 'card')})",
+            f"per request: transformer {self.transformer_s:.2f} s, text encoder {self.encoder_s:.2f} s",
+            f"one TextEncoder replica feeds {self.feeds:.1f} diffusion replicas",
             f"throughput: {self.requests_per_s:.4f} requests/s ({self.requests_per_s * 3600:.1f} per hour)",
-        ])
+        ]
+        lines[0] += idle
+        return "\n".join(lines)
 
 
 def recommend_split(cards: int, transformer_s: float, encoder_s: float, transformer_gpus: int = 1,

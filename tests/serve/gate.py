@@ -12,6 +12,7 @@ import asyncio
 import ray
 
 from deployments.real import RealModel
+from deployments.text_encoder import TextEncoder
 
 GATE_NAME = "imgserve-test-gate"
 
@@ -92,3 +93,67 @@ class SlowRealModel(RealModel):
             return forward(*args, **kwargs)
 
         self.pipe.transformer.forward = slow_forward
+
+
+HOLD_PROMPT = "hold in the text encoder"
+"""A request with this prompt waits in the (gated) text encoder until the gate opens."""
+OVERLAP_PROMPT = "meet the adapter load"
+"""A request with this prompt is encoded only once the model replica has started loading its
+version, and that load finishes only once the encoding has started: if the two ran one after the
+other instead of together, neither would."""
+RENDEZVOUS_NAME = "imgserve-test-rendezvous"
+MEET_TIMEOUT_S = 60.0
+
+
+@ray.remote(num_cpus=0)
+class Rendezvous:
+    """Named events two deployments wait for each other on; `arm` makes the model's next adapter
+    load take part."""
+
+    def __init__(self) -> None:
+        self.events: dict[str, asyncio.Event] = {}
+        self.armed = False
+
+    def _event(self, name: str) -> asyncio.Event:
+        return self.events.setdefault(name, asyncio.Event())
+
+    def arm(self) -> None:
+        self.events, self.armed = {}, True
+
+    def take(self) -> bool:
+        armed, self.armed = self.armed, False
+        return armed
+
+    def arrive(self, name: str) -> None:
+        self._event(name).set()
+
+    async def meet(self, name: str) -> None:
+        """Wait until `name` arrived; TimeoutError after MEET_TIMEOUT_S (the request then fails)."""
+        await asyncio.wait_for(self._event(name).wait(), MEET_TIMEOUT_S)
+
+
+def _meet(arrive: str, wait_for: str) -> None:
+    rendezvous = ray.get_actor(RENDEZVOUS_NAME)
+    ray.get(rendezvous.arrive.remote(arrive))
+    ray.get(rendezvous.meet.remote(wait_for))
+
+
+class StageTestEncoder(TextEncoder):
+    """TextEncoder that holds HOLD_PROMPT requests at the gate and meets the adapter load for
+    OVERLAP_PROMPT ones."""
+
+    def encode_now(self, task, prepared, params):
+        if params.prompt == HOLD_PROMPT:
+            ray.get(ray.get_actor(GATE_NAME).wait.remote())
+        elif params.prompt == OVERLAP_PROMPT:
+            _meet("encoding", "loading")
+        return super().encode_now(task, prepared, params)
+
+
+class MeetingRealModel(RealModel):
+    """RealModel whose next version load after `Rendezvous.arm` waits for the encoding to start."""
+
+    def ensure_adapter(self, version):
+        if ray.get(ray.get_actor(RENDEZVOUS_NAME).take.remote()):
+            _meet("loading", "encoding")
+        return super().ensure_adapter(version)

@@ -278,7 +278,7 @@ def test_plan_output_is_json_and_a_readable_table() -> None:
 def test_cli_plan_prints_the_table(capsys) -> None:
     from serve_app.cli import main
 
-    assert main(["plan", "--task", "real", "--gpus", "2x24"]) == 0
+    assert main(["plan", "--task", "real", "--gpus", "2x24", "--text-encoder", "inline"]) == 0
     out = capsys.readouterr().out
     assert "uses 2 GPUs" in out and "float8_e4m3fn" in out and "GPU 1" in out
 
@@ -296,7 +296,7 @@ def test_cli_plan_json_and_options(capsys) -> None:
 def test_cli_plan_that_does_not_fit_exits_2_with_the_reason(capsys) -> None:
     from serve_app.cli import main
 
-    assert main(["plan", "--task", "real", "--gpus", "1x24", "--no-fp8", "--no-offload"]) == 2
+    assert main(["plan", "--task", "real", "--gpus", "1x24", "--no-fp8", "--no-offload", "--text-encoder", "inline"]) == 2
     err = capsys.readouterr().err
     assert "does not fit 1x24 GB" in err and "2x24 GB with fp8" in err
     assert main(["plan", "--task", "real", "--gpus", "two"]) == 1
