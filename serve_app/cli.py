@@ -127,6 +127,11 @@ def _timed(args: argparse.Namespace, section: Any, result: Any, encoder: Any, si
     if encoder is not None:
         timed["split"] = placement.recommend_split(args.cards, denoise.seconds, encode.seconds, result.gpus_used,
                                                    encoder.gpus)
+        if encoder.gpus:  # the trade-off: every card denoising, the prompts encoded (slower) on CPUs
+            on_cpu = placement.encoder_seconds(placement.plan_encoder(args.task, None, sizes), args.task,
+                                               negative=cfg > 1, caption_tokens=caption, sizes=sizes)
+            timed["cpu_encoder"] = placement.recommend_split(args.cards, denoise.seconds, on_cpu.seconds,
+                                                             result.gpus_used, 0)
     else:
         replicas = args.cards // result.gpus_used
         if replicas < 1:
@@ -143,6 +148,11 @@ def _describe_timed(timed: dict[str, Any]) -> str:
         lines.append(f"  {stage['stage']}: {stage['seconds']:.2f} s per request = {stage['detail']}")
     if "split" in timed:
         lines.append(timed["split"].describe())
+    if "cpu_encoder" in timed:
+        cpu = timed["cpu_encoder"]
+        lines.append(f"instead, with the encoder on CPUs: {cpu.transformer_replicas} diffusion replicas and "
+                     f"{cpu.encoder_replicas} CPU TextEncoder replica(s), {cpu.requests_per_s * 3600:.1f} per hour, "
+                     f"each request {cpu.encoder_s - timed['split'].encoder_s:.2f} s longer (encoding on CPU)")
     else:
         inline = timed["inline"]
         lines.append(f"inline: {inline['replicas']} replicas on {inline['cards']} cards, each encoding its own prompts; "
@@ -184,7 +194,7 @@ def plan_command(args: argparse.Namespace) -> int:
         if encoder is not None:
             data["encoder_stage"] = encoder.to_dict()
         if timed is not None:
-            data.update(timed, **({"split": timed["split"].to_dict()} if "split" in timed else {}))
+            data.update(timed, **{key: timed[key].to_dict() for key in ("split", "cpu_encoder") if key in timed})
         print(json.dumps(data, indent=2))
         return 0
     parts = [result.describe()]

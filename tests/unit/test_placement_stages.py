@@ -347,3 +347,16 @@ def test_cli_plan_inline_and_bad_encoder_cards(capsys) -> None:
     assert "exactly one card" in capsys.readouterr().err
     assert main(["plan", "--task", "real", "--gpus", "1x24", "--encoder-gpus", "1x8", "--no-offload"]) == 2
     assert "text encoder stage for real" in capsys.readouterr().err
+
+
+def test_cli_split_shows_the_cpu_encoder_trade_off(capsys) -> None:
+    from serve_app.cli import main
+
+    assert main(["plan", "--task", "real", "--gpus", "1x24", "--cards", "4", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    card, cpu = data["split"], data["cpu_encoder"]
+    assert card["encoder_cards"] == 1 and card["transformer_replicas"] == 3
+    assert cpu["encoder_cards"] == 0 and cpu["transformer_replicas"] == 4  # every card denoises
+    assert cpu["encoder_s"] > card["encoder_s"]  # at the price of slower encoding
+    assert main(["plan", "--task", "real", "--gpus", "1x24", "--cards", "4"]) == 0
+    assert "instead, with the encoder on CPUs: 4 diffusion replicas" in capsys.readouterr().out
