@@ -200,9 +200,10 @@ def test_every_stage_has_a_latency_histogram(traffic, scraped: Scrape) -> None:
     count = scraped.total
     for stage in REAL_STAGES:
         observed = count("ray_imgserve_stage_seconds_count", task="real", stage=stage)
-        # refused requests were preprocessed before the model's queue refused them; the abandoned
-        # one ran through the model, but nobody asked for its encoding
-        refused = expected["refused"] if stage == "preprocess" else 0
+        # refused requests were preprocessed, and their prompts encoded by the text encoder stage,
+        # before the model's queue refused them; the abandoned one ran through the model, but
+        # nobody asked for its encoding
+        refused = expected["refused"] if stage in ("preprocess", "encode_prompt") else 0
         abandoned = expected["abandoned"] if stage != "postprocess" else 0
         assert observed == expected["real_ok"] + refused + abandoned, stage
     for stage in LAYERS_STAGES:

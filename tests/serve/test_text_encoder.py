@@ -85,13 +85,14 @@ def test_a_full_encoder_queue_is_503_queue_full_with_retry_after(staged) -> None
                    for i in range(burst)]
         wait_until(lambda: ray.get(gate.count.remote()) >= 1, "a request to enter the encoder")
         wait_until(lambda: sum(f.done() for f in futures) >= burst - 2, "refusals of the burst")
-        refused = [f.result() for f in futures if f.done()]
+        finished = [f for f in futures if f.done()]
+        refused = [f.result() for f in finished]
         assert refused and all(r.status_code == 503 for r in refused), [r.text for r in refused]
         for response in refused:
             assert response.headers["retry-after"] == "3"
             assert response.json()["error"]["code"] == "queue_full"
         gate.open.remote()
-        done, pending = wait([f for f in futures if f not in refused], timeout=DEADLINE_S)
+        done, pending = wait([f for f in futures if f not in finished], timeout=DEADLINE_S)
         assert not pending and all(f.result().status_code == 200 for f in done)
 
 
