@@ -4,8 +4,9 @@ Contract: small pure functions of a `ComponentSize` and token/pixel counts, one 
 phase (`transformer_activation_bytes`, `text_encoder_activation_bytes`, `vae_decode_bytes`,
 `vae_encode_bytes`), and `phase_transients`, which gives every phase of a task at a config. Bytes,
 before any dtype/offload extras (the planner adds those). The coefficients come from tensor-shape
-accounting on the meta device and are uncalibrated on a GPU. It never measures anything itself and
-never imports torch.
+accounting on the meta device; those of the transformer and the text encoder are checked against a
+CPU trace of full-width slices of the real modules (bench/activation_calibration.py), none on a
+GPU. It never measures anything itself and never imports torch.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ CAPTION_EXTRA_TOKENS = 64 + 512
 # at the published sizes; SDPA stubbed as a memory-efficient kernel (output only, no N² scores).
 # Not measured on a GPU: kernel workspaces (cuBLAS, cuDNN conv3d) and allocator rounding are not
 # in them. A GPU run should calibrate each against torch.cuda.max_memory_allocated per phase.
+# bench/activation_calibration.py traces the transformer and text encoder phases on CPU (torch
+# memory profiler, full-width slices, random bf16 weights): the transformer coefficients predict
+# 0.98-1.00 × the trace; the text-encoder ones below were corrected from it.
 
 DIT_IMAGE_TOKEN_UNITS = 15.0
 """Transformer peak per image token, in units of hidden × 2 bytes (hidden 3072 → 92 kB/token).
@@ -47,14 +51,29 @@ DIT_ZERO_COND_EXTRA_UNITS = 2.2
 gate become per-token tensors: traced 17.2 units per image token (106 kB) at 512/1024 px."""
 DIT_TEXT_TOKEN_UNITS = 4.0
 """Transformer peak per text token (traced 2.3-4.0 units)."""
-TE_TOKEN_UNITS = 9.0
-"""Text encoder (Qwen2.5-VL LM) transients per token besides logits and kept hidden states, in
-units of hidden × 2 bytes. Traced at 256-2048 tokens: 569 kB/token with `output_hidden_states`
-(as the pipelines call it) = logits (vocab × 2) + 29 hidden states + 8-9 units."""
+TE_ENCODE_TOKEN_UNITS = 3.0
+"""Prompt encoding (one forward with `output_hidden_states`, as the pipelines call it): transients
+per token besides the logits (vocab × 2), the kept hidden states (layers + 1) and the KV cache the
+forward fills (use_cache is on), in units of hidden × 2 bytes. Traced on CPU (torch memory
+profiler, full-width 2- and 4-layer slices, 1024 tokens, with the pipeline's own
+`_get_qwen_prompt_embeds` cutting and stacking the last hidden state while the outputs live):
+2.88-2.93 units, the same at both depths (bench/results/activation_calibration.json). The earlier 9
+(meta tracing at full depth) held the 28-layer KV cache (8 units) as a constant, too high for
+fewer layers."""
+TE_PREFILL_TOKEN_UNITS = 20.0
+"""Captioning (`generate`): the prefill's transients per token besides the KV cache, in units of
+hidden × 2 bytes: the MLP's gate activation, up projection and their product (3 × intermediate,
+15.9 units) alive together, plus the layer input, residual, norm and embeddings. Traced on CPU
+(2- and 4-layer slices, 757 and 1597 tokens): 19.7-19.8 units whatever the depth (logits only for
+the last position) (bench/results/activation_calibration.json). The earlier 9 was a
+prompt-encoding figure and missed the MLP."""
+VISION_MERGE = 4
+"""Vision patches per text-side token (2×2 spatial merge)."""
 VISION_PATCH_BYTES_UNITS = (10.0, 3.0)
-"""Vision tower peak per patch: 10 × hidden + 3 × intermediate (× 2 bytes); counted by hand
-(residual, norm, q/k/v, rotary q/k, attention out, MLP gate/up/act), not traced: the window
-attention needs real index values, which meta tensors do not have. ~46 kB per patch."""
+"""Vision tower peak per patch: 10 × hidden + 3 × intermediate (× 2 bytes), counted by hand
+(residual, norm, q/k/v, rotary q/k, attention out, MLP gate/up/act): ~46 kB per patch. Traced on
+CPU (2-block tower, its last block full attention, 784-5476 patches): 46.53 kB per patch, 1.009 ×
+the count (bench/results/activation_calibration.json)."""
 VAE_DECODE_BYTES_PER_PIXEL = 3460.0
 """Untiled VAE decode of one frame, bytes per output pixel (base_dim 96): traced 3459-3466 from
 256² to 1024² (3.63 GB at 1024²)."""
@@ -100,18 +119,23 @@ def transformer_activation_bytes(size: ComponentSize, image: int, text: int) -> 
 
 def text_encoder_activation_bytes(size: ComponentSize, tokens: int, vision_patches: int, *, generate: bool) -> float:
     """Peak transients of the text encoder. Prompt encoding runs one forward with
-    `output_hidden_states=True`: logits over the vocabulary and every layer's hidden states stay
-    alive. Captioning (`generate=True`) keeps a KV cache and only the last position's logits. The
-    vision tower runs first, on its own patches."""
+    `output_hidden_states=True`: logits over the vocabulary, every layer's hidden states and the KV
+    cache stay alive. Captioning (`generate=True`) peaks in the prefill, in the MLP of a layer, with
+    the KV cache filling and only the last position's logits; the vision tower's last hidden state
+    and the merged image features (twice: pooler_output and image_embeds) stay alive in
+    Qwen2_5_VLModel.forward meanwhile. Generated tokens are counted like prompt tokens (an upper
+    bound). The vision tower runs first, on its own patches."""
     hidden = size.hidden_size
-    per_token = TE_TOKEN_UNITS * hidden * 2
+    kv = size.dim("kv_bytes_per_token")
     if generate:
-        per_token += size.dim("kv_bytes_per_token")
+        kept = vision_patches * (size.dim("vision_hidden") + 2 * hidden / VISION_MERGE) * 2
+        text = tokens * (TE_PREFILL_TOKEN_UNITS * hidden * 2 + kv) + kept
     else:
-        per_token += size.dim("vocab") * 2 + (size.dim("layers") + 1) * hidden * 2
+        logits_and_states = size.dim("vocab") * 2 + (size.dim("layers") + 1) * hidden * 2
+        text = tokens * (TE_ENCODE_TOKEN_UNITS * hidden * 2 + kv + logits_and_states)
     unit_h, unit_i = VISION_PATCH_BYTES_UNITS
     vision = vision_patches * (unit_h * size.dim("vision_hidden") + unit_i * size.dim("vision_intermediate")) * 2
-    return max(tokens * per_token, vision)
+    return max(text, vision)
 
 
 def vae_decode_bytes(size: ComponentSize, pixels: int, frames: int, tiled: bool) -> float:
@@ -161,7 +185,7 @@ def phase_transients(
         phases["decode"] = vae_decode_bytes(vae, pixels, 1, tiled)
     else:
         patches = _vision_patches(pixels)
-        tokens = patches // 4 + CAPTION_EXTRA_TOKENS  # 2×2 patches merge into one token
+        tokens = patches // VISION_MERGE + CAPTION_EXTRA_TOKENS
         phases["caption"] = text_encoder_activation_bytes(te, tokens, patches, generate=True)
         phases["encode_prompt"] = text_encoder_activation_bytes(te, TEXT_TOKENS, 0, generate=False)
         phases["encode_image"] = vae_encode_bytes(vae, pixels, tiled)
