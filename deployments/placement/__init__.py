@@ -42,9 +42,11 @@ on the fewest GPUs (<= `config.gpus`) for that candidate:
    the text encoder run on the CPU. Within each, bf16 transformer before fp8.
 
 The VAE tiles when the resolution is above `VAE_TILING_ABOVE_PIXELS` or when the untiled
-encode/decode would not fit. Activation figures (`activation`) are uncalibrated until a GPU run
-measures `torch.cuda.max_memory_allocated` per phase; the margin is there for what tracing cannot
-see (kernel workspaces, allocator slack).
+encode/decode would not fit. The transformer and text encoder activation figures (`activation`)
+match torch's memory profiler on full-width CPU slices within 10 %
+(`bench/results/activation_calibration.json`); a GPU run (`torch.cuda.max_memory_allocated` per
+phase) has not checked them yet, and the margin is there for what neither sees (kernel
+workspaces, allocator slack).
 """
 
 from __future__ import annotations
