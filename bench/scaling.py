@@ -91,6 +91,9 @@ def bench_args(replicas: int, cache_dir: Path) -> dict[str, Any]:
     layers.update(source="tiny", placement=None, max_layers=4)
     layers["serve"].update(num_replicas=1, autoscaling_config=None)
     layers["serve"]["ray_actor_options"] = {"num_cpus": 0.05}
+    # the stand-in encodes no prompt, and the runs recorded were inline: no TextEncoder stage (its card
+    # would not fit beside 4 replicas on 2 workers × 2 fake GPUs)
+    args["text_encoder"] = {"mode": "inline"}
     return args
 
 

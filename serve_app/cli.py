@@ -153,7 +153,7 @@ def _describe_timed(timed: dict[str, Any]) -> str:
         lines.append(f"instead, with the encoder on CPUs: {cpu.transformer_replicas} diffusion replicas and "
                      f"{cpu.encoder_replicas} CPU TextEncoder replica(s), {cpu.requests_per_s * 3600:.1f} per hour, "
                      f"each request {cpu.encoder_s - timed['split'].encoder_s:.2f} s longer (encoding on CPU)")
-    else:
+    if "inline" in timed:
         inline = timed["inline"]
         lines.append(f"inline: {inline['replicas']} replicas on {inline['cards']} cards, each encoding its own prompts; "
                      f"throughput {inline['requests_per_s']:.4f} requests/s ({inline['requests_per_s'] * 3600:.1f} per hour)")

@@ -19,7 +19,10 @@ from tests.conftest import REPO, Service, free_port
 from tests.serve.gate import GATE_NAME, Gate, GatedRealModel
 
 PORT = int(os.environ.get("IMGSERVE_TEST_CLUSTER_PORT", "6391"))
-ENV = local.cluster_env(PORT, dashboard_port=8266, worker_gpus=4)
+WORKER_GPUS = 5
+"""Fake GPUs (and rtx4090) per worker: real (2 cards), layers (2) and the TextEncoder stage (1) at
+their minimum must fit on the one worker left when the other is lost."""
+ENV = local.cluster_env(PORT, dashboard_port=8266, worker_gpus=WORKER_GPUS)
 ADDRESS = f"{local.cluster_ip(ENV)}:{PORT}"
 """The cluster's address (its GCS), as `local_cluster` connects to it."""
 
@@ -52,12 +55,15 @@ def cluster_args(cache_dir: Any) -> dict[str, Any]:
     args["layers"]["serve"]["ray_actor_options"]["num_cpus"] = 0.2
     args["layers"]["serve"]["autoscaling_config"].update(min_replicas=1, max_replicas=1)
     args["anime"].update(styles_dir="tiny", num_threads=1)
+    # the stage as configured (its own card: 1 fake GPU and rtx4090, shared by real and layers)
+    args["text_encoder"]["num_threads"] = 1
+    args["text_encoder"]["serve"]["ray_actor_options"]["num_cpus"] = 0.1
     return args
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """Head (no GPUs) + two workers (4 fake GPUs and rtx4090 each); imgserve deployed on it."""
+    """Head (no GPUs) + two workers (5 fake GPUs and rtx4090 each); imgserve deployed on it."""
     if ray.is_initialized():
         pytest.skip("this process is already connected to another Ray; run tests/cluster first or alone")
     http_port = free_port()

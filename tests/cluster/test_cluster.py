@@ -1,9 +1,10 @@
 """imgserve on a real multi-node Ray cluster (head + 2 workers on this machine, fake GPUs).
 
-The cluster config deploys; GPU replicas land on worker nodes with the GPUs their plan asks for and
-never on the head; the real model scales out under a burst and back in when idle; losing a worker
-node mid-traffic fails only what it held, with a clear error, while the service keeps answering and
-the replica comes back on the remaining node.
+The cluster config deploys; GPU replicas (the diffusion models and the TextEncoder stage, on a card
+of its own, encoding for both) land on worker nodes with the GPUs their plan asks for and never on
+the head; the real model scales out under a burst and back in when idle; losing a worker node
+mid-traffic fails only what it held, with a clear error, while the service keeps answering and the
+replicas come back on the remaining node.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from PIL import Image
 from ray import serve
 from ray.util.state import list_actors
 
-from tests.cluster.conftest import ADDRESS, PORT, local_sh
+from tests.cluster.conftest import ADDRESS, PORT, WORKER_GPUS, local_sh
 from tests.conftest import Service, wait_until
 from tests.serve.conftest import small_png, submit, wait_state
 
@@ -61,17 +62,33 @@ def test_cluster_config_deploys_with_gpu_replicas_on_workers_only(cluster) -> No
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(response.content)).size == (96, 64)
+    # a `layers` request without a prompt: the stage captions the image, then encodes the caption
+    layers = cluster["service"].post_image(small_png(), {"steps": 2, "seed": 1, "layers": 2, "format": "zip"},
+                                           task="layers", content_type="image/png")
+    assert layers.status_code == 200, layers.text
+    assert layers.headers["content-type"] == "application/zip"
 
     head = head_id()
     for deployment in ("RealModel", "LayersModel"):
         stats = replica_stats(deployment)
         node = nodes()[stats["node_id"]]
         assert stats["node_id"] != head, f"{deployment} landed on the head node"
-        assert node["Resources"].get("rtx4090") == 4.0
-        # the 2x24 plan: two cards per replica, both visible to the one process
-        assert stats["plan"]["gpus_used"] == 2
+        assert node["Resources"].get("rtx4090") == WORKER_GPUS
+        # the 2x24 plan without the encoder: two cards per replica, both visible to the one process
+        assert stats["plan"]["gpus_used"] == 2 and stats["plan"]["text_encoder_mode"] == "stage"
+        assert stats["text_encoder"] == "stage"  # the replica loaded no text encoder
         assert len(stats["gpu_ids"]) == 2
         assert sorted(stats["cuda_visible_devices"].split(",")) == sorted(stats["gpu_ids"])
+    # one TextEncoder for both tasks (the tiny encoders are the same bytes), on a worker's card
+    deployments = serve.status().applications["imgserve"].deployments
+    assert "TextEncoder" in deployments and not [name for name in deployments if name.startswith("TextEncoder_")]
+    encoder = replica_stats("TextEncoder")
+    assert encoder["node_id"] != head, "TextEncoder landed on the head node"
+    assert nodes()[encoder["node_id"]]["Resources"].get("rtx4090") == WORKER_GPUS
+    assert encoder["plan"]["device"] == "cuda" and encoder["plan"]["gpus"] == 1
+    assert len(encoder["gpu_ids"]) == 1 and encoder["cuda_visible_devices"] == encoder["gpu_ids"][0]
+    assert encoder["encoders"] == 1 and set(encoder["tasks"]) == {"real", "layers"}
+    assert response.headers["x-imgserve-encoder"] == encoder["replica"] == layers.headers["x-imgserve-encoder"]
     # the ingress and the job runner asked for the head's marker resource: they outlive a worker
     for deployment in ("Ingress", "JobRunner"):
         actors = alive_actors(deployment)
@@ -100,6 +117,7 @@ def test_real_scales_out_under_a_burst_and_back_in_when_idle(cluster) -> None:
 def test_losing_a_worker_mid_traffic(cluster) -> None:
     service, gate = cluster["service"], cluster["gate"]
     real_node = replica_stats("RealModel")["node_id"]
+    encoder_node = replica_stats("TextEncoder")["node_id"]
     worker = nodes()[real_node]["NodeManagerPort"] - PORT - 10  # local.sh numbers node ports this way
     results: list[httpx.Response | Exception] = []
     stop = threading.Event()
@@ -134,8 +152,12 @@ def test_losing_a_worker_mid_traffic(cluster) -> None:
         thread.join(timeout=180)
     stats = replica_stats("RealModel")
     assert stats["node_id"] != real_node and stats["node_id"] in nodes() and stats["node_id"] != head_id()
+    # the encoder stage too (whether or not it was on the lost node), on the remaining worker's cards
+    encoder = replica_stats("TextEncoder")
+    assert encoder["node_id"] in nodes() and encoder["node_id"] != head_id()
     # every request answered: a result, or a clear JSON error (no hang, no dropped connection)
-    print("statuses during the loss:", Counter(getattr(r, "status_code", type(r).__name__) for r in results))
+    print("statuses during the loss:", Counter(getattr(r, "status_code", type(r).__name__) for r in results),
+          "(the TextEncoder was", "on" if encoder_node == real_node else "not on", "the lost node)")
     assert results and not [r for r in results if isinstance(r, Exception)]
     for response in results:
         assert response.status_code == 200 or (

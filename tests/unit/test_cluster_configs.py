@@ -8,14 +8,70 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from deployments import placement
 from serve_app.config import load_config
-from serve_app.kuberay import render
+from serve_app.kuberay import min_workers_for, render
 from tests.conftest import REPO, demo_args
 
 
 def config_args(name: str) -> dict:
     document = yaml.safe_load((REPO / "configs" / name).read_text())
     return copy.deepcopy(document["applications"][0]["args"])
+
+
+def assert_streams_nothing_for_the_encoder(plan: placement.Plan) -> None:
+    """The replica's plan leaves the text encoder to the stage: none of it on its cards or streamed."""
+    assert plan.text_encoder_mode == "stage"
+    assert plan.text_encoder.offload == "stage" and plan.text_encoder.gpus == ()
+    assert plan.text_encoder.weights_gb == () and plan.text_encoder.cpu_weights_gb == 0
+    assert max(plan.peak_gb) <= plan.gpu_memory_gb - plan.margin_gb
+
+
+def test_one_card_config_encodes_prompts_on_the_cpu_and_the_card_streams_no_encoder() -> None:
+    config = load_config(config_args("rtx4090.yaml"))
+    assert config.text_encoder.mode == "stage" and config.staged() == ("real", "layers")
+    real = config.real.plan()
+    assert_streams_nothing_for_the_encoder(real)
+    # the whole fp8 transformer and the float32 VAE on the card: nothing streamed during a request
+    assert real.transformer.offload == "none" and real.transformer.streamed_blocks == 0
+    assert real.transformer.cpu_weights_gb == 0 and real.transformer.dtype == placement.FP8
+    assert real.vae.gpus == (0,) and real.vae.dtype == placement.FP32 and real.vae_tiling
+    # `layers` (6 layers) still streams some transformer blocks, as the config's comment says
+    layers = config.layers.plan()
+    assert_streams_nothing_for_the_encoder(layers)
+    assert 0 < layers.transformer.streamed_blocks <= 60 * placement.MAX_STREAMED_FRACTION
+    # the encoder on the CPU in bf16, asking Ray for no card: the node's one card stays with the transformer
+    encoder = config.text_encoder
+    assert encoder.placement is None and encoder.device == "cpu" and encoder.dtype == "bfloat16"
+    options = encoder.stage_options(config.staged())
+    actor = options["ray_actor_options"]
+    assert "num_gpus" not in actor and "rtx4090" not in actor.get("resources", {})
+    assert "placement_group_bundles" not in options and options["num_replicas"] == 1
+    cpu = placement.plan_encoder(config.staged(), None)
+    assert cpu.device == "cpu" and cpu.dtype == "bfloat16" and cpu.gpus == 0
+
+
+def test_cluster_config_runs_the_encoder_stage_on_a_4090_of_its_own() -> None:
+    config = load_config(config_args("rtx4090-cluster.yaml"))
+    assert config.text_encoder.mode == "stage" and config.staged() == ("real", "layers")
+    for section in (config.real, config.layers):
+        plan = section.plan()
+        assert_streams_nothing_for_the_encoder(plan)
+        assert plan.gpus_used == 2 and plan.transformer.streamed_blocks == 0
+        assert plan.transformer.cpu_weights_gb == 0 and len(plan.transformer.gpus) == 2
+    # without the encoder beside it, `real`'s transformer is bf16, split over its two cards
+    assert config.real.plan().transformer.dtype == "bfloat16"
+    encoder = config.text_encoder
+    assert encoder.placement.gpus == 1 and encoder.placement.gpu_resource == "rtx4090"
+    plan = encoder.plan(config.staged())
+    assert plan.device == "cuda" and plan.dtype == "bfloat16" and plan.peak_gb <= plan.usable_gb
+    assert set(plan.tasks) == {"real", "layers"}
+    options = encoder.stage_options(config.staged())
+    actor = options["ray_actor_options"]
+    assert actor["num_gpus"] == 1 and actor["resources"] == {"rtx4090": 1}
+    assert "placement_group_bundles" not in options  # one card needs no bundle
+    replicas = options.get("num_replicas") or options["autoscaling_config"]["max_replicas"]
+    assert 1 <= replicas <= 2
 
 
 def test_one_card_config_asks_ray_for_one_4090_per_replica() -> None:
@@ -90,6 +146,28 @@ def test_kuberay_manifest_is_generated_from_the_cluster_config_not_hand_copied()
     gpus = workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
     assert workers["rayStartParams"]["num-gpus"] == gpus
     assert f'\\"rtx4090\\": {gpus}' in workers["rayStartParams"]["resources"]
+    # the workers it starts with hold real and layers at their minimum and the encoder stage's card
+    config = load_config(serve_config["applications"][0]["args"])
+    assert config.text_encoder.mode == "stage"
+    needed = min_workers_for(config, int(gpus))
+    assert needed == 2  # 2 + 2 cards for real and layers, 1 (or 2, not shared) for the encoder
+    assert workers["minReplicas"] == workers["replicas"] >= needed
+
+
+def test_kuberay_starts_enough_workers_for_the_minimum_replicas() -> None:
+    config = load_config(config_args("rtx4090-cluster.yaml"))
+    # on 4-card nodes: [2, 2] on one, the encoder (counted once per staged task) on another
+    assert min_workers_for(config, 4) == 2
+    assert min_workers_for(config, 8) == 1
+    inline = config_args("rtx4090-cluster.yaml")
+    inline["text_encoder"] = {"mode": "inline"}
+    assert min_workers_for(load_config(inline), 4) == 1
+    with pytest.raises(ValueError, match="a replica asks for 2 GPUs, more than gpus_per_node \\(1\\)"):
+        min_workers_for(config, 1)
+    manifest = yaml.safe_load(render("configs/rtx4090-cluster.yaml", min_workers=3))
+    assert manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["minReplicas"] == 3
+    with pytest.raises(ValueError, match="need 2 workers of 4 GPUs, more than max_workers \\(1\\)"):
+        render("configs/rtx4090-cluster.yaml", max_workers=1)
 
 
 def test_kuberay_refuses_a_bad_config(tmp_path) -> None:

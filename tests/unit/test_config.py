@@ -30,6 +30,28 @@ def test_every_shipped_config_validates() -> None:
             load_config(app["args"])
 
 
+def test_every_shipped_config_plans_its_placements_where_it_encodes_prompts() -> None:
+    """Each diffusion section's plan follows the config's `text_encoder.mode` (in stage mode its
+    cards hold no text encoder), and a staged encoder's placement plans on its card."""
+    staged = set()
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        for app in yaml.safe_load(path.read_text())["applications"]:
+            config = load_config(app["args"])
+            mode = config.text_encoder.mode
+            for name, section in config.sections().items():
+                if getattr(section, "placement", None) is None:
+                    continue
+                assert section.text_encoder == mode, (path.name, name)
+                plan = section.plan()
+                assert plan.text_encoder_mode == mode, (path.name, name)
+                assert (plan.text_encoder.offload == "stage") == (mode == "stage"), (path.name, name)
+            if mode == "stage":
+                staged.add(path.name)
+                encoder = config.text_encoder.plan(config.staged())
+                assert encoder is None or encoder.gpus == 1, path.name
+    assert {"demo.yaml", "rtx4090.yaml", "rtx4090-cluster.yaml"} <= staged
+
+
 @pytest.mark.parametrize(
     "args,field,value",
     [

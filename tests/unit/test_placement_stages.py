@@ -360,3 +360,11 @@ def test_cli_split_shows_the_cpu_encoder_trade_off(capsys) -> None:
     assert cpu["encoder_s"] > card["encoder_s"]  # at the price of slower encoding
     assert main(["plan", "--task", "real", "--gpus", "1x24", "--cards", "4"]) == 0
     assert "instead, with the encoder on CPUs: 4 diffusion replicas" in capsys.readouterr().out
+
+
+def test_cli_split_with_the_encoder_on_cpu(capsys) -> None:
+    from serve_app.cli import main
+
+    assert main(["plan", "--task", "real", "--gpus", "1x24", "--encoder-gpus", "cpu", "--cards", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "split of 1 card" in out and "instead, with the encoder on CPUs" not in out
