@@ -56,7 +56,8 @@ from typing import Any, ClassVar, Iterator, Literal
 import numpy as np
 from pydantic import field_validator, model_validator
 
-from deployments.diffusion import DiffusionConfig, DiffusionModel, DiffusionParams, step_callback, to_uint8
+from deployments.diffusion import DiffusionModel, step_callback, to_uint8
+from deployments.diffusion_config import DiffusionConfig, DiffusionParams
 from deployments.errors import InvalidParameter, ModelFailure
 from deployments.postprocess import LAYER_FORMATS
 from deployments.records import Conditioning, Generated, ImageSpec, Prepared, Progress

@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, mod
 
 from deployments import metrics
 from deployments.adapters import Adapters, stack_text
-from deployments.diffusion import MIN_STEPS, DiffusionConfig, DiffusionModel, DiffusionParams, step_callback, to_uint8
+from deployments.diffusion import DiffusionModel, step_callback, to_uint8
+from deployments.diffusion_config import MIN_STEPS, DiffusionConfig, DiffusionParams
 from deployments.errors import InvalidParameter
 from deployments.lora import NONE, LoraStore, check_name, ensure_tiny_loras, ensure_tiny_speed_adapter
 from deployments.records import Conditioning, Generated, ImageSpec, Prepared, Progress

@@ -19,7 +19,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from deployments import metrics, placement
-from deployments.diffusion import DiffusionConfig, DiffusionModel, release_gpu_memory
+from deployments.diffusion import DiffusionModel, release_gpu_memory
+from deployments.diffusion_config import DiffusionConfig
 from deployments.errors import Cancelled, InvalidParameter, ModelFailure, OutOfMemory, TimedOut
 from deployments.identity import text_encoder_identity
 from deployments.model import Model, ModelSettings

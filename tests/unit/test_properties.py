@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from deployments.diffusion import MAX_SEED, MIN_STEPS
+from deployments.diffusion_config import MAX_SEED, MIN_STEPS
 from deployments.errors import BadImage, ImgserveError, InvalidParameter, TooLarge, UnsupportedFormat
 from deployments.lora import NONE
 from deployments.preprocess import Preprocess, PreprocessConfig
