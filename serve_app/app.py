@@ -1,11 +1,13 @@
 """Builds the one driver graph from a validated config: `serve_app.app:build_app(args)`.
 
 Ingress → Preprocess (CPU) → [TextEncoder, in stage mode] → each task's model (GPU or CPU) →
-Postprocess (CPU), plus the job runner, composed by handles passed to `.bind()`. The builder loops over a task registry: one model
-deployment per task, named after its model class, with the Serve options its section asks for
-(placement included). Deployment classes are plain classes; this module alone attaches Ray Serve
-options, makes Serve call a model's separate `load()` step when a replica starts, and routes a
-task's requests by its choice (`serve.multiplexed`) where the task says so.
+Postprocess (CPU), plus the job runner, composed by handles passed to `.bind()`. The builder loops
+over a task registry: one model deployment per task, named after its model class, with the Serve
+options its section asks for (placement included), and in stage mode one TextEncoder deployment
+per distinct text encoder (tasks whose encoder files are the same bytes share one). Deployment
+classes are plain classes; this module alone attaches Ray Serve options, makes Serve call a
+model's separate `load()` step when a replica starts, and routes a task's requests by its choice
+(`serve.multiplexed`) where the task says so.
 """
 
 from __future__ import annotations
