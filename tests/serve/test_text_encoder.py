@@ -79,21 +79,27 @@ def test_a_full_encoder_queue_is_503_queue_full_with_retry_after(staged) -> None
     service, gate, _ = staged
     ray.get(gate.close.remote())
     burst = 6
+    # one request in the encoder, one in its queue, and one more that Serve's router may admit
+    # while it retries a request the busy replica turned away: the rest are refused at once
+    admitted = 3
     with ThreadPoolExecutor(burst) as pool:
         futures = [pool.submit(service.post_image, small_png(), {"steps": 2, "seed": i, "prompt": HOLD_PROMPT,
                                                                  "lora": "none"}, content_type="image/png")
                    for i in range(burst)]
-        wait_until(lambda: ray.get(gate.count.remote()) >= 1, "a request to enter the encoder")
-        wait_until(lambda: sum(f.done() for f in futures) >= burst - 2, "refusals of the burst")
-        finished = [f for f in futures if f.done()]
-        refused = [f.result() for f in finished]
-        assert refused and all(r.status_code == 503 for r in refused), [r.text for r in refused]
-        for response in refused:
-            assert response.headers["retry-after"] == "3"
-            assert response.json()["error"]["code"] == "queue_full"
-        gate.open.remote()
-        done, pending = wait([f for f in futures if f not in finished], timeout=DEADLINE_S)
-        assert not pending and all(f.result().status_code == 200 for f in done)
+        try:
+            wait_until(lambda: ray.get(gate.count.remote()) >= 1, "a request to enter the encoder")
+            wait_until(lambda: sum(f.done() for f in futures) >= burst - admitted, "refusals of the burst")
+            refused = [f.result() for f in futures if f.done()]
+            assert all(r.status_code == 503 for r in refused), [r.text for r in refused]
+            for response in refused:
+                assert response.headers["retry-after"] == "3"
+                assert response.json()["error"]["code"] == "queue_full"
+        finally:
+            gate.open.remote()  # whatever happened above, nothing stays held for the next test
+        done, pending = wait(futures, timeout=DEADLINE_S)
+        assert not pending
+        statuses = [f.result().status_code for f in futures]
+        assert set(statuses) <= {200, 503} and statuses.count(200) >= 1, statuses
 
 
 def test_a_lost_encoder_replica_is_503_unavailable_and_a_job_is_retried(staged) -> None:
