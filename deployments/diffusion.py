@@ -184,19 +184,31 @@ class DiffusionModel(Model):
         was encoded elsewhere, and its stages are recorded there."""
         import torch
 
-        try:
-            with metrics.diffusion_request(self.pipe, self.task, encode_prompt=conditioning is None) as stages, \
-                    torch.inference_mode():
-                yield stages
-        except (Cancelled, TimedOut) as exc:
-            self.stopped(exc.code, str(exc))
-            raise
-        except torch.cuda.OutOfMemoryError as exc:
-            release_gpu_memory()
-            self.stopped(OutOfMemory.code, str(exc))
-            raise OutOfMemory(f"GPU out of memory at {what}: {exc}") from None
-        except (RuntimeError, ValueError) as exc:
-            raise ModelFailure(f"the model failed on this request: {exc}") from None
+        with failures(self, f"at {what}", "the model"), \
+                metrics.diffusion_request(self.pipe, self.task, encode_prompt=conditioning is None) as stages, \
+                torch.inference_mode():
+            yield stages
+
+
+@contextlib.contextmanager
+def failures(model: Model, where: str, who: str) -> Iterator[None]:
+    """Whatever a model's work on one request raises, as that request's own error: a cancellation
+    or time limit counted in the model's `stats()` and passed on; out of memory (`where` says at
+    what) → the request's garbage released, counted, `OutOfMemory`; any other failure of `who` →
+    `ModelFailure`. The replica keeps serving."""
+    import torch
+
+    try:
+        yield
+    except (Cancelled, TimedOut) as exc:
+        model.stopped(exc.code, str(exc))
+        raise
+    except torch.cuda.OutOfMemoryError as exc:
+        release_gpu_memory()
+        model.stopped(OutOfMemory.code, str(exc))
+        raise OutOfMemory(f"GPU out of memory {where}: {exc}") from None
+    except (RuntimeError, ValueError) as exc:
+        raise ModelFailure(f"{who} failed on this request: {exc}") from None
 
 
 ATTENTION_PACKAGES = {"sage": "sageattention", "flash": "flash_attn", "xformers": "xformers"}

@@ -19,9 +19,9 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from deployments import metrics, placement
-from deployments.diffusion import DiffusionModel, release_gpu_memory
+from deployments.diffusion import DiffusionModel, failures
 from deployments.diffusion_config import DiffusionConfig
-from deployments.errors import Cancelled, InvalidParameter, ModelFailure, OutOfMemory, TimedOut
+from deployments.errors import ModelFailure
 from deployments.identity import text_encoder_identity
 from deployments.model import Model, ModelSettings
 from deployments.options import DeploymentOptions, model_defaults
@@ -159,18 +159,9 @@ class TextEncoder(Model):
 
         self.check_health()
         started = time.perf_counter()
-        try:
-            with torch.inference_mode():
-                conditioning = self.models[task].encode_text(prepared, params)
-                metrics.sync_cuda()
-        except (Cancelled, TimedOut, InvalidParameter):
-            raise
-        except torch.cuda.OutOfMemoryError as exc:
-            release_gpu_memory()
-            self.stopped(OutOfMemory.code, str(exc))
-            raise OutOfMemory(f"GPU out of memory encoding the prompt: {exc}") from None
-        except (RuntimeError, ValueError) as exc:
-            raise ModelFailure(f"the text encoder failed on this request: {exc}") from None
+        with failures(self, "encoding the prompt", "the text encoder"), torch.inference_mode():
+            conditioning = self.models[task].encode_text(prepared, params)
+            metrics.sync_cuda()
         elapsed = time.perf_counter() - started
         conditioning.seconds["encode_prompt"] = max(0.0, elapsed - conditioning.seconds.get("caption", 0.0))
         metrics.record_stages(task, conditioning.seconds)
