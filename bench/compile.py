@@ -37,7 +37,8 @@ def main() -> int:
     from torch._dynamo.utils import counters
 
     from deployments.lora import TINY_VERSIONS
-    from deployments.real import RealModel, RealParams
+    from deployments.real import RealModel
+    from deployments.real_config import RealParams
     from deployments.records import Prepared, PreparedImage
     import yaml
 

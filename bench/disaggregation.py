@@ -391,7 +391,7 @@ def demo_profile(cache: Path, repeats: int, edge: int) -> dict[str, Any]:
     from deployments.layers import TASK as LAYERS
     from deployments.layers import LayersModel, LayersParams
     from deployments.preprocess import Preprocess
-    from deployments.real import RealParams
+    from deployments.real_config import RealParams
     from serve_app.config import load_config
 
     args = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["applications"][0]["args"]

@@ -55,7 +55,8 @@ def demo_profile(repeat: int, cache_dir: Path) -> dict:
 
     from deployments.lora import TINY_VERSIONS
     from deployments.preprocess import Preprocess
-    from deployments.real import RealModel, RealModelConfig, RealParams
+    from deployments.real import RealModel
+    from deployments.real_config import RealModelConfig, RealParams
 
     config = RealModelConfig(source="tiny", condition_area=4096, num_threads=1, lora_dir="tiny",
                              max_adapters_per_replica=len(TINY_VERSIONS))

@@ -88,7 +88,8 @@ from PIL import Image  # noqa: E402
 
 from deployments.postprocess import Postprocess  # noqa: E402
 from deployments.preprocess import Preprocess  # noqa: E402
-from deployments.real import RealModel, RealParams  # noqa: E402
+from deployments.real import RealModel  # noqa: E402
+from deployments.real_config import RealParams  # noqa: E402
 from serve_app.config import load_config  # noqa: E402
 
 DEFAULT_INPUT = ROOT / "tests" / "data" / "samples" / "photo_1.jpg"

@@ -143,7 +143,8 @@ def measure(repeat: int, cache_dir: Path, input_path: Path) -> dict[str, Any]:
 
     from deployments import metrics
     from deployments.preprocess import Preprocess
-    from deployments.real import RealModel, RealParams
+    from deployments.real import RealModel
+    from deployments.real_config import RealParams
     from serve_app.config import load_config
 
     args = yaml.safe_load(DEMO_CONFIG.read_text())["applications"][0]["args"]

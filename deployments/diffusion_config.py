@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, 
 from deployments import placement
 from deployments.errors import InvalidParameter
 from deployments.model import ModelSettings
-from deployments.options import DeploymentOptions, model_defaults
+from deployments.options import DeploymentOptions, model_defaults, with_planned
 from deployments.placement import DoesNotFit, PlacementConfig, Plan
 from deployments.validation import at_least
 
@@ -185,16 +185,7 @@ class DiffusionConfig(ModelSettings):
     def serve_options(self) -> dict[str, Any]:
         """From config, and with `placement` the GPUs, custom resources and placement-group bundle
         its plan needs (exactly those, no more)."""
-        options = self.serve.serve_options()
-        plan = self.plan()
+        options, plan = self.serve.serve_options(), self.plan()
         if plan is None:
             return options
-        actor = dict(options["ray_actor_options"])
-        planned = placement.ray_options(plan, self.placement, num_cpus=actor.get("num_cpus", 1))
-        resources = {**actor.get("resources", {}), **planned["ray_actor_options"].get("resources", {})}
-        options["ray_actor_options"] = {**actor, **planned["ray_actor_options"],
-                                        **({"resources": resources} if resources else {})}
-        for key in ("placement_group_bundles", "placement_group_strategy"):
-            if key in planned:
-                options[key] = planned[key]
-        return options
+        return with_planned(options, lambda cpus: placement.ray_options(plan, self.placement, num_cpus=cpus))

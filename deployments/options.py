@@ -7,6 +7,7 @@ field and the value.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -76,3 +77,16 @@ class DeploymentOptions(BaseModel):
 def model_defaults(**ray_actor_options: Any) -> DeploymentOptions:
     """A model deployment's defaults: one request at a time, a short queue."""
     return DeploymentOptions(max_ongoing_requests=1, max_queued_requests=8, ray_actor_options=ray_actor_options)
+
+
+def with_planned(options: dict[str, Any], planned: Callable[[float], dict[str, Any]]) -> dict[str, Any]:
+    """Serve `options` from config with what a placement plan asks Ray for laid over them:
+    `planned(num_cpus)` gives the plan's options (its GPUs, custom resources and, for several
+    cards, the placement-group bundle); custom resources are merged, the rest replaced."""
+    actor = dict(options["ray_actor_options"])
+    plan_options = planned(actor.get("num_cpus", 1))
+    resources = {**actor.get("resources", {}), **plan_options["ray_actor_options"].get("resources", {})}
+    merged = {**options, **{key: value for key, value in plan_options.items() if key != "ray_actor_options"}}
+    merged["ray_actor_options"] = {**actor, **plan_options["ray_actor_options"],
+                                   **({"resources": resources} if resources else {})}
+    return merged

@@ -24,7 +24,7 @@ from deployments.diffusion_config import DiffusionConfig
 from deployments.errors import ModelFailure
 from deployments.identity import text_encoder_identity
 from deployments.model import Model, ModelSettings
-from deployments.options import DeploymentOptions, model_defaults
+from deployments.options import DeploymentOptions, model_defaults, with_planned
 from deployments.placement import DoesNotFit, PlacementConfig
 from deployments.records import Conditioning, Prepared
 
@@ -73,16 +73,10 @@ class TextEncoderConfig(ModelSettings):
     def stage_options(self, tasks: tuple[str, ...]) -> dict[str, Any]:
         """Serve options of the deployment serving `tasks`: from config, and with `placement` the
         card its plan needs."""
-        options = self.serve.serve_options()
-        plan = self.plan(tasks)
+        options, plan = self.serve.serve_options(), self.plan(tasks)
         if plan is None:
             return options
-        actor = dict(options["ray_actor_options"])
-        planned = placement.encoder_ray_options(plan, self.placement, num_cpus=actor.get("num_cpus", 1))
-        resources = {**actor.get("resources", {}), **planned["ray_actor_options"].get("resources", {})}
-        options["ray_actor_options"] = {**actor, **planned["ray_actor_options"],
-                                        **({"resources": resources} if resources else {})}
-        return options
+        return with_planned(options, lambda cpus: placement.encoder_ray_options(plan, self.placement, num_cpus=cpus))
 
 
 def identity(model: type[DiffusionModel], section: DiffusionConfig, cache_dir: Path | str) -> str | None:

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from deployments import checkpoints, tiny
-from deployments.real import DEFAULT_PROMPT
+from deployments.real_config import DEFAULT_PROMPT
 
 
 def merged_output(cache_dir: Path, adapters: list[tuple[Path, float]], array: np.ndarray, *, steps: int,

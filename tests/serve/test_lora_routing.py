@@ -16,7 +16,8 @@ from ray import serve
 
 from deployments.lora import TINY_VERSIONS
 from deployments.preprocess import Preprocess
-from deployments.real import RealModel, RealModelConfig, RealParams
+from deployments.real import RealModel
+from deployments.real_config import RealModelConfig, RealParams
 from tests.conftest import Service, wait_until
 from tests.serve.conftest import small_png
 from tests.serve.gate import GatedRealModel

@@ -14,7 +14,8 @@ from safetensors.numpy import load_file, save_file
 from deployments.errors import InvalidParameter
 from deployments.lora import LoraStore, TINY_VERSIONS, base_linear_shapes, ensure_tiny_loras, inspect_lora, version_key
 from deployments.preprocess import Preprocess
-from deployments.real import RealModel, RealModelConfig, RealParams
+from deployments.real import RealModel
+from deployments.real_config import RealModelConfig, RealParams
 
 
 def test_versions_sort_by_number_not_by_text() -> None:

@@ -18,7 +18,8 @@ from deployments.layers import LayersModel, LayersModelConfig, LayersParams
 from deployments.lora import TINY_VERSIONS
 from deployments.postprocess import Postprocess
 from deployments.preprocess import Preprocess
-from deployments.real import RealModel, RealModelConfig, RealParams
+from deployments.real import RealModel
+from deployments.real_config import RealModelConfig, RealParams
 from tests.conftest import run_fresh
 
 A, B, C = TINY_VERSIONS

@@ -11,7 +11,8 @@ from pydantic import ValidationError
 from deployments.adapters import AdapterDoesNotFit
 from deployments.errors import InvalidParameter
 from deployments.lora import TINY_VERSIONS, ensure_tiny_loras, ensure_tiny_speed_adapter
-from deployments.real import RealModel, RealModelConfig, RealParams
+from deployments.real import RealModel
+from deployments.real_config import RealModelConfig, RealParams
 from deployments.records import Prepared, PreparedImage
 from tests.stacking import merged_output
 

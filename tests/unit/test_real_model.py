@@ -10,7 +10,8 @@ import pytest
 
 from deployments.errors import InvalidParameter
 from deployments.preprocess import Preprocess
-from deployments.real import RealModel, RealModelConfig, RealParams
+from deployments.real import RealModel
+from deployments.real_config import RealModelConfig, RealParams
 
 
 @pytest.fixture(scope="module")
