@@ -33,8 +33,10 @@ class IngressSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    serve: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=64))
-    """Ray Serve options of the ingress deployment."""
+    serve: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(max_ongoing_requests=64, max_queued_requests=256))
+    """Ray Serve options of the ingress deployment; its queue is finite so a flood is refused (503)
+    instead of held."""
     retry_after_s: int = 2
     """Value of the Retry-After header sent with 503 when a queue is full."""
     request_timeout_s: float | None = 600.0
@@ -55,12 +57,33 @@ class IngressSection(BaseModel):
     rate_limit_burst: int | None = None
     """Requests a key may make at once before the per-minute rate applies (the token bucket's size);
     null: the same as `rate_limit_per_minute`."""
+    read_timeout_s: float = 30.0
+    """Longest a client may pause while sending its request body: past it the request gets 408
+    `read_timeout` and its ingress slot back (a client sending one byte a second holds nothing)."""
+    max_event_streams: int = 200
+    """Event streams (`GET /v1/jobs/{id}/events`) open at once per ingress replica; past it 429
+    `too_many_streams` (the job's status can still be polled)."""
+    max_event_streams_per_key: int = 20
+    """Event streams open at once per API key (per client address when keys are off), per replica."""
+    event_stream_max_s: float = 3600.0
+    """Longest one event stream stays open; a client reconnects to follow a job beyond it."""
+    event_heartbeat_s: float = 15.0
+    """An SSE comment line is sent on a quiet stream this often, so proxies and clients can tell a
+    live stream from a dead one."""
     cors_origins: list[str] = Field(default_factory=list)
     """Origins (`https://app.example.com`, scheme://host[:port], no path) whose browser pages may call
     the API: they get CORS headers and answered preflights. `*` allows any origin. Empty: no CORS
     headers at all (the service's own web page needs none)."""
 
-    _at_least_one = at_least(1, "retry_after_s", "rate_limit_per_minute", "rate_limit_burst")
+    _at_least_one = at_least(1, "retry_after_s", "rate_limit_per_minute", "rate_limit_burst", "max_event_streams",
+                             "max_event_streams_per_key")
+
+    @field_validator("read_timeout_s", "event_stream_max_s", "event_heartbeat_s")
+    @classmethod
+    def _positive_seconds(cls, value: float, info: Any) -> float:
+        if not 0 < value < float("inf"):
+            raise ValueError(f"{info.field_name} must be a positive number of seconds, got {value}")
+        return value
 
     @field_validator("request_timeout_s")
     @classmethod
@@ -132,10 +155,45 @@ class JobsSection(BaseModel):
     """Finished jobs (rows and files) are forgotten this long after they end."""
     backpressure_retry_s: float = 0.5
     """Pause before a job refused by a full model queue is tried again (it keeps its place)."""
+    max_queued_per_key: int | None = None
+    """Jobs one API key (one client address when keys are off) may have waiting; past it 429
+    `quota_exceeded` with Retry-After. null: only `max_queued` applies."""
+    max_wait_s: float | None = 24 * 3600.0
+    """Longest a job may wait queued; past it the job fails with `queue_timeout`. null: no limit."""
+    max_run_s: float | None = 3600.0
+    """Longest a job may run (from its claim to its result, retries each counted afresh); past it
+    the job stops at its next step and fails with `run_timeout`, naming the deployment it waited
+    for when that deployment has no running replica. null: no limit."""
+    lease_s: float = 60.0
+    """A running job's lease, renewed by its progress and by the runner while it waits; a job whose
+    lease expired (its runner died or hung) is queued again within `max_attempts`, else failed."""
+    housekeeping_s: float = 60.0
+    """How often the runner reaps expired leases and applies the limits, retention and
+    `max_store_bytes` while it is up."""
+    max_store_bytes: int | None = None
+    """Most bytes of inputs and results kept; past it the oldest finished jobs are forgotten first,
+    and a submission that still does not fit is refused with 507 `insufficient_storage`. null: no bound."""
+    min_free_bytes: int = 256 * 1024 * 1024
+    """Free bytes the store's disk must keep: a submission that would leave less is refused with 507
+    `insufficient_storage`."""
 
-    _positive = at_least(1, "max_queued", "concurrency", "max_attempts")
+    _positive = at_least(1, "max_queued", "concurrency", "max_attempts", "max_queued_per_key", "max_store_bytes")
 
-    @field_validator("retention_s", "backpressure_retry_s")
+    @field_validator("max_wait_s", "max_run_s")
+    @classmethod
+    def _optional_limit(cls, value: float | None, info: Any) -> float | None:
+        if value is not None and not 0 < value < float("inf"):
+            raise ValueError(f"{info.field_name} must be a positive number of seconds or null, got {value}")
+        return value
+
+    @field_validator("min_free_bytes")
+    @classmethod
+    def _not_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"min_free_bytes must be >= 0, got {value}")
+        return value
+
+    @field_validator("retention_s", "backpressure_retry_s", "lease_s", "housekeeping_s")
     @classmethod
     def _positive_float(cls, value: float, info: Any) -> float:
         if not value > 0:

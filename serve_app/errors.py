@@ -77,8 +77,33 @@ class RateLimited(ImgserveError):
         self.retry_after_s = retry_after_s
 
 
+class QuotaExceeded(RateLimited):
+    """This key has `jobs.max_queued_per_key` jobs waiting; `retry_after_s` is a hint."""
+
+    code = "quota_exceeded"
+
+
+class InsufficientStorage(ImgserveError):
+    """The job store cannot take more bytes (its disk is full, or `jobs.max_store_bytes` is
+    reached with nothing finished left to forget); nothing was accepted."""
+
+    code = "insufficient_storage"
+
+
+class ReadTimeout(ImgserveError):
+    """The client stopped sending its body for `ingress.read_timeout_s`; its slot is given back."""
+
+    code = "read_timeout"
+
+
+class TooManyStreams(RateLimited):
+    """Event streams are capped per key and per ingress replica; close one or poll the status."""
+
+    code = "too_many_streams"
+
+
 STATUS.update({NotFound: 404, MethodNotAllowed: 405, NotReady: 409, QueueFull: 503, Unauthorized: 401,
-               RateLimited: 429})
+               RateLimited: 429, InsufficientStorage: 507, ReadTimeout: 408})
 
 
 def error_body(code: str, message: str, field: str | None = None) -> dict:
