@@ -179,9 +179,21 @@ jobs_finished = Counter(
 job_seconds = Histogram(
     "imgserve_job_seconds", "Seconds from a job's submission to its final state.",
     SECONDS_BUCKETS, ("task", "state"))
+abandoned = Counter(
+    "imgserve_abandoned", "Synchronous requests nobody waits for any more, stopped at the model's next step, by task "
+    "and reason (client_disconnected, caller_cancelled, timeout).", ("task", "reason"))
+model_seconds = Counter(
+    "imgserve_model_seconds", "Seconds model deployments (and the text encoder stage) worked for a key's requests and "
+    "jobs, by task and API key id (`-` with keys off).", ("task", "key_id"))
+job_limits = Counter(
+    "imgserve_job_limits", "Jobs ended or re-queued by a limit rather than by their own work, by task and reason "
+    "(lease_expired, queue_timeout, run_timeout, result_lost).", ("task", "reason"))
+job_store_bytes = Gauge("imgserve_job_store_bytes", "Bytes of job inputs and results on the store's disk.")
+event_streams = Gauge("imgserve_event_streams", "Job event streams open on this ingress replica.")
 
 ALL: tuple[_Metric, ...] = (requests, request_seconds, rejections, stage_seconds, lora_events, gpu_peak_bytes,
-                            jobs_queued, jobs_running, jobs_finished, job_seconds)
+                            jobs_queued, jobs_running, jobs_finished, job_seconds, abandoned, model_seconds,
+                            job_limits, job_store_bytes, event_streams)
 
 
 def exported_names() -> set[str]:
