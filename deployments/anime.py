@@ -31,7 +31,10 @@ batch handler `handle_batch` groups requests by (padded height, padded width, st
 group as one tensor batch (split by `max_batch_pixels`), and returns each caller its own result or
 its own error. `serve.batch` cannot run outside a replica in Ray 2.60 (its queue asks for the
 replica context), so there `__call__` calls `handle_batch` with one request; tests call
-`handle_batch` directly with mixed batches.
+`handle_batch` directly with mixed batches. A request whose caller goes away before its batch
+runs is dropped by `serve.batch`; one that leaves a running batch only loses its result, the others
+get theirs. Without batching, a cancelled request that has not reached the model thread never runs.
+Each result's `served["model_seconds"]` is the run time of the tensor batch it was part of.
 """
 
 from __future__ import annotations
@@ -283,9 +286,17 @@ class AnimeModel(Model):
             # a job's progress waits for the runner's answer: never block this replica's event loop
             await asyncio.to_thread(progress.stage, "stylize")
         if self._batched is not None:
-            result = await self._batched(prepared, params)
+            try:
+                result = await self._batched(prepared, params)
+            except asyncio.CancelledError:
+                # serve.batch drops a request that left before its batch ran, and gives the others
+                # of a running batch their results: nothing of this one delays them
+                self.stopped("abandoned", "its caller went away; it left its batch")
+                raise
         else:
-            result = (await self.handle_batch([prepared], [params]))[0]
+            # a request whose caller went away before the model thread took it never runs
+            results, _ = await self.on_request(lambda stoppable: self.generate_batch([prepared], [params]))
+            result = results[0]
         if isinstance(result, BaseException):
             raise result
         return result
@@ -314,6 +325,7 @@ class AnimeModel(Model):
         results: list[Generated | BaseException | None] = [None] * len(prepared)
         groups: dict[tuple[int, int, str], list[int]] = {}
         resolved: list[AnimeParams | None] = [None] * len(prepared)
+        worked = [0.0] * len(prepared)  # model seconds: the tensor batch each request was part of
         # 1. validate each request on its own: one bad request fails alone
         for i, (item, param) in enumerate(zip(prepared, params)):
             try:
@@ -335,6 +347,7 @@ class AnimeModel(Model):
                 seconds = time.perf_counter() - started  # every member of the batch waited for all of it
                 for i, output in zip(indices, outputs):
                     results[i] = output
+                    worked[i] = seconds
                     if isinstance(output, np.ndarray):
                         metrics.stage_seconds.observe(seconds, tags={"task": self.task, "stage": "stylize"})
         self.batches += 1
@@ -348,6 +361,7 @@ class AnimeModel(Model):
                     array=result,
                     info=prepared[i].info,
                     params={"task": self.task, "style": resolved[i].style},
+                    served={"model_seconds": round(worked[i], 3)},
                 )
             out.append(result)
         return out

@@ -4,7 +4,8 @@
 `DiffusionModel` is the base of both model classes: it loads the pipeline (planned placement on
 CUDA; without a text encoder when the TextEncoder stage encodes for it), encodes prompts with the
 pipeline's own `encode_prompt` (`encode_text`, also what the stage calls), runs requests on the
-model thread, and wraps each pipeline call in `guarded` (stage metrics and peak GPU memory;
+model thread (`Model.on_request`: stopped at the next step when the caller goes away, timed into
+`served["model_seconds"]`), and wraps each pipeline call in `guarded` (stage metrics and peak GPU memory;
 out of memory → `OutOfMemory`, 507; cancellation and time limits counted in `stats()`; any other
 failure → `ModelFailure`). Subclasses keep only what differs: what they pass to the pipeline and
 what they do around it. Knows nothing about HTTP.
@@ -22,7 +23,7 @@ import numpy as np
 from deployments import metrics, placement
 from deployments.diffusion_config import DiffusionConfig
 from deployments.errors import Cancelled, ModelFailure, OutOfMemory, TimedOut
-from deployments.model import Model
+from deployments.model import Abandoned, Model, model_seconds
 from deployments.records import Conditioning, Generated, Prepared, Progress
 
 if TYPE_CHECKING:
@@ -163,8 +164,16 @@ class DiffusionModel(Model):
     async def __call__(self, prepared: Prepared, params: Any, progress: Progress | None = None,
                        conditioning: Conditioning | None = None) -> Generated:
         """Serve entry point: runs `generate` on the model thread (`conditioning`: the text
-        encoder stage's work for this request)."""
-        return await self.on_model_thread(self.generate, prepared, params, progress, conditioning)
+        encoder stage's work for this request), stopped at its next step if the caller goes away."""
+        return await self.serve_generate(prepared, params, progress, conditioning)
+
+    async def serve_generate(self, prepared: Prepared, params: Any, progress: Progress | None,
+                             conditioning: Conditioning | None) -> Generated:
+        """`generate` through `on_request`: its progress always a stoppable one (so a step callback
+        is always installed), its model time in `served["model_seconds"]`."""
+        generated, seconds = await self.on_request(
+            lambda stoppable: self.generate(prepared, params, stoppable, conditioning), progress)
+        return model_seconds(generated, seconds)
 
     def generate(self, prepared: Prepared, params: Any, progress: Progress | None = None,
                  conditioning: Conditioning | None = None) -> Generated:
@@ -200,6 +209,8 @@ def failures(model: Model, where: str, who: str) -> Iterator[None]:
 
     try:
         yield
+    except Abandoned:
+        raise  # the caller went away: the entry point counts it (`Model.on_request`)
     except (Cancelled, TimedOut) as exc:
         model.stopped(exc.code, str(exc))
         raise

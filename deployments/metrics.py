@@ -24,6 +24,11 @@ labels (`SessionName`, `NodeAddress`, `WorkerId`, ...) and, inside a replica, Se
 | `ray_imgserve_jobs_running` | gauge | | JobRunner: jobs running now |
 | `ray_imgserve_jobs_finished_total` | counter | task, state | JobRunner: jobs reaching `succeeded`, `failed` or `cancelled` |
 | `ray_imgserve_job_seconds` | histogram | task, state | JobRunner: submission to final state (queue wait included) |
+| `ray_imgserve_abandoned_total` | counter | task, reason | Ingress (`Orchestrator.run`): synchronous requests whose caller went away, stopped at the model's next step; reason `client_disconnected` (HTTP client hung up), `caller_cancelled` (a handle caller cancelled its response), `timeout` (`ingress.request_timeout_s`) |
+| `ray_imgserve_model_seconds_total` | counter | task, key_id | Ingress and JobRunner (`Orchestrator.run`): seconds the model deployments' threads and the text encoder stage worked on a key's requests and jobs; key_id is the API key's id, `-` with keys off |
+| `ray_imgserve_job_limits_total` | counter | task, reason | JobRunner: jobs ended or re-queued by a limit, not by their own work: `lease_expired`, `queue_timeout`, `run_timeout`, `result_lost` |
+| `ray_imgserve_job_store_bytes` | gauge | | JobRunner: bytes of job inputs and results on the store's disk (refreshed every second) |
+| `ray_imgserve_event_streams` | gauge | | Ingress: job event streams open on this replica (refreshed every second while the replica follows any) |
 
 Ray Serve exports its own next to these (names as scraped from Ray 2.60): queue depth
 `ray_serve_deployment_queued_queries` (requests a caller's router holds for a deployment; a gauge

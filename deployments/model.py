@@ -8,20 +8,33 @@ decided, once, for every model alike (`ModelSettings.device/dtype/num_threads`).
 one shape for every model (replica, device, dtype, plan, loads, stops; plus what a model adds in
 `extra_stats`), and `check_health` raises while nothing is loaded, so Ray Serve replaces the
 replica. Subclasses implement `load_model`, `loaded` and the request entry `__call__`.
+
+Abandoned work stops (`on_request`): a request's work runs on the model thread with a stop signal
+of its own, seen by the model through its progress (`Stoppable`, checked at every stage and
+denoising step). When the caller goes away (Serve cancels the request: the HTTP client
+disconnected, a handle caller cancelled, the ingress's time limit), the entry point sets the
+signal, waits (shielded) until the thread has stopped at its next boundary, counts the stop in
+`stats()["stops"]` (`abandoned`, or `timeout` when the request's `Deadline` had passed) and passes
+the cancellation on; a request cancelled while still waiting for the model thread never starts.
+The seconds the thread worked on a request are its model time (`Generated.served["model_seconds"]`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import socket
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
-from deployments.records import ImageSpec
+from deployments.errors import Cancelled, TimedOut
+from deployments.records import Deadline, Generated, ImageSpec, Progress
 from deployments.task import TaskSection
 from deployments.validation import at_least
 
@@ -101,9 +114,43 @@ class Model:
             raise RuntimeError(f"{type(self).__name__} is not loaded")
 
     # -- serving ---------------------------------------------------------------------------------
-    async def on_model_thread(self, function: Callable[..., T], *args: Any) -> T:
-        """Run `function(*args)` on the model thread; the replica's event loop stays free."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+    async def on_model_thread(self, function: Callable[..., T], *args: Any, stop: threading.Event | None = None) -> T:
+        """Run `function(*args)` on the model thread; the replica's event loop stays free. Cancelled
+        before the thread took it, it never runs; once running, `stop` is set and the caller waits
+        for the thread's end (its slot stays taken: the thread is this replica's one worker)."""
+        future = self._executor.submit(function, *args)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if stop is not None:
+                stop.set()
+            await finished(future)
+            raise
+
+    async def on_request(self, work: Callable[[Progress], T], progress: Progress | None = None) -> tuple[T, float]:
+        """One request's work, `work(stoppable progress)`, on the model thread, stopped at its next
+        stage or step when the caller goes away (module docstring); returns its result and the
+        seconds the thread worked on it."""
+        request = Stoppable(progress)
+        timed = Timed(work, request)
+        try:
+            return await self.on_model_thread(timed, stop=request.signal), timed.seconds
+        except asyncio.CancelledError:
+            self.abandoned(request, timed)
+            raise
+
+    def abandoned(self, request: Stoppable, timed: Timed) -> None:
+        """Count a request whose caller went away: `timeout` past its deadline, else `abandoned`;
+        the message says where the thread stopped."""
+        if isinstance(timed.error, (Cancelled, TimedOut)) and not isinstance(timed.error, Abandoned):
+            return  # stopped on its own (a job's cancel, its deadline): counted where it stopped
+        if timed.error is not None:
+            where = str(timed.error)
+        elif timed.started:
+            where = "its work was done; the result was dropped"
+        else:
+            where = "stopped before it started"
+        self.stopped("timeout" if request.past_deadline() else "abandoned", where)
 
     def stopped(self, reason: str, message: str) -> None:
         """Count a request the model stopped or failed (`stats()["stops"]`)."""
@@ -127,6 +174,87 @@ class Model:
     def extra_stats(self) -> dict[str, Any]:
         """What a model adds to `stats()` (resident adapters, batches, ...)."""
         return {}
+
+
+class Abandoned(Cancelled):
+    """Raised on the model thread at the first boundary after the request's caller went away;
+    nobody receives it (the caller is gone), the entry point counts it."""
+
+    code = "abandoned"
+
+
+class Stoppable:
+    """The request's `Progress` with a stop signal of its own: at every stage and step boundary it
+    raises `Abandoned` once `signal` is set, and forwards everything to `inner` (the caller's
+    progress: a job's, a `Deadline`) when there is one. Lives in the replica, never pickled."""
+
+    def __init__(self, inner: Progress | None = None) -> None:
+        self.inner = inner
+        self.signal = threading.Event()
+
+    def check(self, where: str) -> None:
+        if self.signal.is_set():
+            raise Abandoned(f"nobody waits for the result any more; stopped {where}")
+
+    def stage(self, name: str) -> None:
+        self.check(f"before {name}")
+        if self.inner is not None:
+            self.inner.stage(name)
+
+    def step(self, step: int, total: int) -> bool:
+        if self.inner is not None and self.inner.step(step, total):
+            return True
+        self.check(f"after step {step} of {total}")
+        return False
+
+    def past_deadline(self) -> bool:
+        """Whether the request's time limit had passed (its progress is a `Deadline`)."""
+        return isinstance(self.inner, Deadline) and time.time() > self.inner.until
+
+
+class Timed:
+    """`work(progress)` as the model thread runs it: never started once the stop signal is set,
+    and the seconds it took and the error it raised kept for the entry point."""
+
+    def __init__(self, work: Callable[[Progress], Any], progress: Stoppable) -> None:
+        self.work, self.progress = work, progress
+        self.started = False
+        self.seconds = 0.0
+        self.error: BaseException | None = None
+
+    def __call__(self) -> Any:
+        self.progress.check("before it started")
+        self.started = True
+        start = time.perf_counter()
+        try:
+            return self.work(self.progress)
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            self.seconds = time.perf_counter() - start
+
+
+async def finished(future: concurrent.futures.Future) -> None:
+    """Wait until `future` (the model thread's work) has ended, whatever it raised and however
+    often the waiting task is cancelled meanwhile: a cancelled request holds its replica's slot
+    until the thread has stopped, so Serve never counts a busy replica free."""
+    if future.done():
+        return
+    loop = asyncio.get_running_loop()
+    ended = loop.create_future()
+    future.add_done_callback(lambda _: loop.call_soon_threadsafe(lambda: ended.done() or ended.set_result(None)))
+    while not ended.done():
+        try:
+            await asyncio.shield(ended)
+        except asyncio.CancelledError:
+            continue  # cancelled again: still wait; the caller re-raises its cancellation
+
+
+def model_seconds(generated: Generated, seconds: float) -> Generated:
+    """`generated` with the seconds the model thread worked on it (`served["model_seconds"]`)."""
+    generated.served["model_seconds"] = round(seconds, 3)
+    return generated
 
 
 def replica_location() -> dict[str, Any]:

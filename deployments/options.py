@@ -3,6 +3,13 @@
 Every config section that becomes a deployment carries one as its `serve:` block; the app builder
 hands `serve_options()` to `serve.deployment(...).options(...)`. Bad values are refused naming the
 field and the value.
+
+Model deployments (and the TextEncoder stage) get two more things from the builder
+(`model_serving`): a graceful shutdown long enough for the longest request they may hold (a
+redeploy or scale-down waits for it instead of killing it), and their request methods on the
+replica's own event loop, so that a cancelled request keeps its slot until the model thread has
+stopped (with Serve 2.60's default, user code on a loop of its own, the replica frees the slot the
+moment the caller cancels, while the model still works: Serve would count a busy replica free).
 """
 
 from __future__ import annotations
@@ -36,10 +43,16 @@ class DeploymentOptions(BaseModel):
     runtime_env. Fractional values are allowed, so the demo fits a 2-core machine."""
     health_check_period_s: float = 10.0
     """Seconds between `check_health` calls on each replica."""
-    graceful_shutdown_timeout_s: float = 20.0
-    """Seconds a stopping replica gets to finish the requests it holds."""
+    graceful_shutdown_timeout_s: float | None = None
+    """Seconds a stopping replica (a redeploy, a scale-down) gets to finish the requests it holds.
+    null (the default): derived for model deployments and the TextEncoder stage from the longest a
+    request may run (the larger of `ingress.request_timeout_s` and `jobs.max_run_s`, plus
+    SHUTDOWN_MARGIN_S), 20 s for every other deployment."""
+    graceful_shutdown_wait_loop_s: float | None = None
+    """Seconds between a stopping replica's checks whether its requests have finished. null: 2 s."""
 
     _counts = at_least(1, "num_replicas", "max_ongoing_requests")
+    _shutdown = at_least(0, "graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s")
 
     @field_validator("max_queued_requests")
     @classmethod
@@ -70,8 +83,55 @@ class DeploymentOptions(BaseModel):
         return self
 
     def serve_options(self) -> dict[str, Any]:
-        """The keyword arguments for `serve.deployment(...).options(...)`."""
-        return self.model_dump(exclude_none=True)
+        """The keyword arguments for `serve.deployment(...).options(...)` (an unset graceful shutdown
+        as the 20 s every deployment but a model's gets; `model_serving` derives a model's)."""
+        options = self.model_dump(exclude_none=True)
+        options.setdefault("graceful_shutdown_timeout_s", DEFAULT_SHUTDOWN_S)
+        return options
+
+
+DEFAULT_SHUTDOWN_S = 20.0
+"""Graceful shutdown of a deployment that holds no model (Ray Serve's own default)."""
+SHUTDOWN_MARGIN_S = 30.0
+"""Added to the longest a request may run: the last step, decode and the answer after the limit."""
+UNBOUNDED_SHUTDOWN_S = 3600.0
+"""A model's graceful shutdown when neither the ingress nor the jobs have a time limit."""
+WAIT_LOOP_S = 2.0
+"""How often a stopping model replica checks whether its requests have finished."""
+REPLICA_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+"""Ray Serve 2.60: request methods run on the replica's own event loop (read when the replica's
+process starts): a cancelled request then holds its slot until the method returns."""
+
+
+def longest_request_s(*limits: float | None) -> float:
+    """Graceful shutdown for a model whose requests may run as long as the largest of `limits`
+    (None: no limit) plus SHUTDOWN_MARGIN_S; UNBOUNDED_SHUTDOWN_S when none is limited."""
+    given = [limit for limit in limits if limit is not None]
+    return max(given) + SHUTDOWN_MARGIN_S if given else UNBOUNDED_SHUTDOWN_S
+
+
+def model_serving(options: dict[str, Any], section: DeploymentOptions, shutdown_s: float) -> dict[str, Any]:
+    """A model deployment's Serve `options` (from `section`, its config): its graceful shutdown
+    `shutdown_s` unless the section sets one, a 2 s wait loop unless it sets one, and its request
+    methods on the replica's event loop (REPLICA_LOOP_ENV in its runtime_env, merged with the
+    section's own env_vars)."""
+    served = with_shutdown(options, section, shutdown_s)
+    actor = dict(served["ray_actor_options"])
+    runtime_env = dict(actor.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**REPLICA_LOOP_ENV, **(runtime_env.get("env_vars") or {})}
+    actor["runtime_env"] = runtime_env
+    served["ray_actor_options"] = actor
+    return served
+
+
+def with_shutdown(options: dict[str, Any], section: DeploymentOptions, shutdown_s: float) -> dict[str, Any]:
+    """Serve `options` with graceful shutdown `shutdown_s` and a 2 s wait loop, where `section` (the
+    config they came from) sets neither."""
+    served = dict(options)
+    if section.graceful_shutdown_timeout_s is None:
+        served["graceful_shutdown_timeout_s"] = shutdown_s
+    served.setdefault("graceful_shutdown_wait_loop_s", WAIT_LOOP_S)
+    return served
 
 
 def model_defaults(**ray_actor_options: Any) -> DeploymentOptions:

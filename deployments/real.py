@@ -103,7 +103,7 @@ class RealModel(DiffusionModel):
         loads_before = self.adapters.version_loads() if self.adapters is not None else 0
         if params.lora and params.lora != NONE:
             await self.adapter(params.lora)
-        generated = await self.on_model_thread(self.generate, prepared, params, progress, conditioning)
+        generated = await self.serve_generate(prepared, params, progress, conditioning)
         if params.lora != NONE:
             prefetched = params.lora in self.prefetched
             self.prefetched.discard(params.lora)

@@ -7,7 +7,10 @@ pipeline's `encode_prompt`, and for `layers` its caption), so the embeddings are
 would have made itself. It returns a `Conditioning` of plain arrays. Tasks whose text encoder
 files have the same bytes (`deployments.identity`) share one loaded encoder; the builder gives
 tasks with different files a deployment each. The encoder's stage metrics (`encode_prompt`,
-`caption`) are recorded here, where the work happens. Knows nothing about HTTP.
+`caption`) are recorded here, where the work happens; their sum is the stage's model time for
+the request. A request whose caller went away is stopped like a model's (`Model.on_request`):
+it never starts, or the replica waits for the encoder's end before it takes the next. Knows
+nothing about HTTP.
 """
 
 from __future__ import annotations
@@ -142,10 +145,13 @@ class TextEncoder(Model):
         return {"tasks": dict(self.identities), "encoders": self.encoders}
 
     async def encode(self, task: str, prepared: Prepared, params: Any) -> Conditioning:
-        """Serve entry point: one request's conditioning, on the model thread."""
+        """Serve entry point: one request's conditioning, on the model thread; a request whose caller
+        went away before the thread took it never runs, one that is running ends before the
+        replica takes the next (`Model.on_request`). Its model time is `sum(seconds.values())`."""
         if task not in self.models:
             raise ModelFailure(f"this text encoder serves {', '.join(self.models)}, not {task!r}")
-        return await self.on_model_thread(self.encode_now, task, prepared, params)
+        conditioning, _ = await self.on_request(lambda stoppable: self.encode_now(task, prepared, params))
+        return conditioning
 
     def encode_now(self, task: str, prepared: Prepared, params: Any) -> Conditioning:
         """`encode` on the calling thread: stage times recorded, failures the request's own."""

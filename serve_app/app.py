@@ -7,7 +7,12 @@ options its section asks for (placement included), and in stage mode one TextEnc
 per distinct text encoder (tasks whose encoder files are the same bytes share one). Deployment
 classes are plain classes; this module alone attaches Ray Serve options, makes Serve call a
 model's separate `load()` step when a replica starts, and routes a task's requests by its choice
-(`serve.multiplexed`) where the task says so.
+(`serve.multiplexed`) where the task says so. Model deployments and the TextEncoder stage get a
+graceful shutdown long enough for the longest request they may hold (derived from the ingress's
+`request_timeout_s` and the jobs' `max_run_s` unless their section sets one) and run their request
+methods on the replica's event loop (`deployments.options.model_serving`: a request whose caller
+went away holds its slot until the model has stopped); the ingress one long enough for the
+longest synchronous request.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from deployments.options import DeploymentOptions
+from deployments.options import DeploymentOptions, longest_request_s, model_serving, with_shutdown
 from deployments.postprocess import Postprocess
 from deployments.preprocess import Preprocess
 from deployments.task import Task, Tasks, TaskSection
@@ -48,13 +53,42 @@ def loading(cls: type, resident: int | None = None) -> type:
 
 class ServedJobRunner(JobRunner):
     """The job runner as a Serve replica: reaches itself through its own handle (model replicas
-    report progress there), and starts dispatching."""
+    report progress there), names its claims after its replica actor (a runner whose actor is gone
+    loses its jobs at once, not after their lease), reads Serve's status for run_timeout messages,
+    and on graceful shutdown (Serve awaits `__del__`) stops claiming and hands its jobs back."""
 
     async def __init__(self, config: JobsSection, orchestrator: Orchestrator) -> None:
+        import uuid
+
+        import ray
+
         context = serve.get_replica_context()
         handle = serve.get_deployment_handle(context.deployment, context.app_name)
-        JobRunner.__init__(self, config, orchestrator.open(), handle)
+        self._app_name = context.app_name
+        self._actor_name = ray.get_runtime_context().get_actor_name() or ""
+        JobRunner.__init__(self, config, orchestrator.open(), handle,
+                           runner_id=f"{self._actor_name}|{uuid.uuid4().hex[:8]}")
         await self.start()
+
+    async def __del__(self) -> None:
+        if getattr(self, "_tasks", None):  # also reached by garbage collection after Serve's call
+            await self.stop()
+
+    def _dead_runners(self, runners: set[str]) -> set[str]:
+        from serve_app.housekeeping import actor_gone
+
+        dead = set()
+        for runner in runners:
+            actor = runner.partition("|")[0]
+            # this actor restarted (a new id under the same name) or another one that is gone
+            if actor and (actor == self._actor_name or actor_gone(actor)):
+                dead.add(runner)
+        return dead
+
+    def _placement(self) -> dict[str, tuple[int, str]] | None:
+        from serve_app.housekeeping import serve_placement
+
+        return serve_placement(self._app_name)
 
 
 def deployment(cls: type, options: DeploymentOptions | dict[str, Any], name: str | None = None) -> serve.Deployment:
@@ -64,11 +98,20 @@ def deployment(cls: type, options: DeploymentOptions | dict[str, Any], name: str
     return serve.deployment(cls, name=name or cls.__name__).options(**options)
 
 
-def model_deployment(task: Task, section: TaskSection, cache_dir: Any, cls: type | None = None) -> Application:
-    """The task's model deployment, bound to its section; `cls` substitutes a subclass of its model."""
+def model_deployment(task: Task, section: TaskSection, cache_dir: Any, cls: type | None = None,
+                     shutdown_s: float | None = None) -> Application:
+    """The task's model deployment, bound to its section; `cls` substitutes a subclass of its model;
+    `shutdown_s`: its graceful shutdown unless the section sets one (default: no request limit known)."""
     resident = section.resident_limit() if task.route is not None else None
     served = loading(cls or task.model, resident)
-    return deployment(served, section.serve_options(), name=task.deployment).bind(section, cache_dir)
+    options = model_serving(section.serve_options(), section.serve, shutdown_s or longest_request_s())
+    return deployment(served, options, name=task.deployment).bind(section, cache_dir)
+
+
+def model_shutdown_s(config: BaseAppConfig) -> float:
+    """A model replica's graceful shutdown: the longest a request it holds may run (a synchronous
+    request's `ingress.request_timeout_s` or a job's `jobs.max_run_s`, the larger) plus a margin."""
+    return longest_request_s(config.ingress.request_timeout_s, config.jobs.max_run_s)
 
 
 def text_encoders(config: BaseAppConfig, tasks: Tasks, cls: type = TextEncoder) -> dict[str, Application]:
@@ -83,7 +126,9 @@ def text_encoders(config: BaseAppConfig, tasks: Tasks, cls: type = TextEncoder) 
     for names in groups.values():
         label = "TextEncoder" if len(groups) == 1 else "TextEncoder_" + "_".join(names)
         models = {name: (tasks[name].model, config.section(name)) for name in names}
-        app = deployment(loading(cls), config.text_encoder.stage_options(tuple(names)), name=label).bind(
+        options = model_serving(config.text_encoder.stage_options(tuple(names)), config.text_encoder.serve,
+                                model_shutdown_s(config))
+        app = deployment(loading(cls), options, name=label).bind(
             config.text_encoder, models, config.cache_dir)
         encoders.update(dict.fromkeys(names, app))
     return encoders
@@ -106,12 +151,16 @@ def build_graph(args: dict[str, Any] | None = None, *, tasks: Tasks = TASKS,
         raise ValueError(f"models given for tasks that are not in the registry: {unknown}")
     handles = Handles(
         preprocess=deployment(Preprocess, config.preprocess.serve).bind(config.preprocess),
-        models={task.name: model_deployment(task, config.section(task.name), config.cache_dir, models.get(task.name))
+        models={task.name: model_deployment(task, config.section(task.name), config.cache_dir, models.get(task.name),
+                                            model_shutdown_s(config))
                 for task in tasks},
         postprocess=deployment(Postprocess, config.postprocess.serve).bind(config.postprocess),
         encoders=text_encoders(config, tasks, encoder),
     )
     orchestrator = Orchestrator(tasks, config.sections(), config.preprocess, config.cache_dir, handles)
     jobs = deployment(ServedJobRunner, config.jobs.serve, name="JobRunner").bind(config.jobs, orchestrator)
-    return deployment(serve.ingress()(Ingress), config.ingress.serve, name="Ingress").bind(
+    # the ingress holds each synchronous request as long as the model does: it drains as long
+    ingress = with_shutdown(config.ingress.serve.serve_options(), config.ingress.serve,
+                            longest_request_s(config.ingress.request_timeout_s))
+    return deployment(serve.ingress()(Ingress), ingress, name="Ingress").bind(
         config.ingress, orchestrator, jobs)

@@ -2,8 +2,10 @@
 
 `Client("http://127.0.0.1:8000").real("art.png", steps=20, seed=1)` returns a `Result` (bytes,
 media type, the echoed parameters); `client.submit("layers", "poster.png", layers=4).wait(print)`
-queues a job and follows its progress events to the result. Error responses raise `ServiceError` carrying the status and
-the JSON error's code, message and field; 503 also carries the server's Retry-After.
+queues a job and follows its progress events to the result (reconnecting, with `Last-Event-ID`,
+when the service ends a long stream); `client.jobs(state="running")` lists this key's jobs, a page at
+a time. Error responses raise `ServiceError` carrying the status and the JSON error's code, message
+and field; 429 and 503 also carry the server's Retry-After.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
+
+FINAL_STATES = ("succeeded", "failed", "cancelled")
 
 
 @dataclass
@@ -33,7 +37,7 @@ class Result:
 
 
 class ServiceError(Exception):
-    """The service refused or failed a request."""
+    """The service refused or failed a request (`retry_after`: seconds, on 429 and 503)."""
 
     def __init__(self, status: int, code: str, message: str, field: str | None = None,
                  retry_after: float | None = None) -> None:
@@ -103,6 +107,26 @@ class Client:
         """POST /v1/{task} with `image` (bytes or a path) and the task's fields (None values omitted)."""
         return _result(self._upload(f"/v1/{task}", image, fields))
 
+    def jobs(self, *, limit: int | None = None, cursor: str | None = None, state: str | None = None,
+             task: str | None = None) -> dict[str, Any]:
+        """GET /v1/jobs: one page of this key's jobs, newest first: {"object": "list", "data": [status...],
+        "next_cursor": str | None}; pass `next_cursor` back as `cursor` for the next page."""
+        params = {k: v for k, v in (("limit", limit), ("cursor", cursor), ("state", state), ("task", task))
+                  if v is not None}
+        response = self.http.get("/v1/jobs", params=params)
+        _raise_for_error(response)
+        return response.json()
+
+    def all_jobs(self, *, state: str | None = None, task: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every job of this key, newest first, following the pages."""
+        cursor = None
+        while True:
+            page = self.jobs(limit=100, cursor=cursor, state=state, task=task)
+            yield from page["data"]
+            cursor = page["next_cursor"]
+            if not cursor:
+                return
+
     def submit(self, task: str, image: bytes | str | Path, **fields: Any) -> Job:
         """POST /v1/jobs: queue a task; returns the Job to follow (503 QueueFull raises ServiceError)."""
         return Job(self, self._upload("/v1/jobs", image, {"task": task, **fields}).json()["id"])
@@ -128,14 +152,34 @@ class Job:
         return response.json()
 
     def events(self) -> Iterator[dict[str, Any]]:
-        """The job's progress events (Server-Sent Events), ending with its final state."""
-        with self.client.http.stream("GET", f"/v1/jobs/{self.id}/events") as response:
-            if response.status_code >= 400:
-                response.read()
-                _raise_for_error(response)
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    yield json.loads(line[len("data: "):])
+        """The job's progress events (Server-Sent Events), ending with its final state. A stream the
+        service ends before that (its lifetime, `ingress.event_stream_max_s`) is reopened with
+        `Last-Event-ID`, so it resumes after the last event seen."""
+        last_id: str | None = None
+        quiet = 0  # streams in a row that ended with no event at all: the service is not following the job
+        while quiet < 3:
+            quiet += 1
+            headers = {"Last-Event-ID": last_id} if last_id else None
+            with self.client.http.stream("GET", f"/v1/jobs/{self.id}/events", headers=headers) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _raise_for_error(response)
+                kind, data = None, None
+                for line in response.iter_lines():
+                    if line.startswith("event: "):
+                        kind = line[len("event: "):]
+                    elif line.startswith("id: "):
+                        last_id = line[len("id: "):]
+                    elif line.startswith("data: "):
+                        data = line[len("data: "):]
+                    elif line == "":  # the end of one event; comments (`: keep-alive`) carry none
+                        if kind in (None, "progress") and data is not None:
+                            event = json.loads(data)
+                            quiet = 0
+                            yield event
+                            if event.get("state") in FINAL_STATES:
+                                return
+                        kind, data = None, None
 
     def cancel(self) -> dict[str, Any]:
         response = self.client.http.delete(f"/v1/jobs/{self.id}")

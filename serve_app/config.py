@@ -34,9 +34,10 @@ class IngressSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     serve: DeploymentOptions = Field(
-        default_factory=lambda: DeploymentOptions(max_ongoing_requests=64, max_queued_requests=256))
-    """Ray Serve options of the ingress deployment; its queue is finite so a flood is refused (503)
-    instead of held."""
+        default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, max_queued_requests=256))
+    """Ray Serve options of the ingress deployment. Its queue is finite, so a flood is refused (503)
+    instead of held; its slots (`max_ongoing_requests`) must exceed `max_event_streams`, since an
+    open event stream holds one."""
     retry_after_s: int = 2
     """Value of the Retry-After header sent with 503 when a queue is full."""
     request_timeout_s: float | None = 600.0
@@ -58,23 +59,34 @@ class IngressSection(BaseModel):
     """Requests a key may make at once before the per-minute rate applies (the token bucket's size);
     null: the same as `rate_limit_per_minute`."""
     read_timeout_s: float = 30.0
-    """Longest a client may pause while sending its request body: past it the request gets 408
-    `read_timeout` and its ingress slot back (a client sending one byte a second holds nothing)."""
-    max_event_streams: int = 200
+    """Longest a client may pause while sending its request body (between two pieces of it, raw or
+    multipart): past it the request gets 408 `read_timeout` and its ingress slot back (a client sending
+    one byte now and then, or none, holds a slot this long at most). A slow but steady upload is fine."""
+    min_body_bytes_per_s: int = 1024
+    """Slowest average rate a request body may arrive at once `read_timeout_s` has passed since it
+    began; slower: 408 `read_timeout`. A client trickling one byte a second is cut off after about
+    `read_timeout_s`; a 20 MB upload may take 5 hours at this rate. 0: only pauses count."""
+    max_event_streams: int = 128
     """Event streams (`GET /v1/jobs/{id}/events`) open at once per ingress replica; past it 429
-    `too_many_streams` (the job's status can still be polled)."""
+    `too_many_streams` with Retry-After (the job's status can still be polled). An open stream holds
+    one of the replica's `serve.max_ongoing_requests` slots, so when either is set this must be below
+    it: streams alone never take every slot."""
     max_event_streams_per_key: int = 20
-    """Event streams open at once per API key (per client address when keys are off), per replica."""
+    """Event streams open at once per API key (per client address when keys are off), per replica;
+    past it 429 `too_many_streams`."""
     event_stream_max_s: float = 3600.0
-    """Longest one event stream stays open; a client reconnects to follow a job beyond it."""
+    """Longest one event stream stays open: it then ends with the SSE comment `: stream lifetime
+    reached ...`; the client reconnects (a browser's EventSource does by itself, sending
+    `Last-Event-ID`, and the stream resumes after the last event it had)."""
     event_heartbeat_s: float = 15.0
-    """An SSE comment line is sent on a quiet stream this often, so proxies and clients can tell a
-    live stream from a dead one."""
+    """An SSE comment line (`: keep-alive`) is sent on a quiet stream this often, so proxies and
+    clients can tell a live stream from a dead one."""
     cors_origins: list[str] = Field(default_factory=list)
     """Origins (`https://app.example.com`, scheme://host[:port], no path) whose browser pages may call
     the API: they get CORS headers and answered preflights. `*` allows any origin. Empty: no CORS
     headers at all (the service's own web page needs none)."""
 
+    _not_negative_rate = at_least(0, "min_body_bytes_per_s")
     _at_least_one = at_least(1, "retry_after_s", "rate_limit_per_minute", "rate_limit_burst", "max_event_streams",
                              "max_event_streams_per_key")
 
@@ -112,6 +124,15 @@ class IngressSection(BaseModel):
                 raise ValueError(f"cors_origins[{index}] must be an origin like https://app.example.com "
                                  f"(scheme://host[:port], no path or trailing slash) or *, got {origin!r}")
         return value
+
+    @model_validator(mode="after")
+    def _streams_leave_slots(self) -> IngressSection:
+        ongoing = self.serve.max_ongoing_requests
+        if self.max_event_streams >= ongoing:
+            raise ValueError(f"max_event_streams ({self.max_event_streams}) must be below ingress "
+                             f"serve.max_ongoing_requests ({ongoing}): an open event stream holds an ingress "
+                             "slot, and streams alone must not take every slot")
+        return self
 
     @model_validator(mode="after")
     def _burst_needs_rate(self) -> IngressSection:
@@ -186,12 +207,7 @@ class JobsSection(BaseModel):
             raise ValueError(f"{info.field_name} must be a positive number of seconds or null, got {value}")
         return value
 
-    @field_validator("min_free_bytes")
-    @classmethod
-    def _not_negative(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError(f"min_free_bytes must be >= 0, got {value}")
-        return value
+    _not_negative = at_least(0, "min_free_bytes")
 
     @field_validator("retention_s", "backpressure_retry_s", "lease_s", "housekeeping_s")
     @classmethod

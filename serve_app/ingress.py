@@ -1,10 +1,14 @@
 """The ingress: HTTP routes and the Python-handle entry point; never touches pixels or tensors.
 
-Reads the upload (multipart `image` + fields, or a raw `image/*` body + query), validates the
-request's fields against the task's config (422 before any pixel is decoded), then drives the graph
-Preprocess → model → Postprocess through the orchestrator and answers with the encoded bytes and
-`X-Imgserve-*` headers. Errors from anywhere become the one JSON shape
-(`serve_app.errors.error_response`), here and in the access middleware that runs before the routes.
+Reads the upload (multipart `image` + fields, or a raw `image/*` body + query: `serve_app.uploads`,
+bounded in size and in the pauses between its pieces, `ingress.read_timeout_s` → 408), validates
+the request's fields against the task's config (422 before any pixel is decoded), then drives the
+graph Preprocess → model → Postprocess through the orchestrator, with the caller's key id (model
+time is accounted to it) and `caller="http"` (a client that hangs up cancels the call, and the
+model stops), and answers with the encoded bytes and `X-Imgserve-*` headers. The /v1/jobs routes
+are `serve_app.job_routes`, event streams `serve_app.events`. Errors from anywhere become the one
+JSON shape (`serve_app.errors.error_response`), here and in the access middleware that runs before
+the routes.
 
 `Ingress` is a plain class; the builder makes it a Serve ingress whose FastAPI app the replica
 builds once it is constructed (`__serve_build_asgi_app__` → `make_api`), so the middlewares and
@@ -12,7 +16,7 @@ the OpenAPI document get their settings where they are constructed, never throug
 """
 
 import asyncio
-import json
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -20,92 +24,32 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.datastructures import UploadFile
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.errors import BadImage, ImgserveError, InvalidParameter, TooLarge, UnsupportedFormat
+from deployments.errors import ImgserveError, InvalidParameter
 from deployments.postprocess import Encoded
-from serve_app import forms, openapi
-from serve_app.access import AccessMiddleware, AccessSettings, note
+from serve_app import openapi
+from serve_app.access import AccessMiddleware, AccessSettings, facts
 from serve_app.config import IngressSection
-from serve_app.errors import MethodNotAllowed, NotFound, NotReady, error_body, error_response
+from serve_app.errors import MethodNotAllowed, NotFound, error_body, error_response
+from serve_app.events import EventHub
+from serve_app.job_routes import JobRoutes
 from serve_app.observability import Observability
 from serve_app.orchestrator import Orchestrator
-from serve_app.store import FINAL_STATES
+from serve_app.uploads import FORM_OVERHEAD_BYTES, read_upload
+
+__all__ = ["FORM_OVERHEAD_BYTES", "Ingress", "make_api"]  # FORM_OVERHEAD_BYTES: where tests look for it
 
 log = logging.getLogger("imgserve")
 
 # Type hints stay real objects (no `from __future__ import annotations`): FastAPI reads them to
 # tell a `Request` parameter from a query parameter on Serve's class-based routes.
 
-FORM_OVERHEAD_BYTES = 256 * 1024
-"""What a multipart body may carry on top of the image limit: its framing and the text fields."""
 # Every result's headers echo these metadata keys, and each task's own (`Task.headers`); ASCII
 # only: prompts stay in the PNG chunk.
 COMMON_HEADERS = ("task", "size", "scale")
 APP_NAME = "imgserve"
-
-
-async def _body_chunks(request: Request, limit: int) -> AsyncIterator[bytes]:
-    """The request body as it arrives, refusing (413) as soon as it passes `limit` bytes: never
-    read it all first."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes", "image")
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise TooLarge(f"body exceeds the limit of {limit} bytes", "image")
-        yield chunk
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    return b"".join([chunk async for chunk in _body_chunks(request, limit)])
-
-
-def _add_field(fields: dict[str, str], key: str, value: str) -> None:
-    if key in fields:
-        raise InvalidParameter("given more than once", key)
-    fields[key] = value
-
-
-async def read_upload(request: Request, max_image_bytes: int) -> tuple[bytes, dict[str, str]]:
-    """(image bytes, text fields) from a multipart form or a raw image body with query fields."""
-    fields: dict[str, str] = {}
-    for key, value in forms.parse_query(request.scope.get("query_string", b"")):  # 422 on non-UTF-8
-        _add_field(fields, key, value)
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "multipart/form-data":
-        # parsed as it arrives: the image is copied once, into the form's file, not first into a body
-        limit = max_image_bytes + FORM_OVERHEAD_BYTES
-        form = await forms.parse_multipart(request.headers, _body_chunks(request, limit), limit)
-        image: bytes | None = None
-        try:
-            for key, value in form.multi_items():
-                if isinstance(value, UploadFile):
-                    if key != "image":
-                        raise InvalidParameter("only the `image` field may be a file", key)
-                    if image is not None:
-                        raise InvalidParameter("given more than once", "image")
-                    image = await value.read()
-                elif key == "image":
-                    raise BadImage("`image` must be a file part, not a text field", "image")
-                else:
-                    _add_field(fields, key, value)
-        finally:
-            await form.close()
-        if image is None:
-            raise BadImage("the multipart body has no `image` file", "image")
-        return image, fields
-    if content_type.startswith("image/") or content_type == "application/octet-stream":
-        return await _read_body(request, max_image_bytes), fields
-    raise UnsupportedFormat(
-        f"content type {content_type or '(none)'!r}: send multipart/form-data with an `image` file "
-        "or a raw image/* body",
-        "image",
-    )
 
 
 def result_headers(encoded: Encoded, keys: tuple[str, ...]) -> dict[str, str]:
@@ -115,8 +59,6 @@ def result_headers(encoded: Encoded, keys: tuple[str, ...]) -> dict[str, str]:
     return {"X-Imgserve-" + "-".join(part.capitalize() for part in key.split("_")): str(value)
             for key, value in facts.items()}
 
-
-_EVENT_POLL_S = 0.1
 
 # The web page (serve_app/web/, package data): exactly these files, with these content types.
 WEB_FILES = {
@@ -151,22 +93,28 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return error_response(InvalidParameter(first["msg"], field), retry_after_s=1)
 
 
-class Ingress:
-    """The HTTP routes, and `run` for callers of `serve.get_app_handle("imgserve").run.remote(...)`."""
+class Ingress(JobRoutes):
+    """The HTTP routes, and `run` for callers of `serve.get_app_handle("imgserve").run.remote(...)`;
+    the /v1/jobs routes are `JobRoutes` (serve_app/job_routes.py)."""
 
     def __init__(self, settings: IngressSection, orchestrator: Orchestrator, jobs: Any) -> None:
         self.settings = settings
         self.orchestrator = orchestrator.open()
         self.jobs = jobs
+        self.events = EventHub(jobs, settings)
+        """This replica's event streams and the one follower of the runner they share."""
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Serve calls this in the replica, after the constructor."""
         return make_api(self)
 
-    async def run(self, task: str, image: bytes, fields: dict[str, Any] | None = None) -> Encoded:
-        """Run one task on one image (the Python-handle entry point); raises `deployments.errors`."""
+    async def run(self, task: str, image: bytes, fields: dict[str, Any] | None = None, *,
+                  key_id: str | None = None, caller: str = "handle") -> Encoded:
+        """Run one task on one image (the Python-handle entry point); raises `deployments.errors`.
+        `key_id`: whom the model time is accounted to; `caller`: "handle" or "http" (the route), for
+        the abandoned-request metric's reason when the call is cancelled."""
         return await self.orchestrator.run(self.orchestrator.resolve(task, fields), image,
-                                           timeout_s=self.settings.request_timeout_s)
+                                           timeout_s=self.settings.request_timeout_s, key_id=key_id, caller=caller)
 
     def _error(self, exc: BaseException) -> JSONResponse:
         return error_response(exc, self.settings.retry_after_s)
@@ -190,79 +138,12 @@ class Ingress:
     async def list_models(self) -> dict[str, Any]:
         return self.orchestrator.models_info()
 
-    # -- jobs ----------------------------------------------------------------------------------------
-    async def submit_job(self, request: Request) -> Response:
-        try:
-            image, fields = await read_upload(request, self.orchestrator.upload.max_bytes)
-            task = fields.pop("task", None)
-            if task is None:
-                raise InvalidParameter(f"required: {self.orchestrator.registry.choices_text()}", "task")
-            note(request, task=task[:32])
-            status = await self.jobs.submit.remote(task, image, fields, request.headers.get("x-request-id"))
-        except Exception as exc:
-            return self._error(exc)
-        note(request, job_id=status["id"])
-        return JSONResponse(status, status_code=202, headers={"Location": f"/v1/jobs/{status['id']}"})
-
-    async def _json(self, response: Any) -> Response:
-        """A runner call's answer as JSON, or its error in the one JSON shape."""
-        try:
-            return JSONResponse(await response)
-        except Exception as exc:
-            return self._error(exc)
-
-    async def job_status(self, job_id: str) -> Response:
-        return await self._json(self.jobs.status.remote(job_id))
-
-    async def cancel_job(self, job_id: str) -> Response:
-        return await self._json(self.jobs.cancel.remote(job_id))
-
-    async def job_result(self, job_id: str) -> Response:
-        try:
-            status, data, media_type, metadata, served = await self.jobs.result.remote(job_id)
-            if data is None:
-                error = status.get("error") or {}
-                detail = f": {error.get('code')}: {error.get('message')}" if error else ""
-                raise NotReady(f"job {job_id} is {status['state']}{detail}")
-        except Exception as exc:
-            return self._error(exc)
-        return self._result(status["task"], Encoded(data=data, media_type=media_type, metadata=metadata, served=served))
-
-    async def job_events(self, job_id: str) -> Response:
-        """Server-Sent Events: one `progress` event per change of state, stage, denoising step or
-        queue position, ending with the final state."""
-        try:
-            await self.jobs.status.remote(job_id)
-        except Exception as exc:
-            return self._error(exc)
-
-        async def events():
-            seen, position, quiet_final_polls = 0, None, 0
-            while True:
-                new, status = await self.jobs.events.remote(job_id, seen)
-                seen += len(new)
-                if status["state"] == "queued" and status["queue_position"] != position:
-                    position = status["queue_position"]
-                    if not any(event["state"] == "queued" for event in new):  # the queue moved
-                        new = [*new, {"state": "queued", "stage": None, "step": None, "total_steps": None}]
-                if status["state"] in FINAL_STATES and not new:
-                    quiet_final_polls += 1  # the final event is recorded just after the store
-                    if quiet_final_polls > 2:
-                        new = [{key: status[key] for key in ("state", "stage", "step", "total_steps")}]
-                for event in new:
-                    event = {**event, "queue_position": position if event["state"] == "queued" else None}
-                    yield f"event: progress\ndata: {json.dumps(event)}\n\n"
-                    if event["state"] in FINAL_STATES:
-                        return
-                await asyncio.sleep(_EVENT_POLL_S)
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
     async def run_task(self, task: str, request: Request) -> Response:
         try:
             self.orchestrator.task(task)  # NotFound naming the available tasks, before reading the body
-            image, fields = await read_upload(request, self.orchestrator.upload.max_bytes)
-            encoded = await self.run(task, image, fields)
+            image, fields = await read_upload(request, self.orchestrator.upload.max_bytes, self.settings.read_timeout_s,
+                                              self.settings.min_body_bytes_per_s)
+            encoded = await self.run(task, image, fields, key_id=facts(request.scope).get("key_id"), caller="http")
         except Exception as exc:
             return self._error(exc)
         return self._result(task, encoded)
@@ -275,6 +156,7 @@ ROUTES: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("GET", "/web/{name}", "web_asset", {"include_in_schema": False}),
     ("GET", "/v1/models", "list_models", {}),
     ("POST", "/v1/jobs", "submit_job", {"status_code": 202}),
+    ("GET", "/v1/jobs", "list_jobs", {}),
     ("GET", "/v1/jobs/{job_id}", "job_status", {}),
     ("DELETE", "/v1/jobs/{job_id}", "cancel_job", {}),
     ("GET", "/v1/jobs/{job_id}/result", "job_result", {}),
@@ -289,7 +171,16 @@ def make_api(ingress: Ingress) -> FastAPI:
     handlers, and an OpenAPI document of the tasks this ingress serves."""
     orchestrator = ingress.orchestrator
     served = "; ".join(f"{name} ({task.task.summary})" for name, task in orchestrator.tasks.items())
-    api = FastAPI(title=APP_NAME, version="0.1.0",
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        gauge = asyncio.get_running_loop().create_task(ingress.events.refresh_gauge())
+        try:
+            yield
+        finally:
+            gauge.cancel()
+
+    api = FastAPI(title=APP_NAME, version="0.1.0", lifespan=lifespan,
                   description=f"Image-to-image models behind one HTTP API: {served}.")
     for method, path, name, options in ROUTES:
         api.add_api_route(path, getattr(ingress, name), methods=[method], **options)

@@ -10,7 +10,9 @@ the same config that validates requests, so the documented limits are the enforc
   or application/octet-stream) with the fields as query parameters; 200 with the result's media
   types, and every error status with the one error shape `{"error": {"code", "message", "field"?}}`;
 - `POST /v1/jobs`: the same with a required `task`, answered 202 with the job's status;
-- the job routes, `/v1/models` and `/healthz` with their real answers and errors.
+- `GET /v1/jobs` (the caller's jobs, newest first, a page at a time), the job routes, `/v1/models`
+  and `/healthz` with their real answers and errors; a status whose code means different things on
+  different routes (429, 507) is described per route.
 
 `document(app, orchestrator)` is rebuilt on each request of /openapi.json (milliseconds), so LoRA
 versions and styles added to their directories while the service runs are listed.
@@ -70,6 +72,21 @@ JOB_STATUS_SCHEMA = {
         "created_at": {"type": "number"},
         "finished_at": {"type": ["number", "null"]},
         "request_id": {"type": ["string", "null"]},
+        "model_seconds": {"type": ["number", "null"],
+                          "description": "seconds spent inside model deployments for this job (model and "
+                                         "text encoder), once it ran"},
+    },
+}
+JOB_LIST_SCHEMA = {
+    "type": "object",
+    "title": "JobList",
+    "required": ["object", "data", "next_cursor"],
+    "properties": {
+        "object": {"const": "list"},
+        "data": {"type": "array", "items": {"$ref": "#/components/schemas/JobStatus"},
+                 "description": "the caller's jobs, newest first"},
+        "next_cursor": {"type": ["string", "null"], "description": "pass as `cursor` for the next page; null: "
+                                                                   "this was the last"},
     },
 }
 
@@ -77,7 +94,8 @@ JOB_STATUS_SCHEMA = {
 ERROR_STATUSES = {
     400: "`bad_image`: empty, truncated, corrupt or not an image; a multipart body that cannot be read",
     401: "`unauthorized`: no accepted API key (only when API keys are configured)",
-    404: "`not_found`: no such task or job",
+    404: "`not_found`: no such task or job (a job of another API key is not found either)",
+    408: "`read_timeout`: the client paused longer than `ingress.read_timeout_s` while sending its body",
     409: "`not_ready`: the job has no result (yet)",
     413: "`too_large`: body over `preprocess.max_bytes`, or more pixels than `preprocess.max_pixels`",
     415: "`unsupported_format`: neither multipart/form-data nor an image body, or an image format not accepted",
@@ -89,16 +107,25 @@ ERROR_STATUSES = {
     504: "`timeout`: the request took longer than `ingress.request_timeout_s`",
     507: "`out_of_memory`: the GPU ran out of memory on this request; the replica keeps serving",
 }
+# What 429 and 507 mean on the routes where they mean more than the table says.
+RATE_LIMITED = ERROR_STATUSES[429]
+SUBMIT_429 = (f"{RATE_LIMITED}; or `quota_exceeded`: this key (client address, with keys off) has "
+              "`jobs.max_queued_per_key` jobs waiting")
+SUBMIT_507 = ("`insufficient_storage`: the job store's disk is full or `jobs.max_store_bytes` is reached; "
+              "nothing was accepted")
+EVENTS_429 = (f"{RATE_LIMITED}; or `too_many_streams`: `ingress.max_event_streams` open on this replica or "
+              "`ingress.max_event_streams_per_key` for this key; poll the job's status instead")
 EDGE = (401, 429)  # any /v1/* route, decided before the route runs
-UPLOAD_ERRORS = (400, 413, 415, 422)
+UPLOAD_ERRORS = (400, 408, 413, 415, 422)
 MODEL_ERRORS = (500, 503, 504, 507)
 
 
-def _errors(*statuses: int) -> dict[str, Any]:
+def _errors(*statuses: int, described: dict[int, str] | None = None) -> dict[str, Any]:
+    """The error responses of `statuses`, described by ERROR_STATUSES unless `described` says more."""
     responses: dict[str, Any] = {}
-    for status in sorted(set(statuses)):
+    for status in sorted(set(statuses) | set(described or {})):
         response: dict[str, Any] = {
-            "description": ERROR_STATUSES[status],
+            "description": (described or {}).get(status, ERROR_STATUSES[status]),
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
         }
         if status in (429, 503):
@@ -161,6 +188,7 @@ def document(app: FastAPI, orchestrator: Orchestrator) -> dict[str, Any]:
     schemas["Error"] = ERROR_SCHEMA
     schemas["ErrorDetail"] = ERROR_DETAIL_SCHEMA
     schemas["JobStatus"] = JOB_STATUS_SCHEMA
+    schemas["JobList"] = JOB_LIST_SCHEMA
     fields = task_fields(orchestrator)
     binary = {"schema": BINARY}
 
@@ -202,14 +230,33 @@ def document(app: FastAPI, orchestrator: Orchestrator) -> dict[str, Any]:
         summary="Submit a job (any task) and follow it",
         description="Validated exactly like the synchronous route (bad fields are refused before anything is "
                     "queued); the image itself is decoded when the job runs. Beyond `jobs.max_queued` waiting "
-                    "jobs: 503 with Retry-After.",
+                    "jobs: 503 with Retry-After; beyond `jobs.max_queued_per_key` for this key: 429 "
+                    "`quota_exceeded`. The job belongs to the API key that submitted it: any other key gets 404 "
+                    "for it (with keys off the service is single-tenant).",
         parameters=_query({**task_field, **union}),
         requestBody=_body(orchestrator, {**task_field, **union}, required=("task",)),
         responses={
             "202": {"description": "queued", "headers": {"Location": {"schema": {"type": "string"}}},
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobStatus"}}}},
-            **_errors(*UPLOAD_ERRORS, 404, 503, *EDGE),
+            **_errors(*UPLOAD_ERRORS, 404, 503, *EDGE, described={429: SUBMIT_429, 507: SUBMIT_507}),
         },
+    )
+    listing = paths.setdefault("/v1/jobs", {}).setdefault("get", {})
+    listing.update(
+        summary="List the caller's jobs",
+        description="The jobs of the calling API key (every job with keys off), newest first, `limit` at a time; "
+                    "the next page is asked for with `cursor` = the answer's `next_cursor`.",
+        parameters=[
+            {"name": "limit", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+            {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"},
+             "description": "`next_cursor` of the previous page"},
+            {"name": "state", "in": "query", "required": False,
+             "schema": {"type": "string", "enum": ["queued", "running", *sorted(FINAL_STATES)]}},
+            {"name": "task", "in": "query", "required": False, "schema": {"type": "string", "enum": list(fields)}},
+        ],
+        responses={"200": {"description": "a page of jobs", "content": {"application/json": {"schema": {
+            "$ref": "#/components/schemas/JobList"}}}}, **_errors(422, 503, *EDGE)},
     )
     submit["requestBody"]["description"] += "; `task` is required (in the form or the query)"
 
@@ -226,9 +273,12 @@ def document(app: FastAPI, orchestrator: Orchestrator) -> dict[str, Any]:
                                 MEDIA_TYPES.values()}},
             **_errors(404, 409, 503, *EDGE)},
         ("/v1/jobs/{job_id}/events", "get"): {
-            "200": {"description": "Server-Sent Events (`event: progress`, JSON data) until the final state",
+            "200": {"description": "Server-Sent Events (`event: progress`, `id: <n>`, JSON data) until the final "
+                                   "state; an SSE comment `: keep-alive` every `ingress.event_heartbeat_s` on a quiet "
+                                   "stream; after `ingress.event_stream_max_s` the stream ends with a comment and the "
+                                   "client reconnects (with `Last-Event-ID` it resumes after that event)",
                     "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-            **_errors(404, 503, *EDGE)},
+            **_errors(404, 422, 503, *EDGE, described={429: EVENTS_429})},
         ("/v1/models", "get"): {
             "200": {"description": "tasks with their defaults, limits, formats, LoRA versions, styles",
                     "content": {"application/json": {"schema": {

@@ -7,6 +7,14 @@ the model replica that will take the request is asked to make the request's choi
 LoRA version), so the two overlap. An optional `Progress` receives the stages (and, from the model, each denoising
 step) and can stop the run. It holds handles, the configured tasks and the upload limits; it
 knows nothing about HTTP and never names a task.
+
+Whoever calls `run` says who it is (`caller`: `http`, `handle`, `job`) and for whom (`key_id`, the
+API key's id or None): a run whose caller goes away (its task cancelled: the HTTP client
+disconnected, a handle caller cancelled its response) or that passes its time limit is counted in
+`imgserve_abandoned{task, reason}` (`client_disconnected`, `caller_cancelled`, `timeout`; the job
+runner's own cancellations are not abandoned work) and the cancellation reaches the deployments,
+whose models stop at their next step. A finished run's model time (the model's seconds and the
+text encoder stage's) is `Encoded.served["model_seconds"]` and `imgserve_model_seconds{task, key_id}`.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deployments import metrics
 from deployments.errors import TimedOut
 from deployments.postprocess import Encoded
 from deployments.preprocess import PreprocessConfig
@@ -72,9 +81,30 @@ class Orchestrator:
         return self.task(task).resolve(fields)
 
     async def run(self, request: Resolved, image: bytes, progress: Progress | None = None,
-                  timeout_s: float | None = None) -> Encoded:
+                  timeout_s: float | None = None, key_id: str | None = None, caller: str = "handle") -> Encoded:
         """Run a resolved request; raises the `deployments.errors` classes on bad input, and
-        `TimedOut` after `timeout_s` (the model, told the same deadline, stops at its next step)."""
+        `TimedOut` after `timeout_s` (the model, told the same deadline, stops at its next step).
+        `key_id` names whose model time it is; `caller` (`http`, `handle`, `job`) why a cancelled
+        run was abandoned (module docstring)."""
+        task = request.task
+        try:
+            encoded = await self._limited(request, image, progress, timeout_s)
+        except TimedOut:
+            if caller != "job":
+                metrics.abandoned.inc(tags={"task": task, "reason": "timeout"})
+            raise
+        except asyncio.CancelledError:
+            if caller != "job":
+                reason = "client_disconnected" if caller == "http" else "caller_cancelled"
+                metrics.abandoned.inc(tags={"task": task, "reason": reason})
+            raise
+        seconds = encoded.served.get("model_seconds")
+        if isinstance(seconds, (int, float)):
+            metrics.model_seconds.inc(seconds, tags={"task": task, "key_id": key_id or "-"})
+        return encoded
+
+    async def _limited(self, request: Resolved, image: bytes, progress: Progress | None,
+                       timeout_s: float | None) -> Encoded:
         if timeout_s is None:
             return await self._run(request, image, progress)
         deadline = Deadline(time.time() + timeout_s, timeout_s, progress)
@@ -92,7 +122,8 @@ class Orchestrator:
         #    DeploymentResponse passed straight on bypasses max_queued_requests in Ray Serve 2.60)
         if progress is not None:
             progress.stage("preprocess")
-        prepared = await self.handles.preprocess.prepare.remote(image, task.spec_for(request.params), task=task.name)
+        prepared = await hop(self.handles.preprocess.prepare.remote(image, task.spec_for(request.params),
+                                                                    task=task.name))
         # 2. the model, on a replica that already holds the request's choice when one is free
         handle = self.handles.models[task.name]
         route = task.route(request.params) if task.route is not None else None
@@ -105,17 +136,21 @@ class Orchestrator:
             #     its choice (a LoRA version) if it is cold, so a switch costs max(encode, load)
             if progress is not None:
                 progress.stage("encode_prompt")
-            encoding = encoder.encode.remote(task.name, prepared, request.params)
+            encoding = hop(encoder.encode.remote(task.name, prepared, request.params))
             if route is not None:
                 conditioning, _ = await asyncio.gather(encoding, _warm(handle, route))
             else:
                 conditioning = await encoding
         extra = (conditioning,) if conditioning is not None else ()  # only models that encode text take it
-        generated = await handle.remote(prepared, request.params, progress, *extra)
+        generated = await hop(handle.remote(prepared, request.params, progress, *extra))
+        # model time: the model's thread and the text encoder stage's (its stage seconds)
+        encoder_seconds = sum(conditioning.seconds.values()) if conditioning is not None else 0.0
+        model_seconds = generated.served.get("model_seconds", 0.0) + encoder_seconds
+        generated.served["model_seconds"] = round(model_seconds, 3)
         # 3. encode on CPU replicas
         if progress is not None:
             progress.stage("postprocess")
-        return await self.handles.postprocess.encode.remote(generated, request.format)
+        return await hop(self.handles.postprocess.encode.remote(generated, request.format))
 
     def models_info(self) -> dict[str, Any]:
         """GET /v1/models: tasks, their defaults, limits, choices and formats."""
@@ -124,6 +159,17 @@ class Orchestrator:
             "max_long_edge": self.upload.max_long_edge,
             "max_bytes": self.upload.max_bytes,
         }
+
+
+async def hop(response: Any) -> Any:
+    """Await one deployment's `DeploymentResponse`; when this run is cancelled meanwhile (its caller
+    went away, its own time limit), cancel that request too, explicitly: the deployment stops its
+    work (a model at its next step) rather than finishing it for nobody."""
+    try:
+        return await response
+    except asyncio.CancelledError:
+        response.cancel()
+        raise
 
 
 async def _warm(handle: Any, choice: str) -> None:

@@ -1,27 +1,40 @@
 """Job records and results that outlive every replica: one interface, SQLite by default.
 
-`JobStore` is what the job runner and the ingress need: create a job (its input saved as a file),
-claim the next queued job, record progress and the end state, save the result as a file, list
-positions, and forget jobs past the retention period. `SqliteJobStore` keeps rows in one SQLite
-file (WAL, so readers never block the writer) and bytes under a directory, so memory stays bounded
-however many jobs there are. Another database can be configured behind the same interface on a
-cluster. Knows nothing about Ray, HTTP or models.
+`JobStore` is what the job runner needs: create a job (its input saved as a file), claim the next
+job fairly across keys, hold a claim by a lease, record progress and the end state, save and verify
+the result, list a caller's jobs, and forget jobs past retention or a byte budget. Every state change
+is a compare-and-set in SQL (`UPDATE … WHERE state = …`), so two runners (a redeploy) never claim one
+job twice, a cancelled job never becomes succeeded, and a runner that lost its claim (lease expired,
+job handed back) cannot finish it. A claim is (runner id, attempt number).
+
+Durability: rows in `<directory>/jobs.sqlite3` (WAL, `synchronous=FULL`: a committed state survives
+power loss), bytes under `<directory>/files/` written by `store_files` (tmp, fsync, rename, fsync
+dir) *before* the row that names them, with their size and SHA-256, so a row never points at bytes
+that are not whole. Knows nothing about Ray, HTTP or models.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from serve_app import store_files as files
+from serve_app.store_order import FairOrder
+from serve_app.store_upkeep import StoreUpkeep
+
 State = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL_STATES: tuple[str, ...] = ("succeeded", "failed", "cancelled")
+Claim = tuple[str, int]
+"""(runner id, attempt): who runs a job now; a finished or handed-back claim no longer matches."""
 
 
 @dataclass
@@ -47,9 +60,24 @@ class Job:
     served: dict[str, Any] = field(default_factory=dict)
     request_id: str | None = None
     """The id of the HTTP request that submitted the job (its X-Request-Id), to find it in the logs."""
+    owner: str | None = None
+    """The API key id that submitted the job (None with keys off): only it sees the job."""
+    quota_key: str = ""
+    """Whose queue the job waits in (quota and fair dispatch): the ingress's quota key, else the owner."""
+    runner: str | None = None
+    lease_until: float | None = None
+    """While running: the claiming runner and when its claim lapses unless renewed."""
+    model_seconds: float | None = None
+    input_bytes: int = 0
+    result_bytes: int | None = None
+    result_sha256: str | None = None
+
+    @property
+    def claim(self) -> Claim:
+        return (self.runner or "", self.attempts)
 
     def public(self, queue_position: int | None = None) -> dict[str, Any]:
-        """The client's view: GET /v1/jobs/{id}."""
+        """The client's view: GET /v1/jobs/{id} (the owner is not shown)."""
         return {
             "id": self.id,
             "task": self.task,
@@ -62,48 +90,96 @@ class Job:
             "created_at": self.created_at,
             "finished_at": self.finished_at,
             "request_id": self.request_id,
+            "model_seconds": self.model_seconds,
         }
 
 
 class JobStore(Protocol):
-    def create(self, task: str, fields: dict[str, Any], image: bytes, request_id: str | None = None) -> Job: ...
+    def create(self, task: str, fields: dict[str, Any], image: bytes, request_id: str | None = None,
+               owner: str | None = None, quota_key: str | None = None) -> Job: ...
     def get(self, job_id: str) -> Job | None: ...
     def input(self, job_id: str) -> bytes: ...
-    def claim_next(self) -> Job | None: ...
-    def requeue_unfinished(self, max_attempts: int) -> list[str]: ...
-    def update(self, job_id: str, **changes: Any) -> Job | None: ...
-    def finish(self, job_id: str, state: State, *, error: dict | None = None, result: bytes | None = None,
-               media_type: str | None = None, metadata: dict | None = None, served: dict | None = None) -> Job | None: ...
+    def claim_next(self, runner: str = "", lease_s: float = float("inf")) -> Job | None: ...
+    def renew(self, runner: str, lease_s: float, job_ids: list[str]) -> int: ...
+    def progress(self, job_id: str, claim: Claim | None, lease_s: float | None, **changes: Any) -> Job | None: ...
+    def cancel(self, job_id: str) -> Job | None: ...
+    def requeue(self, job_id: str, claim: Claim | None, spend_attempt: bool = True) -> Job | None: ...
+    def finish(self, job_id: str, state: State, **kwargs: Any) -> Job | None: ...
     def result(self, job_id: str) -> bytes | None: ...
     def queue_position(self, job_id: str) -> int | None: ...
-    def count(self, state: State) -> int: ...
+    def count(self, state: State, quota_key: str | None = None) -> int: ...
     def purge(self, older_than_s: float) -> int: ...
 
 
 _COLUMNS = ("id", "task", "state", "stage", "step", "total_steps", "error", "created_at", "started_at",
-            "finished_at", "attempts", "cancel_requested", "fields", "media_type", "metadata", "served", "request_id")
+            "finished_at", "attempts", "cancel_requested", "fields", "media_type", "metadata", "served", "request_id",
+            "owner", "quota_key", "runner", "lease_until", "model_seconds", "input_bytes", "result_bytes",
+            "result_sha256")
+_ADDED = {"request_id": "TEXT", "owner": "TEXT", "quota_key": "TEXT NOT NULL DEFAULT ''", "runner": "TEXT",
+          "lease_until": "REAL", "model_seconds": "REAL", "input_bytes": "INTEGER NOT NULL DEFAULT 0",
+          "result_bytes": "INTEGER", "result_sha256": "TEXT"}
+"""Columns later than the first schema: added to an older store when it opens."""
 _JSON_COLUMNS = {"error", "fields", "metadata", "served"}
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
 
 
-class SqliteJobStore:
-    """Jobs in `<directory>/jobs.sqlite3`, inputs and results in `<directory>/files/`."""
+class SqliteJobStore(StoreUpkeep):
+    """Jobs in `<directory>/jobs.sqlite3`, inputs and results in `<directory>/files/` (0700, files 0600)."""
+
+    select = _SELECT
 
     def __init__(self, directory: Path | str) -> None:
         self.directory = Path(directory).expanduser()
         self.files = self.directory / "files"
-        self.files.mkdir(parents=True, exist_ok=True)
+        files.private_dir(self.directory)
+        files.private_dir(self.files)
+        self.orphans_removed = files.remove_orphans(self.files)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.directory / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(self.directory / "jobs.sqlite3", check_same_thread=False, isolation_level=None,
+                                   timeout=30.0)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the call returns
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, task TEXT, state TEXT, stage TEXT, step INTEGER,"
             " total_steps INTEGER, error TEXT, created_at REAL, started_at REAL, finished_at REAL,"
             " attempts INTEGER, cancel_requested INTEGER, fields TEXT, media_type TEXT, metadata TEXT, served TEXT)"
         )
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for column, kind in _ADDED.items():
+            if column not in present:  # a store from before this column
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+        self._db.execute("CREATE TABLE IF NOT EXISTS fair (quota_key TEXT PRIMARY KEY, last_claim REAL)")
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_state_created ON jobs (state, created_at)")
-        if "request_id" not in {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}:
-            self._db.execute("ALTER TABLE jobs ADD COLUMN request_id TEXT")  # a store from before request ids
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_key_state ON jobs (quota_key, state, created_at)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_owner_created ON jobs (owner, created_at)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at)")
+        if "input_bytes" not in present:
+            self._count_old_bytes()
+        for name in ("jobs.sqlite3", "jobs.sqlite3-wal", "jobs.sqlite3-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.directory / name).chmod(files.FILE_MODE)
+        self.order = FairOrder(self._db)
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, serialized in this process (the lock) and across processes
+        (BEGIN IMMEDIATE takes SQLite's write lock before the first read)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _count_old_bytes(self) -> None:
+        for (job_id,) in self._db.execute("SELECT id FROM jobs").fetchall():
+            with contextlib.suppress(KeyError):
+                size = files.file_size(self._path(job_id, "input"))
+                result = files.file_size(self._path(job_id, "result"))
+                self._db.execute("UPDATE jobs SET input_bytes = ?, result_bytes = ? WHERE id = ?",
+                                 (size, result or None, job_id))
 
     # -- rows ------------------------------------------------------------------------------------
     def _row(self, row: tuple | None) -> Job | None:
@@ -113,120 +189,208 @@ class SqliteJobStore:
         for key in _JSON_COLUMNS:
             values[key] = json.loads(values[key]) if values[key] else ({} if key != "error" else None)
         values["cancel_requested"] = bool(values["cancel_requested"])
+        values["quota_key"] = values["quota_key"] or ""
+        values["input_bytes"] = values["input_bytes"] or 0
         return Job(**values)
 
-    def _write(self, job: Job) -> None:
-        values = asdict(job)
-        for key in _JSON_COLUMNS:
-            values[key] = json.dumps(values[key]) if values[key] is not None else None
-        values["cancel_requested"] = int(values["cancel_requested"])
-        placeholders = ", ".join("?" for _ in _COLUMNS)
-        self._db.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
-                         [values[c] for c in _COLUMNS])
+    def _one(self, job_id: str) -> Job | None:
+        return self._row(self._db.execute(f"{_SELECT} WHERE id = ?", (job_id,)).fetchone())
 
     def _path(self, job_id: str, kind: str) -> Path:
         if not all(c in "0123456789abcdef" for c in job_id) or len(job_id) != 32:
             raise KeyError(job_id)  # ids are ours: never a path from a client
         return self.files / f"{job_id}.{kind}"
 
-    # -- the interface ---------------------------------------------------------------------------
-    def create(self, task: str, fields: dict[str, Any], image: bytes, request_id: str | None = None) -> Job:
-        job = Job(id=uuid.uuid4().hex, task=task, fields=fields, request_id=request_id)
-        _atomic_write(self._path(job.id, "input"), image)
-        with self._lock:
-            self._write(job)
+    def _set(self, db: sqlite3.Connection, job_id: str, where: str, params: tuple, **changes: Any) -> bool:
+        """UPDATE one job's `changes` when `where` holds (the compare of compare-and-set)."""
+        for key in _JSON_COLUMNS & set(changes):
+            changes[key] = json.dumps(changes[key]) if changes[key] is not None else None
+        assignments = ", ".join(f"{key} = ?" for key in changes)
+        cursor = db.execute(f"UPDATE jobs SET {assignments} WHERE id = ? AND {where}",
+                            (*changes.values(), job_id, *params))
+        return cursor.rowcount == 1
+
+    @staticmethod
+    def _claimed(claim: Claim | None) -> tuple[str, tuple]:
+        if claim is None:
+            return "state = 'running'", ()
+        return "state = 'running' AND runner IS ? AND attempts = ?", (claim[0] or None, claim[1])
+
+    # -- creating and reading --------------------------------------------------------------------
+    def create(self, task: str, fields: dict[str, Any], image: bytes, request_id: str | None = None,
+               owner: str | None = None, quota_key: str | None = None) -> Job:
+        """A queued job; its input is on disk before its row exists. Raises OSError/sqlite3.Error
+        when the disk refuses (the input is then removed)."""
+        job = Job(id=uuid.uuid4().hex, task=task, fields=fields, request_id=request_id, owner=owner,
+                  quota_key=quota_key or owner or "", input_bytes=len(image))
+        path = self._path(job.id, "input")
+        files.atomic_write(path, image)
+        values = asdict(job)
+        for key in _JSON_COLUMNS:
+            values[key] = json.dumps(values[key]) if values[key] is not None else None
+        values["cancel_requested"] = int(values["cancel_requested"])
+        try:
+            with self._tx() as db:
+                db.execute(f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})",
+                           [values[c] for c in _COLUMNS])
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         return job
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
-            cursor = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,))
-            return self._row(cursor.fetchone())
+            return self._one(job_id)
 
     def input(self, job_id: str) -> bytes:
         return self._path(job_id, "input").read_bytes()
 
-    def claim_next(self) -> Job | None:
-        """The oldest queued job, now `running` with one more attempt; None when nothing is queued."""
-        with self._lock:
-            cursor = self._db.execute(
-                f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE state = 'queued' ORDER BY created_at, id LIMIT 1"
-            )
-            job = self._row(cursor.fetchone())
-            if job is None:
-                return None
-            job.state, job.attempts, job.started_at, job.stage = "running", job.attempts + 1, time.time(), "queued"
-            self._write(job)
-            return job
-
-    def requeue_unfinished(self, max_attempts: int) -> list[str]:
-        """After a runner restart: jobs left `running` are queued again, or failed past `max_attempts`."""
-        with self._lock:
-            cursor = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE state = 'running'")
-            jobs = [self._row(row) for row in cursor.fetchall()]
-            for job in jobs:
-                if job.attempts >= max_attempts:
-                    job.state, job.finished_at = "failed", time.time()
-                    job.error = {"code": "interrupted", "message": "the service restarted while this job ran, twice"}
-                else:
-                    job.state, job.stage, job.step = "queued", None, None
-                self._write(job)
-            return [job.id for job in jobs if job.state == "queued"]
-
-    def update(self, job_id: str, **changes: Any) -> Job | None:
-        with self._lock:
-            cursor = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,))
-            job = self._row(cursor.fetchone())
-            if job is None:
-                return None
-            for key, value in changes.items():
-                setattr(job, key, value)
-            self._write(job)
-            return job
-
-    def finish(self, job_id: str, state: State, *, error: dict | None = None, result: bytes | None = None,
-               media_type: str | None = None, metadata: dict | None = None, served: dict | None = None) -> Job | None:
-        if result is not None:
-            _atomic_write(self._path(job_id, "result"), result)
-        return self.update(job_id, state=state, error=error, finished_at=time.time(), media_type=media_type,
-                    metadata=metadata or {}, served=served or {}, stage=state if state != "succeeded" else "done")
-
     def result(self, job_id: str) -> bytes | None:
-        try:
-            return self._path(job_id, "result").read_bytes()
-        except (FileNotFoundError, KeyError):
+        """The result's bytes when the job succeeded and they are whole (size and SHA-256 as
+        recorded); None otherwise — never a truncated or missing file's empty bytes."""
+        job = self.get(job_id) if len(job_id) == 32 else None
+        if job is None or job.state != "succeeded":
             return None
+        return files.read_verified(self._path(job_id, "result"), job.result_bytes, job.result_sha256)
 
-    def queue_position(self, job_id: str) -> int | None:
-        """0-based position among queued jobs (0: next to start); None when not queued."""
+    def list(self, owner: str | None, limit: int, after: tuple[float, str] | None = None,
+             state: str | None = None, task: str | None = None) -> list[Job]:
+        """`owner`'s jobs newest first, those strictly older than `after` (created_at, id)."""
+        where, params = ["owner IS ?"], [owner]
+        if after is not None:
+            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            params += [after[0], after[0], after[1]]
+        for column, value in (("state", state), ("task", task)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
         with self._lock:
-            row = self._db.execute("SELECT state, created_at FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None or row[0] != "queued":
-                return None
-            (ahead,) = self._db.execute(
-                "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND (created_at < ? OR (created_at = ? AND id < ?))",
-                (row[1], row[1], job_id),
-            ).fetchone()
-            return int(ahead)
+            rows = self._db.execute(f"{_SELECT} WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC"
+                                    " LIMIT ?", (*params, limit)).fetchall()
+        return [self._row(row) for row in rows]
 
-    def count(self, state: State) -> int:
+    def count(self, state: State, quota_key: str | None = None) -> int:
         with self._lock:
-            (n,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (state,)).fetchone()
+            if quota_key is None:
+                (n,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (state,)).fetchone()
+            else:
+                (n,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE quota_key = ? AND state = ?",
+                                        (quota_key, state)).fetchone()
             return int(n)
 
-    def purge(self, older_than_s: float) -> int:
-        """Forget finished jobs (rows and files) that ended more than `older_than_s` ago."""
-        cutoff = time.time() - older_than_s
+    def queue_position(self, job_id: str) -> int | None:
+        """Jobs expected to start before this one under fair dispatch (0: next); None when not queued."""
         with self._lock:
-            ids = [row[0] for row in self._db.execute(
-                "SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?", (cutoff,)).fetchall()]
-            for job_id in ids:
-                for kind in ("input", "result"):
-                    self._path(job_id, kind).unlink(missing_ok=True)
-                self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
-            return len(ids)
+            return self.order.position(job_id)
 
+    def running(self, runner: str | None = None) -> list[Job]:
+        with self._lock:
+            if runner is None:
+                rows = self._db.execute(f"{_SELECT} WHERE state = 'running'").fetchall()
+            else:
+                rows = self._db.execute(f"{_SELECT} WHERE state = 'running' AND runner = ?", (runner,)).fetchall()
+        return [self._row(row) for row in rows]
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    def recent_run_seconds(self, n: int = 20) -> float | None:
+        """Mean run time of the last `n` jobs that succeeded (a Retry-After hint)."""
+        with self._lock:
+            (mean,) = self._db.execute(
+                "SELECT AVG(finished_at - started_at) FROM (SELECT finished_at, started_at FROM jobs"
+                " WHERE state = 'succeeded' AND started_at IS NOT NULL ORDER BY finished_at DESC LIMIT ?)", (n,),
+            ).fetchone()
+        return mean
+
+    # -- state changes, each a compare-and-set ----------------------------------------------------
+    def claim_next(self, runner: str = "", lease_s: float = float("inf")) -> Job | None:
+        """The next queued job in fair order, now `running` under (runner, attempts + 1) with a
+        lease of `lease_s`; None when nothing is queued."""
+        now = time.time()
+        with self._tx() as db:
+            job_id, key = self.order.next() or (None, None)
+            if job_id is None:
+                return None
+            claimed = self._set(db, job_id, "state = 'queued'", (), state="running", runner=runner or None,
+                                lease_until=now + lease_s if lease_s != float("inf") else None,
+                                started_at=now, stage="queued", step=None, total_steps=None)
+            if not claimed:  # cannot happen inside the write transaction; kept as the CAS it is
+                return None
+            db.execute("UPDATE jobs SET attempts = attempts + 1 WHERE id = ?", (job_id,))
+            db.execute("INSERT OR REPLACE INTO fair (quota_key, last_claim) VALUES (?, ?)", (key, now))
+            return self._one(job_id)
+
+    def renew(self, runner: str, lease_s: float, job_ids: list[str]) -> int:
+        """Extend the leases of the jobs `runner` runs (of `job_ids`: the runs it still awaits); how many."""
+        until = time.time() + lease_s
+        with self._tx() as db:
+            return sum(db.execute("UPDATE jobs SET lease_until = ? WHERE id = ? AND state = 'running' AND runner = ?",
+                                  (until, job_id, runner)).rowcount for job_id in job_ids)
+
+    def progress(self, job_id: str, claim: Claim | None, lease_s: float | None, **changes: Any) -> Job | None:
+        """Record a running job's progress (and renew its lease) while `claim` still holds; None
+        when it does not (the job ended, was handed back, or another runner claimed it)."""
+        where, params = self._claimed(claim)
+        if lease_s is not None:
+            changes["lease_until"] = time.time() + lease_s
+        with self._tx() as db:
+            return self._one(job_id) if self._set(db, job_id, where, params, **changes) else None
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Queued: cancelled now. Running: marked, its runner stops it at the next step (and can no
+        longer make it succeed). Finished: unchanged. The job afterwards (None: unknown)."""
+        now = time.time()
+        with self._tx() as db:
+            if not self._set(db, job_id, "state = 'queued'", (), state="cancelled", finished_at=now, stage="cancelled",
+                             error={"code": "cancelled", "message": "cancelled by the client"}):
+                self._set(db, job_id, "state = 'running'", (), cancel_requested=1)
+            return self._one(job_id)
+
+    def requeue(self, job_id: str, claim: Claim | None, spend_attempt: bool = True) -> Job | None:
+        """Put a running job back in the queue (keeping its place by age); without `spend_attempt`
+        the run does not count (backpressure, a runner handing back at shutdown)."""
+        where, params = self._claimed(claim)
+        with self._tx() as db:
+            if not self._set(db, job_id, where, params, state="queued", stage=None, step=None, total_steps=None,
+                             runner=None, lease_until=None):
+                return None
+            if not spend_attempt:
+                db.execute("UPDATE jobs SET attempts = MAX(attempts - 1, 0) WHERE id = ?", (job_id,))
+            return self._one(job_id)
+
+    def finish(self, job_id: str, state: State, *, claim: Claim | None = None, error: dict | None = None,
+               result: bytes | None = None, media_type: str | None = None, metadata: dict | None = None,
+               served: dict | None = None, model_seconds: float | None = None,
+               from_states: tuple[str, ...] = ("running",)) -> Job | None:
+        """End a job: only from `from_states` (running, under `claim` when given), and `succeeded`
+        only when no cancel was requested. The result is durable on disk before the row names it.
+        None when the job was not in a state to end this way (a result written for it is removed).
+        Raises OSError when the result cannot be written (nothing recorded then)."""
+        changes: dict[str, Any] = dict(state=state, error=error, finished_at=time.time(), media_type=media_type,
+                                       metadata=metadata or {}, served=served or {}, model_seconds=model_seconds,
+                                       stage=state if state != "succeeded" else "done", lease_until=None)
+        path = self._path(job_id, "result")
+        if result is not None:
+            files.atomic_write(path, result)
+            changes.update(result_bytes=len(result), result_sha256=files.digest(result))
+        if from_states == ("running",):
+            where, params = self._claimed(claim)
+        else:
+            where, params = f"state IN ({', '.join('?' for _ in from_states)})", from_states
+        if state == "succeeded":
+            where += " AND cancel_requested = 0"
+        try:
+            with self._tx() as db:
+                done = self._set(db, job_id, where, params, **changes)
+                job = self._one(job_id) if done else None
+        except BaseException:
+            if result is not None:
+                path.unlink(missing_ok=True)
+            raise
+        if job is None and result is not None:
+            path.unlink(missing_ok=True)
+        return job
+
+    def update(self, job_id: str, **changes: Any) -> Job | None:
+        """Unconditional change (tests, repairs): the runner's transitions use the methods above."""
+        with self._tx() as db:
+            return self._one(job_id) if self._set(db, job_id, "1 = 1", (), **changes) else None
+

@@ -8,9 +8,11 @@ model and wait on a Ray actor; the test watches how many are waiting and opens t
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import ray
 
+from deployments.anime import AnimeModel
 from deployments.real import RealModel
 from deployments.text_encoder import TextEncoder
 
@@ -44,6 +46,13 @@ class Gate:
         self.event = asyncio.Event()
         self.waiting = 0
         self.step = step
+
+    def mark(self, name: str) -> None:
+        """Note that `name` happened (a test model's signal to the test)."""
+        self.marks_seen = [*getattr(self, "marks_seen", []), name]
+
+    def marks(self) -> list[str]:
+        return list(getattr(self, "marks_seen", []))
 
 
 class GatedRealModel(RealModel):
@@ -157,3 +166,90 @@ class MeetingRealModel(RealModel):
         if ray.get(ray.get_actor(RENDEZVOUS_NAME).take.remote()):
             _meet("loading", "encoding")
         return super().ensure_adapter(version)
+
+
+class _StepHold:
+    """A request's progress that records each finished step on `model` and, while the gate is
+    closed at a step (`Gate.close(step)`), waits on the gate after that step."""
+
+    def __init__(self, progress, gate, at, model, seed) -> None:
+        self.progress, self.gate, self.at, self.model, self.seed = progress, gate, at, model, seed
+
+    def stage(self, name: str) -> None:
+        if self.progress is not None:
+            self.progress.stage(name)
+
+    def step(self, step: int, total: int) -> bool:
+        self.model.log.append(("step", self.seed, step))
+        if step == self.at:
+            ray.get(self.gate.wait.remote())
+        return self.progress.step(step, total) if self.progress is not None else False
+
+
+class SteppedRealModel(RealModel):
+    """RealModel whose requests (sync ones too) wait on the test gate after the gate's step
+    (`Gate.close(step)`) and log what the replica did, in order (`history()`): ("enter", seed) when
+    a request reaches the deployment, ("step", seed, i) after each denoising step, ("end", seed,
+    outcome) when it leaves. Tells a test which request ran, how far, and in which order."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.log: list[tuple] = []
+
+    def history(self) -> list[tuple]:
+        return list(self.log)
+
+    async def __call__(self, prepared, params, progress=None, conditioning=None):
+        self.log.append(("enter", params.seed))
+        try:
+            generated = await super().__call__(prepared, params, progress, conditioning)
+        except BaseException as exc:
+            self.log.append(("end", params.seed, type(exc).__name__))
+            raise
+        self.log.append(("end", params.seed, "ok"))
+        return generated
+
+    def generate(self, prepared, params, progress=None, conditioning=None):
+        gate = ray.get_actor(GATE_NAME)
+        done = threading.Event()
+        if progress is not None and hasattr(progress, "signal"):  # the scaffold's stoppable progress
+            threading.Thread(target=_tell_stopping, args=(progress.signal, done, gate, params.seed), daemon=True).start()
+        try:
+            held = _StepHold(progress, gate, ray.get(gate.at_step.remote()), self, params.seed)
+            return super().generate(prepared, params, held, conditioning)
+        finally:
+            done.set()
+
+
+def _tell_stopping(signal: threading.Event, done: threading.Event, gate, seed: int) -> None:
+    """Marks `stopping <seed>` on the gate once the request's stop signal is set (its caller went
+    away), while the model thread may still be held: the test's signal that the cancellation
+    arrived. Polls, because the model thread may be blocked on the gate itself."""
+    while not done.is_set():
+        if signal.wait(0.05):
+            ray.get(gate.mark.remote(f"stopping {seed}"))
+            return
+
+
+ANIME_HOLD = -1
+"""`Gate.close(ANIME_HOLD)`: every anime batch waits on the gate before it runs."""
+
+
+class GatedAnimeModel(AnimeModel):
+    """AnimeModel whose batches wait on the test gate while it is closed at ANIME_HOLD, and which
+    logs the image sizes (height, width) of every batch it ran (`batches_run()`): a test tells its
+    requests apart by size."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.ran: list[list[tuple[int, int]]] = []
+
+    def batches_run(self) -> list[list[tuple[int, int]]]:
+        return list(self.ran)
+
+    def generate_batch(self, prepared, params):
+        gate = ray.get_actor(GATE_NAME)
+        if ray.get(gate.at_step.remote()) == ANIME_HOLD:
+            ray.get(gate.wait.remote())
+        self.ran.append([item.array.shape[:2] for item in prepared])
+        return super().generate_batch(prepared, params)

@@ -70,17 +70,19 @@ class Scrape:
 
 
 @pytest.fixture(scope="module")
-def traffic(demo_service, gate):
+def traffic(demo_service, gate, tmp_path_factory):
     """Deploys imgserve (a gated `real` with a one-deep queue) and sends known traffic; yields
     the service and what a scrape must then show."""
     real_serve = {"max_ongoing_requests": 1, "max_queued_requests": 1, "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 1}}
-    for service in demo_service({"real": {"serve": real_serve}}, models={"real": GatedRealModel}):
-        expected = send_traffic(service, gate)
+    jobs = tmp_path_factory.mktemp("metrics-jobs")
+    for service in demo_service({"real": {"serve": real_serve}, "jobs": {"directory": str(jobs)}},
+                                models={"real": GatedRealModel}):
+        expected = send_traffic(service, gate, jobs)
         yield service, expected
 
 
 
-def send_traffic(service: Service, gate) -> dict[str, float]:
+def send_traffic(service: Service, gate, jobs: Path) -> dict[str, float]:
     image = small_png()
     post = lambda fields, task="real": service.post_image(image, fields, task=task, content_type="image/png")  # noqa: E731
     # 1. a burst against the closed gate: one request in the model, one queued, the rest refused
@@ -109,7 +111,13 @@ def send_traffic(service: Service, gate) -> dict[str, float]:
     assert post({}, task="sketch").status_code == 404
     job = submit(service, {}, task="anime", image=image)
     assert job.status_code == 202, job.text
-    wait_state(service, job.json()["id"], "succeeded")
+    job_id = job.json()["id"]
+    wait_state(service, job_id, "succeeded")
+    # 4. a result lost on disk (the test deletes it): never served, the job runs again
+    (jobs / "files" / f"{job_id}.result").unlink()
+    assert service.http.get(f"/v1/jobs/{job_id}/result").status_code == 409
+    wait_state(service, job_id, "succeeded")
+    assert service.http.get(f"/v1/jobs/{job_id}/result").content
     return {"refused": len(refused), "real_ok": accepted + 4, "abandoned": 1}
 
 
@@ -129,19 +137,22 @@ def abandon(service: Service, gate, image: bytes) -> None:
                            for path in logs.glob("replica_imgserve_Ingress_*.log")
                            for line in path.read_text(errors="replace").splitlines()),
                "the ingress to log the abandoned request as 499", interval=0.5)
-    gate.open.remote()  # the model finishes the abandoned request (nobody waits for its result)
+    gate.open.remote()  # the model stops the abandoned request at its first stage (nobody waits for it)
 
 
 def shows_all_traffic(result: Scrape) -> bool:
     """Each process's last record of the module's traffic is in `result` (a process reports all its
     metrics at once)."""
     return (result.total("ray_imgserve_requests_total", api="jobs", status="202") >= 1  # Ingress
-            and result.total("ray_imgserve_stage_seconds_count", task="anime", stage="preprocess") >= 2
-            and result.total("ray_imgserve_stage_seconds_count", task="anime", stage="postprocess") >= 2
-            and result.total("ray_imgserve_stage_seconds_count", task="anime", stage="stylize") >= 2
+            and result.total("ray_imgserve_stage_seconds_count", task="anime", stage="preprocess") >= 3
+            and result.total("ray_imgserve_stage_seconds_count", task="anime", stage="postprocess") >= 3
+            and result.total("ray_imgserve_stage_seconds_count", task="anime", stage="stylize") >= 3
             and result.total("ray_imgserve_stage_seconds_count", task="layers", stage="decode") >= 1
+            and result.total("ray_imgserve_stage_seconds_count", task="layers", stage="encode_prompt") >= 1  # TextEncoder
             and result.total("ray_imgserve_lora_events_total", event="evict") >= 1  # RealModel
-            and result.total("ray_imgserve_jobs_finished_total") >= 1  # JobRunner
+            and result.total("ray_imgserve_jobs_finished_total") >= 2  # JobRunner
+            and result.total("ray_imgserve_job_limits_total") >= 1
+            and result.total("ray_imgserve_model_seconds_total", task="anime") > 0
             # the queue gauges, present and back to empty (the dispatcher refreshes them every second)
             and "ray_imgserve_jobs_queued" in result.samples and "ray_imgserve_jobs_running" in result.samples
             and result.total("ray_imgserve_jobs_queued") == result.total("ray_imgserve_jobs_running") == 0
@@ -201,20 +212,21 @@ def test_every_stage_has_a_latency_histogram(traffic, scraped: Scrape) -> None:
     for stage in REAL_STAGES:
         observed = count("ray_imgserve_stage_seconds_count", task="real", stage=stage)
         # refused requests were preprocessed, and their prompts encoded by the text encoder stage,
-        # before the model's queue refused them; the abandoned one ran through the model, but
-        # nobody asked for its encoding
-        refused = expected["refused"] if stage in ("preprocess", "encode_prompt") else 0
-        abandoned = expected["abandoned"] if stage != "postprocess" else 0
+        # before the model's queue refused them; so was the abandoned one, which the model then
+        # stopped before its first stage (its client had gone while it waited at the gate)
+        before_model = stage in ("preprocess", "encode_prompt")
+        refused = expected["refused"] if before_model else 0
+        abandoned = expected["abandoned"] if before_model else 0
         assert observed == expected["real_ok"] + refused + abandoned, stage
     for stage in LAYERS_STAGES:
         assert count("ray_imgserve_stage_seconds_count", task="layers", stage=stage) == 1, stage
-    for stage in ("preprocess", "stylize", "postprocess"):  # the synchronous request and the job
-        assert count("ray_imgserve_stage_seconds_count", task="anime", stage=stage) == 2, stage
+    for stage in ("preprocess", "stylize", "postprocess"):  # the synchronous request, the job and its re-run
+        assert count("ray_imgserve_stage_seconds_count", task="anime", stage=stage) == 3, stage
     # a histogram with the documented buckets, from milliseconds to half an hour
     buckets = {labels["le"] for labels, _ in scraped.samples["ray_imgserve_stage_seconds_bucket"]}
     assert {"0.005", "1.0", "60.0", "1800.0", "+Inf"} <= buckets
     denoise = count("ray_imgserve_stage_seconds_bucket", task="real", stage="denoise", le="1800.0")
-    assert denoise == expected["real_ok"] + expected["abandoned"]
+    assert denoise == expected["real_ok"]
 
 
 def test_lora_loads_hits_and_evictions(scraped: Scrape) -> None:
@@ -224,8 +236,13 @@ def test_lora_loads_hits_and_evictions(scraped: Scrape) -> None:
 
 
 def test_jobs_are_counted_and_the_queue_depth_is_a_gauge(scraped: Scrape) -> None:
-    assert scraped.total("ray_imgserve_jobs_finished_total", task="anime", state="succeeded") == 1
-    assert scraped.total("ray_imgserve_job_seconds_count", task="anime", state="succeeded") == 1
+    # the job ran twice: its first result was lost on disk
+    assert scraped.total("ray_imgserve_jobs_finished_total", task="anime", state="succeeded") == 2
+    assert scraped.total("ray_imgserve_job_seconds_count", task="anime", state="succeeded") == 2
+    assert scraped.total("ray_imgserve_job_limits_total", task="anime", reason="result_lost") == 1
+    assert scraped.label_values("ray_imgserve_model_seconds_total", "key_id") == {"-"}
+    assert scraped.total("ray_imgserve_abandoned_total", task="real", reason="client_disconnected") == 1
+    assert "ray_imgserve_job_store_bytes" in scraped.samples and "ray_imgserve_event_streams" in scraped.samples
     # one series per JobRunner replica, from that replica (Serve's labels)
     queued = scraped.samples["ray_imgserve_jobs_queued"]
     assert [labels["deployment"] for labels, _ in queued] == ["JobRunner"]
