@@ -37,9 +37,8 @@ from serve_app.events import EventHub
 from serve_app.job_routes import JobRoutes
 from serve_app.observability import Observability
 from serve_app.orchestrator import Orchestrator
-from serve_app.uploads import FORM_OVERHEAD_BYTES, read_upload
+from serve_app.uploads import read_upload
 
-__all__ = ["FORM_OVERHEAD_BYTES", "Ingress", "make_api"]  # FORM_OVERHEAD_BYTES: where tests look for it
 
 log = logging.getLogger("imgserve")
 

@@ -37,8 +37,9 @@ from deployments.errors import Cancelled, ImgserveError, InvalidParameter
 from serve_app import store_files
 from serve_app.errors import InsufficientStorage, NotFound, QueueFull, QuotaExceeded, error_body
 from serve_app.housekeeping import Housekeeping, decode_cursor, encode_cursor
+from serve_app.job_progress import JobProgress
 from serve_app.orchestrator import Orchestrator
-from serve_app.store import FINAL_STATES, STATES, Claim, Job, SqliteJobStore
+from serve_app.store import FINAL_STATES, STATES, Job, SqliteJobStore
 
 if TYPE_CHECKING:
     from serve_app.config import JobsSection
@@ -48,36 +49,6 @@ log = logging.getLogger("imgserve.jobs")
 _EVENT_LOGS_KEPT = 1000  # memory stays bounded: older jobs' streams start from their status
 _REPLICA_LOST = (ray_exceptions.ActorDiedError, ray_exceptions.ActorUnavailableError, ray_exceptions.RayActorError)
 MAX_LIST = 100
-
-
-class JobProgress:
-    """What the orchestrator and the model call while running a job.
-
-    In the runner's own process it calls the runner directly (its event loop must not block on
-    its own handle); pickled to a model replica it keeps only the runner's handle and waits for
-    each answer there, on the model's worker thread. Carries the job's claim, so a run whose claim
-    was lost (handed back, re-queued by the reaper, failed by a limit) is told to stop.
-    """
-
-    def __init__(self, runner: JobRunner, handle: Any, job_id: str, claim: Claim | None = None) -> None:
-        self.runner: JobRunner | None = runner
-        self.handle = handle
-        self.job_id = job_id
-        self.claim = list(claim) if claim is not None else None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"runner": None, "handle": self.handle, "job_id": self.job_id, "claim": self.claim}
-
-    def stage(self, name: str) -> None:
-        self._report(name, None, None)
-
-    def step(self, step: int, total: int) -> bool:
-        return self._report("denoise", step, total)
-
-    def _report(self, stage: str, step: int | None, total: int | None) -> bool:
-        if self.runner is not None:
-            return self.runner.report(self.job_id, stage, step, total, self.claim)
-        return bool(self.handle.report.remote(self.job_id, stage, step, total, self.claim).result())
 
 
 class JobRunner:

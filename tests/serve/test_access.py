@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve_app.ingress import FORM_OVERHEAD_BYTES
+from serve_app.uploads import FORM_OVERHEAD_BYTES
 from serve_app.keys import hash_key, key_id
 from tests import conftest as root
 from tests.conftest import Service, wait_until
