@@ -81,13 +81,15 @@ class IngressSection(BaseModel):
     event_heartbeat_s: float = 15.0
     """An SSE comment line (`: keep-alive`) is sent on a quiet stream this often, so proxies and
     clients can tell a live stream from a dead one."""
+    max_images: int = 4
+    """Most results one `POST /v1/images/edits` may ask for (`n`); each is one run of the task."""
     cors_origins: list[str] = Field(default_factory=list)
     """Origins (`https://app.example.com`, scheme://host[:port], no path) whose browser pages may call
     the API: they get CORS headers and answered preflights. `*` allows any origin. Empty: no CORS
     headers at all (the service's own web page needs none)."""
 
     _not_negative_rate = at_least(0, "min_body_bytes_per_s")
-    _at_least_one = at_least(1, "retry_after_s", "rate_limit_per_minute", "rate_limit_burst", "max_event_streams",
+    _at_least_one = at_least(1, "retry_after_s", "max_images", "rate_limit_per_minute", "rate_limit_burst", "max_event_streams",
                              "max_event_streams_per_key")
 
     @field_validator("read_timeout_s", "event_stream_max_s", "event_heartbeat_s")
@@ -198,6 +200,29 @@ class JobsSection(BaseModel):
     """Free bytes the store's disk must keep: a submission that would leave less is refused with 507
     `insufficient_storage`."""
 
+    priority_ageing_s: float = 300.0
+    """How much a job's `priority` is worth in seconds of waiting, within its key's queue: `high`
+    goes as if submitted this much earlier, `low` this much later, so a `low` job waits at most
+    2 × this behind `high` jobs submitted after it, never forever."""
+    idempotency_ttl_s: float = 24 * 3600.0
+    """How long an `Idempotency-Key` is remembered (per API key): the same key with the same request
+    returns the original job; with another request 422 `idempotency_conflict`."""
+    webhook_allow: list[str] = Field(default_factory=list)
+    """Hosts (`hooks.example.com`, `hooks.example.com:8443`, an IP address or a CIDR block) that
+    `webhook_url` may name. Empty: webhooks are refused. Private, loopback and link-local addresses
+    are refused unless listed here by address or block, whatever name resolves to them."""
+    webhook_secret_env: str | None = "IMGSERVE_WEBHOOK_SECRET"
+    """Environment variable (read by the runner when it starts) holding the signing secret,
+    `whsec_` + base64 (Standard Webhooks); it wins over `webhook_secret`. null: none read."""
+    webhook_secret: str | None = None
+    """The signing secret in the config itself (`whsec_` + base64); prefer the environment. Without
+    a secret, a submission with `webhook_url` is refused (422)."""
+    webhook_retry_s: float = 3600.0
+    """How long a delivery is retried (exponential backoff from 1 s, at most 5 min apart) before it
+    is given up; every attempt and the last status are in the job's `webhook`."""
+    webhook_timeout_s: float = 10.0
+    """Longest one delivery attempt may take (connect + answer)."""
+
     _positive = at_least(1, "max_queued", "concurrency", "max_attempts", "max_queued_per_key", "max_store_bytes")
 
     @field_validator("max_wait_s", "max_run_s")
@@ -209,7 +234,8 @@ class JobsSection(BaseModel):
 
     _not_negative = at_least(0, "min_free_bytes")
 
-    @field_validator("retention_s", "backpressure_retry_s", "lease_s", "housekeeping_s")
+    @field_validator("retention_s", "backpressure_retry_s", "lease_s", "housekeeping_s", "priority_ageing_s",
+                     "idempotency_ttl_s", "webhook_retry_s", "webhook_timeout_s")
     @classmethod
     def _positive_float(cls, value: float, info: Any) -> float:
         if not value > 0:

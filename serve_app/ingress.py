@@ -82,7 +82,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     elif exc.status_code == 405:
         error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
     else:
-        return JSONResponse(error_body("http_error", str(exc.detail)), status_code=exc.status_code)
+        return JSONResponse(error_body("http_error", str(exc.detail), status=exc.status_code), status_code=exc.status_code)
     return error_response(error, retry_after_s=1)
 
 

@@ -24,10 +24,13 @@ from serve_app import forms
 from serve_app.access import facts, note
 from serve_app.errors import NotReady
 from serve_app.events import EventResponse, last_event_id
+from serve_app.idempotency import idempotency
 from serve_app.store import FINAL_STATES
 from serve_app.uploads import add_field, read_upload
 
 JOB_STATES = ("queued", "running", *FINAL_STATES)
+JOB_OPTIONS = ("priority", "webhook_url", "webhook_events")
+"""Fields of `POST /v1/jobs` about the job itself, not the task: `JobRunner.submit` keywords."""
 LIST_LIMIT_MAX = 100
 LIST_PARAMS = ("limit", "cursor", "state", "task")
 MAX_CURSOR_CHARS = 256
@@ -92,12 +95,18 @@ class JobRoutes:
             if task is None:
                 raise InvalidParameter(f"required: {self.orchestrator.registry.choices_text()}", "task")
             note(request, task=task[:32])
+            key = idempotency(request.headers, "/v1/jobs", task, fields, image)
+            options = {name: fields.pop(name) for name in JOB_OPTIONS if name in fields}
             status = await self.jobs.submit.remote(task, image, fields, request.headers.get("x-request-id"),
-                                                   owner=owner(request), quota_key=client_key(request))
+                                                   owner=owner(request), quota_key=client_key(request),
+                                                   idempotency=key, **options)
         except Exception as exc:
             return self._error(exc)
         note(request, job_id=status["id"])
-        return JSONResponse(status, status_code=202, headers={"Location": f"/v1/jobs/{status['id']}"})
+        replayed = bool(status.pop("replayed", False))
+        return JSONResponse(status, status_code=200 if replayed else 202,
+                            headers={"Location": f"/v1/jobs/{status['id']}",
+                                     **({"Idempotent-Replayed": "true"} if replayed else {})})
 
     async def _json(self, response: Any) -> Response:
         """A runner call's answer as JSON, or its error in the one JSON shape."""

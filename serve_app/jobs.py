@@ -35,11 +35,12 @@ from ray.serve.exceptions import BackPressureError
 from deployments import metrics
 from deployments.errors import Cancelled, ImgserveError, InvalidParameter
 from serve_app import store_files
-from serve_app.errors import InsufficientStorage, NotFound, QueueFull, QuotaExceeded, error_body
+from serve_app.errors import InsufficientStorage, NotFound, QueueFull, QuotaExceeded, error_body, status_of
 from serve_app.housekeeping import Housekeeping, decode_cursor, encode_cursor
 from serve_app.job_progress import JobProgress
 from serve_app.orchestrator import Orchestrator
 from serve_app.store import FINAL_STATES, STATES, Job, SqliteJobStore
+from serve_app.webhooks import Webhooks
 
 if TYPE_CHECKING:
     from serve_app.config import JobsSection
@@ -75,6 +76,7 @@ class JobRunner:
         self._tasks: list[asyncio.Task] = []
         self._claiming = True
         self.housekeeping = Housekeeping(self)
+        self.webhooks = Webhooks(self)
 
     async def start(self) -> None:
         """Take back what dead runners left running, apply retention, start dispatching and upkeep."""
@@ -83,7 +85,8 @@ class JobRunner:
             log.warning("removed %d temporary files left by a crash", self.store.orphans_removed)
         await self.housekeeping.tick()
         if not self._tasks:
-            self._tasks = [self._loop.create_task(self._dispatch()), self._loop.create_task(self.housekeeping.loop())]
+            self._tasks = [self._loop.create_task(self._dispatch()), self._loop.create_task(self.housekeeping.loop()),
+                           self._loop.create_task(self.webhooks.run())]
 
     async def stop(self) -> None:
         """Stop claiming, then hand the running jobs back (queued again, the attempt not spent); a
@@ -108,11 +111,19 @@ class JobRunner:
 
     # -- the API the ingress calls -----------------------------------------------------------------
     async def submit(self, task: str, image: bytes, fields: dict[str, Any], request_id: str | None = None,
-                     owner: str | None = None, quota_key: str | None = None) -> dict[str, Any]:
+                     owner: str | None = None, quota_key: str | None = None, priority: str | None = None,
+                     webhook_url: str | None = None, webhook_events: str | list[str] | None = None,
+                     idempotency: tuple[str, str] | None = None) -> dict[str, Any]:
         """Validate and enqueue; raises the same errors as a synchronous request, QueueFull,
         QuotaExceeded (for `quota_key or owner`) or InsufficientStorage. `request_id`: the
-        submitting HTTP request's id, kept in the job's record; `owner`: the API key id."""
+        submitting HTTP request's id, kept in the job's record; `owner`: the API key id;
+        `priority`: low, normal (None) or high; `webhook_url`/`webhook_events`: where its events are
+        delivered (`serve_app.webhooks`); `idempotency`: (Idempotency-Key, the request's fingerprint):
+        an earlier job of `owner` with the same key and fingerprint is returned instead, its status
+        carrying `"replayed": True` (the ingress answers 200 and drops the flag); the same key with
+        another fingerprint raises IdempotencyConflict."""
         resolved = self.orchestrator.resolve(task, fields)
+        webhook = self.webhooks.check(webhook_url, webhook_events)
         if self.store.count("queued") >= self.config.max_queued:
             waiting = self.config.max_queued
             raise QueueFull(f"{waiting} {'job is' if waiting == 1 else 'jobs are'} waiting; retry later")
@@ -126,7 +137,8 @@ class JobRunner:
         await asyncio.to_thread(self.housekeeping.admit, len(image))
         try:
             job = await asyncio.to_thread(self.store.create, task, resolved.fields(), image, request_id=request_id,
-                                          owner=owner, quota_key=quota_key)
+                                          owner=owner, quota_key=quota_key, priority=priority or "normal",
+                                          webhook=webhook)
         except (OSError, sqlite3.OperationalError) as exc:
             log.warning("job store refused a submission: %s", exc)
             raise InsufficientStorage(f"the job store could not save the input: {_reason(exc)}") from None
@@ -173,6 +185,7 @@ class JobRunner:
         if job is None:
             return True
         self._record(job_id, state="running", stage=stage, step=step, total_steps=total)
+        self.webhooks.notify(job, "progress")
         return job.cancel_requested
 
     def events(self, job_id: str, since: int = 0, owner: str | None = None
@@ -224,7 +237,10 @@ class JobRunner:
 
     # -- records and events ----------------------------------------------------------------------
     def _public(self, job: Job) -> dict[str, Any]:
-        return job.public(self.store.queue_position(job.id) if job.state == "queued" else None)
+        status = job.public(self.store.queue_position(job.id) if job.state == "queued" else None)
+        if job.webhook:
+            status["webhook"] = self.webhooks.summary(job)
+        return status
 
     def _job(self, job_id: str, owner: str | None) -> Job:
         job = self.store.get(job_id) if isinstance(job_id, str) and len(job_id) == 32 else None
@@ -274,6 +290,7 @@ class JobRunner:
     def _ended(self, job: Job) -> None:
         """A job reached a final state (whoever ended it): its event and metrics."""
         self._record(job.id, state=job.state, stage=job.stage)
+        self.webhooks.notify(job, job.state)
         metrics.jobs_finished.inc(tags={"task": job.task, "state": job.state})
         metrics.job_seconds.observe(job.finished_at - job.created_at, tags={"task": job.task, "state": job.state})
 
@@ -299,6 +316,7 @@ class JobRunner:
                     if job is None:
                         break
                     self._record(job.id, state="running", stage="queued")
+                    self.webhooks.notify(job, "started")
                     self._running[job.id] = (asyncio.get_running_loop().create_task(self._execute(job)), job)
                 now = asyncio.get_running_loop().time()
                 if self._running and now - renewed >= self.config.lease_s / 3:
@@ -356,7 +374,7 @@ class JobRunner:
                                f"last: {type(exc).__name__}",
                 })
         except ImgserveError as exc:
-            self._end(job, "failed", error=error_body(exc.code, exc.message, exc.field)["error"])
+            self._end(job, "failed", error=error_body(exc.code, exc.message, exc.field, status_of(exc))["error"])
         else:
             await asyncio.to_thread(self._succeed, job, encoded)  # the result's fsyncs off the event loop
 

@@ -8,7 +8,7 @@ the same config that validates requests, so the documented limits are the enforc
 - `POST /v1/{task}` spelled out for each served task (each takes its own fields): a multipart body
   with an `image` file and the task's fields, or a raw image body (one of the accepted image types,
   or application/octet-stream) with the fields as query parameters; 200 with the result's media
-  types, and every error status with the one error shape `{"error": {"code", "message", "field"?}}`;
+  types, and every error status with the one error shape `{"error": {"code", "message", "field"?, "type", "param"}}`;
 - `POST /v1/jobs`: the same with a required `task`, answered 202 with the job's status;
 - `GET /v1/jobs` (the caller's jobs, newest first, a page at a time), the job routes, `/v1/models`
   and `/healthz` with their real answers and errors; a status whose code means different things on
@@ -43,13 +43,17 @@ ERROR_DETAIL_SCHEMA = {
         "code": {"type": "string", "examples": ["invalid_parameter"]},
         "message": {"type": "string"},
         "field": {"type": "string", "examples": ["steps"]},
+        "type": {"type": "string", "enum": ["invalid_request_error", "authentication_error", "permission_error",
+                                            "rate_limit_error", "server_error"],
+                 "description": "OpenAI's error type for the status (OpenAI clients read it)"},
+        "param": {"type": ["string", "null"], "description": "OpenAI's name for `field`"},
     },
 }
 ERROR_SCHEMA = {
     "type": "object",
     "title": "Error",
-    "description": "Every error, from every route: a stable machine-readable `code`, a sentence, and the "
-                   "request field to blame when there is one.",
+    "description": "Every error, from every route: a stable machine-readable `code`, a sentence, the "
+                   "request field to blame when there is one, and the same in OpenAI's terms (`type`, `param`).",
     "required": ["error"],
     "additionalProperties": False,
     "properties": {"error": {"$ref": "#/components/schemas/ErrorDetail"}},
@@ -75,6 +79,9 @@ JOB_STATUS_SCHEMA = {
         "model_seconds": {"type": ["number", "null"],
                           "description": "seconds spent inside model deployments for this job (model and "
                                          "text encoder), once it ran"},
+        "priority": {"type": "string", "enum": ["low", "normal", "high"]},
+        "webhook": {"type": "object", "description": "where the job's events are delivered, and how that went "
+                                                     "(only for a job submitted with `webhook_url`)"},
     },
 }
 JOB_LIST_SCHEMA = {

@@ -71,6 +71,10 @@ class Job:
     input_bytes: int = 0
     result_bytes: int | None = None
     result_sha256: str | None = None
+    priority: str = "normal"
+    """`low`, `normal` or `high`: its order within its key's queue (with ageing, `store_order`)."""
+    webhook: dict[str, Any] | None = None
+    """{"url", "events"} when the submission asked to be called back (`serve_app.webhooks`)."""
 
     @property
     def claim(self) -> Claim:
@@ -91,12 +95,14 @@ class Job:
             "finished_at": self.finished_at,
             "request_id": self.request_id,
             "model_seconds": self.model_seconds,
+            "priority": self.priority,
         }
 
 
 class JobStore(Protocol):
     def create(self, task: str, fields: dict[str, Any], image: bytes, request_id: str | None = None,
-               owner: str | None = None, quota_key: str | None = None) -> Job: ...
+               owner: str | None = None, quota_key: str | None = None, priority: str = "normal",
+               webhook: dict[str, Any] | None = None) -> Job: ...
     def get(self, job_id: str) -> Job | None: ...
     def input(self, job_id: str) -> bytes: ...
     def claim_next(self, runner: str = "", lease_s: float = float("inf")) -> Job | None: ...
@@ -114,12 +120,13 @@ class JobStore(Protocol):
 _COLUMNS = ("id", "task", "state", "stage", "step", "total_steps", "error", "created_at", "started_at",
             "finished_at", "attempts", "cancel_requested", "fields", "media_type", "metadata", "served", "request_id",
             "owner", "quota_key", "runner", "lease_until", "model_seconds", "input_bytes", "result_bytes",
-            "result_sha256")
+            "result_sha256", "priority", "webhook")
 _ADDED = {"request_id": "TEXT", "owner": "TEXT", "quota_key": "TEXT NOT NULL DEFAULT ''", "runner": "TEXT",
           "lease_until": "REAL", "model_seconds": "REAL", "input_bytes": "INTEGER NOT NULL DEFAULT 0",
-          "result_bytes": "INTEGER", "result_sha256": "TEXT"}
+          "result_bytes": "INTEGER", "result_sha256": "TEXT",
+          "priority": "TEXT NOT NULL DEFAULT 'normal'", "webhook": "TEXT"}
 """Columns later than the first schema: added to an older store when it opens."""
-_JSON_COLUMNS = {"error", "fields", "metadata", "served"}
+_JSON_COLUMNS = {"error", "fields", "metadata", "served", "webhook"}
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
 
 
@@ -187,7 +194,7 @@ class SqliteJobStore(StoreUpkeep):
             return None
         values = dict(zip(_COLUMNS, row))
         for key in _JSON_COLUMNS:
-            values[key] = json.loads(values[key]) if values[key] else ({} if key != "error" else None)
+            values[key] = json.loads(values[key]) if values[key] else ({} if key not in ("error", "webhook") else None)
         values["cancel_requested"] = bool(values["cancel_requested"])
         values["quota_key"] = values["quota_key"] or ""
         values["input_bytes"] = values["input_bytes"] or 0
@@ -218,11 +225,12 @@ class SqliteJobStore(StoreUpkeep):
 
     # -- creating and reading --------------------------------------------------------------------
     def create(self, task: str, fields: dict[str, Any], image: bytes, request_id: str | None = None,
-               owner: str | None = None, quota_key: str | None = None) -> Job:
+               owner: str | None = None, quota_key: str | None = None, priority: str = "normal",
+               webhook: dict[str, Any] | None = None) -> Job:
         """A queued job; its input is on disk before its row exists. Raises OSError/sqlite3.Error
         when the disk refuses (the input is then removed)."""
         job = Job(id=uuid.uuid4().hex, task=task, fields=fields, request_id=request_id, owner=owner,
-                  quota_key=quota_key or owner or "", input_bytes=len(image))
+                  quota_key=quota_key or owner or "", input_bytes=len(image), priority=priority, webhook=webhook)
         path = self._path(job.id, "input")
         files.atomic_write(path, image)
         values = asdict(job)
