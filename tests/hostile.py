@@ -2,7 +2,7 @@
 
 Each `Case` is one HTTP request against imgserve (`request`: keyword arguments for
 `httpx.Client.request`) and what the service must answer: the status, and for an error the code
-(and the field to blame) of the one JSON error shape `{"error": {"code", "message", "field"?}}`.
+(and the field to blame) of the one JSON error shape `{"error": {"code", "message", "field"?, "type", "param"}}`.
 Cases with `code=None` must succeed: odd but valid inputs (1×1, CMYK, 16-bit, palettes, every EXIF
 orientation, animations, lying content types and filenames) are served, and `headers` lists
 response headers they must carry.

@@ -200,7 +200,7 @@
   }
 
   // -- errors -------------------------------------------------------------------------------------
-  // Every error response of the service is {"error": {"code", "message", "field"?}}.
+  // Every error response of the service is {"error": {"code", "message", "field"?, "type", "param"}}.
   async function errorFrom(response) {
     let error = null;
     try {
