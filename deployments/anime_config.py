@@ -6,7 +6,7 @@ pydantic only, no torch or Ray, so `imgserve plan` and config validation never i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -33,6 +33,7 @@ class AnimeParams(BaseModel):
 class AnimeModelConfig(ModelSettings):
     """The `anime` section: the AnimeModel deployment's settings and Serve options."""
 
+    choice_field: ClassVar[str | None] = "style"
     serve: DeploymentOptions = Field(default_factory=lambda: model_defaults(num_cpus=1))
     """Ray Serve options of the AnimeModel deployment (a CPU replica by default; the model is
     small enough for CPUs, or a GPU fraction such as num_gpus: 0.25)."""
@@ -121,6 +122,10 @@ class AnimeModelConfig(ModelSettings):
         except FileNotFoundError:
             return []
 
+    def choices(self, catalog: Any = None) -> list[str]:
+        """The styles (model ids `anime:<style>`)."""
+        return self.available_styles()
+
     def describe(self, catalog: Any = None) -> dict[str, Any]:
         return {"styles": self.available_styles(), "default_style": self.default_style}
 
@@ -132,7 +137,8 @@ class AnimeModelConfig(ModelSettings):
 
         Loads nothing: the check is one listing of the styles directory (tiny: the fixed names).
         """
-        style = self.default_style if params.style is None or not params.style.strip() else params.style.strip()
+        # blank or padded names are refused like any name outside the list: the documented enum holds
+        style = self.default_style if params.style is None else params.style
         if not STYLE_NAME.fullmatch(style) or ".." in style:
             raise InvalidParameter(f"not a style name: {style!r} (plain names only, no paths)", "style")
         try:

@@ -8,7 +8,8 @@ picture first, i.e. at the back), and the order both packages keep:
 
 - ZIP (`zip_layers`): `layer_00.png … layer_NN.png` (RGBA PNG, bottom first), `composite.png`
   (the layers alpha-composited in order over a transparent canvas, as a viewer shows them) and
-  `manifest.json` (the caller's manifest plus the file list, order and size written here).
+  `manifest.json` (the caller's manifest plus the file list, order and size written here);
+  `zip_layer_pngs` reads the layer PNGs back, bottom first (the OpenAI-style route's data items).
   The bytes depend only on the input: entries are written in sorted name order with a fixed date
   (1980-01-01, the earliest a ZIP can hold), fixed permissions and a fixed compression per entry
   (PNGs are stored, as they are already deflated; the manifest is deflated), PNGs carry no time
@@ -118,6 +119,17 @@ def zip_layers(layers: np.ndarray, manifest: dict[str, Any], png_compress_level:
     return buffer.getvalue()
 
 
+def zip_layer_pngs(data: bytes) -> list[bytes]:
+    """The layer PNGs of a ZIP written by `zip_layers`, bottom first (the manifest's order), as
+    stored (no re-encoding); ValueError for bytes that are not such a ZIP."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            manifest = json.loads(archive.read(MANIFEST_NAME))
+            return [archive.read(entry["file"]) for entry in manifest["layers"]]
+    except (zipfile.BadZipFile, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a ZIP of layers: {exc}") from None
+
+
 def psd_layers(layers: np.ndarray, names: list[str]) -> bytes:
     """A layered Photoshop document: one pixel layer per input layer, named by `names`.
 
@@ -173,5 +185,6 @@ __all__ = [
     "composite",
     "layer_names",
     "psd_layers",
+    "zip_layer_pngs",
     "zip_layers",
 ]

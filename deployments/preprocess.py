@@ -1,7 +1,8 @@
 """Preprocess deployment: decodes, validates and resizes uploads on CPU; knows nothing about diffusion or HTTP.
 
 `Preprocess.prepare` turns the raw bytes of one upload into a `Prepared` record: a C-contiguous
-uint8 RGB (or RGBA) array whose sides are multiples of the model's `ImageSpec.multiple`, plus a
+uint8 RGB (or RGBA) array whose sides are multiples of the model's `ImageSpec.multiple` (the image
+inside the long-edge limit and, where the request gave a `size`, inside `ImageSpec.fit`), plus a
 `PreparedImage` describing what was done (original size, returned size, scale, source format and
 mode, warnings about lossy conversions). Every problem with the upload is raised as `BadImage`,
 `UnsupportedFormat` or `TooLarge` with ``field="image"``; no Pillow exception escapes.
@@ -128,6 +129,18 @@ def _fit(size: tuple[int, int], long_edge: int) -> tuple[int, int]:
     return max(1, round(w * scale)), long_edge
 
 
+def _fit_inside(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
+    """`size` scaled down to fit inside `box` (width, height), aspect kept, never enlarged; the
+    side that limits is set exactly. For a square box this is `_fit`."""
+    w, h = size
+    bw, bh = box
+    if w <= bw and h <= bh:
+        return size
+    if bw * h <= bh * w:  # the width limits (bw / w <= bh / h, in integers)
+        return bw, min(bh, max(1, round(h * bw / w)))
+    return min(bw, max(1, round(w * bh / h))), bh
+
+
 def _align(side: int, multiple: int) -> int:
     # Half up, integer-only (Python's round() goes to even on .5).
     return max(multiple, (side + multiple // 2) // multiple * multiple)
@@ -198,7 +211,10 @@ class Preprocess:
             orientation = orientation if isinstance(orientation, int) and fmt not in _SELF_ORIENTING else 1
             swap = orientation in _SWAPS_AXES
             original = (raw_h, raw_w) if swap else (raw_w, raw_h)
-            size = _fit(original, cfg.max_long_edge)
+            if spec.fit is None:
+                size = _fit(original, cfg.max_long_edge)
+            else:  # a requested size: one more bound, applied in the same single resize
+                size = _fit_inside(original, (min(spec.fit[0], cfg.max_long_edge), min(spec.fit[1], cfg.max_long_edge)))
             model_size = (_align(size[0], spec.multiple), _align(size[1], spec.multiple))
             # Resize in stored orientation, transpose the small result: model_size on stored axes.
             target = model_size[::-1] if swap else model_size

@@ -76,6 +76,7 @@ class RealModelConfig(DiffusionConfig):
 
     task: ClassVar[Literal["real"]] = "real"
     tiny_only: ClassVar[tuple[str, ...]] = ("condition_area",)
+    choice_field: ClassVar[str | None] = "lora"
 
     vae_dtype: Literal["float32"] = "float32"
     """Locked: the VAE encodes and decodes in float32 whatever the transformer computes in (float16
@@ -187,6 +188,8 @@ class RealModelConfig(DiffusionConfig):
             raise InvalidParameter(f"unknown preset {preset!r}; available: {', '.join(presets)}", "preset")
         prompt = self.default_prompt if params.prompt is None or not params.prompt.strip() else params.prompt
         common = self.resolve_common(params, prompt, presets[preset])
+        if params.lora is not None and not params.lora.strip():
+            raise InvalidParameter("blank; leave the field out for the default version", "lora")
         lora = params.lora or self.default_lora or (store.newest() if store else None) or NONE
         if lora != NONE:
             if store is None:
@@ -197,6 +200,11 @@ class RealModelConfig(DiffusionConfig):
             raise InvalidParameter(f"must be between 0 and {MAX_LORA_SCALE:g}, got {scale}", "lora_scale")
         return RealParams(**common, lora=lora, preset=preset, lora_scale=scale,
                           depth_compensation=bool(params.depth_compensation))
+
+    def choices(self, store: LoraStore | None = None) -> list[str]:
+        """The LoRA versions (model ids `real:<version>`); the base alone is asked for with the field
+        `lora=none`, not by an id of its own."""
+        return store.versions() if store else []
 
     def describe(self, store: LoraStore | None = None) -> dict[str, Any]:
         versions = store.versions() if store else []

@@ -25,6 +25,9 @@ class ImageSpec:
     """Keep an alpha channel (RGBA array) instead of compositing over white (RGB array)."""
     depth_compensation: bool = False
     """Restore detail in defocused regions of the prepared array (`deployments.depth`)."""
+    fit: tuple[int, int] | None = None
+    """(width, height) the returned size must fit inside, aspect kept, never enlarged: a request's
+    `size`, one more bound next to the long-edge limit; None: that limit alone."""
 
 
 @dataclass

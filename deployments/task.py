@@ -3,8 +3,13 @@
 A `Task` names the model class, the request parameters, the output formats and the config section.
 The section (a `TaskSection` subclass, declared in the task's module) holds the model's settings
 and its Serve options, and implements what depends on them: `resolve` (defaults, ranges, the
-choices of its catalog), `describe` (the task's entry in `GET /v1/models`) and `limits` (what bounds
-each request field, for the OpenAPI document). `Tasks` is an ordered registry; everything generic
+choices of its catalog), `describe` (the task's entry in `GET /v1/models`), `limits` (what bounds
+each request field, for the OpenAPI document) and, for a task with a catalog worth addressing by
+name, `choice_field` and `choices` (the OpenAI-style model ids `<task>:<choice>`).
+
+Two request fields are generic, taken by every task and popped before its params are parsed:
+`format` (one of `Task.formats`) and `size` (`auto`, or `WxH`: the result fits inside W×H, aspect
+kept, never enlarged; each side 16 … the upload's long-edge limit). Both are kept in `Resolved`. `Tasks` is an ordered registry; everything generic
 (the app builder, request orchestration, /v1/models, OpenAPI, jobs, the CLI) loops over one and
 never names a task. Knows nothing about Ray or HTTP.
 
@@ -14,10 +19,11 @@ Adding a task: a module with its params model, its section, its model class (a `
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -29,6 +35,11 @@ from deployments.records import ImageSpec
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]*$"
 """What a catalog name (LoRA version, style) looks like, where the catalog cannot be listed."""
 _JSON_TYPES = {"string", "integer", "number", "boolean"}
+SIZE_AUTO = "auto"
+MIN_SIZE = 16
+"""The smallest side a `size` may ask for (the smallest image preprocess returns sensibly)."""
+SIZE_PATTERN = r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$"
+_SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")
 
 
 class TaskSection(BaseModel):
@@ -39,6 +50,15 @@ class TaskSection(BaseModel):
 
     serve: DeploymentOptions = Field(default_factory=DeploymentOptions)
     """Ray Serve options of the task's model deployment."""
+
+    choice_field: ClassVar[str | None] = None
+    """The request field that picks an entry of the task's catalog (a LoRA version, a style), which
+    the OpenAI-style route addresses as `model=<task>:<choice>`; None: the task has none."""
+
+    def choices(self, catalog: Any = None) -> list[str]:
+        """The values of `choice_field` worth a model id of their own (GET /v1/models); [] when the
+        task has none or they cannot be listed in this process."""
+        return []
 
     def catalog(self, cache_dir: Path) -> Any:
         """What this process needs to resolve requests (e.g. the LoRA versions on disk); None when
@@ -80,6 +100,23 @@ def parse_params(model: type[BaseModel], fields: Mapping[str, Any]) -> BaseModel
         field = str(first["loc"][0]) if first["loc"] else None
         message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
         raise InvalidParameter(f"{message} (got {first.get('input')!r})"[:300], field) from None
+
+
+def parse_size(value: Any, max_edge: int | None = None) -> tuple[int, int] | None:
+    """A request's `size` → (width, height), or None for `auto`; 422 naming `size` when it is not
+    exactly `auto` or `WxH` (what the OpenAPI document's pattern says) or a side is outside
+    16 … `max_edge` (preprocess's long-edge limit)."""
+    text = str(value)
+    if text == SIZE_AUTO:
+        return None
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise InvalidParameter(f"must be `auto` or WIDTHxHEIGHT in pixels, e.g. 512x512 (got {text[:40]!r})", "size")
+    width, height = int(match.group(1)), int(match.group(2))
+    if min(width, height) < MIN_SIZE or (max_edge is not None and max(width, height) > max_edge):
+        bounds = f"between {MIN_SIZE} and {max_edge}" if max_edge is not None else f"at least {MIN_SIZE}"
+        raise InvalidParameter(f"each side must be {bounds} px, got {width}x{height}", "size")
+    return width, height
 
 
 def choice_schema(names: list[str]) -> dict[str, Any]:
@@ -143,10 +180,15 @@ class Resolved:
     task: str
     params: BaseModel
     format: str
+    size: tuple[int, int] | None = None
+    """(width, height) the result must fit inside; None: `auto` (only the upload limits apply)."""
 
     def fields(self) -> dict[str, Any]:
         """The resolved request as plain fields (seed included): what a job stores to retry."""
-        return {**self.params.model_dump(exclude_none=True), "format": self.format}
+        fields = {**self.params.model_dump(exclude_none=True), "format": self.format}
+        if self.size is not None:
+            fields["size"] = f"{self.size[0]}x{self.size[1]}"
+        return fields
 
 
 @dataclass(frozen=True)
@@ -157,22 +199,24 @@ class ConfiguredTask:
     section: TaskSection
     catalog: Any = None
 
-    def resolve(self, fields: Mapping[str, Any] | None) -> Resolved:
-        """Check the fields without touching pixels; fills defaults and the seed."""
+    def resolve(self, fields: Mapping[str, Any] | None, max_edge: int | None = None) -> Resolved:
+        """Check the fields without touching pixels; fills defaults and the seed. `max_edge`: the
+        upload's long-edge limit, the largest side a `size` may ask for."""
         fields = dict(fields or {})
         fmt = fields.pop("format", self.task.formats[0])
         if fmt not in self.task.formats:
             raise InvalidParameter(f"unknown format {fmt!r}; allowed: {', '.join(self.task.formats)}", "format")
+        size = parse_size(fields.pop("size", SIZE_AUTO), max_edge)
         params = self.section.resolve(parse_params(self.task.params, fields), self.catalog)
-        return Resolved(self.task.name, params, fmt)
+        return Resolved(self.task.name, params, fmt, size)
 
     def describe(self) -> dict[str, Any]:
         """The task's entry in `GET /v1/models`."""
         return {**self.section.describe(self.catalog), "formats": list(self.task.formats)}
 
     def field_schemas(self) -> dict[str, dict[str, Any]]:
-        """{field: JSON schema} of the request fields, `format` last: types and descriptions from
-        the params model, bounds from the section's `limits`."""
+        """{field: JSON schema} of the request fields, then `size` and `format`: types and
+        descriptions from the params model, bounds from the section's `limits`."""
         limits = self.section.limits(self.catalog)
         schema = self.task.params.model_json_schema()["properties"]
         fields: dict[str, dict[str, Any]] = {}
@@ -182,6 +226,9 @@ class ConfiguredTask:
             if prop.get("description"):
                 field["description"] = " ".join(prop["description"].split())
             fields[name] = {**field, **limits.get(name, {})}
+        fields["size"] = {"type": "string", "pattern": SIZE_PATTERN, "default": SIZE_AUTO,
+                          "description": f"`auto`, or WIDTHxHEIGHT: the result fits inside it, aspect kept, never "
+                                         f"enlarged (each side {MIN_SIZE} … the upload's long-edge limit)"}
         fields["format"] = {"type": "string", "enum": list(self.task.formats), "default": self.task.formats[0]}
         return fields
 

@@ -53,8 +53,8 @@ log = logging.getLogger("ray.serve.imgserve")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 """A client-supplied X-Request-Id must match this (UUIDs, ULIDs, nginx/Envoy ids all do)."""
 CORS_ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
-CORS_ALLOW_HEADERS = "Authorization, X-API-Key, Content-Type, X-Request-Id"
-CORS_EXPOSE_ALWAYS = ("X-Request-Id", "Retry-After", "Location", "WWW-Authenticate")
+CORS_ALLOW_HEADERS = "Authorization, X-API-Key, Content-Type, X-Request-Id, Idempotency-Key"
+CORS_EXPOSE_ALWAYS = ("X-Request-Id", "Retry-After", "Location", "WWW-Authenticate", "Idempotent-Replayed")
 CORS_MAX_AGE_S = 600
 NO_RETRY_AFTER = 1
 """`error_response`'s fallback wait, never sent from here: 401 and 422 carry no Retry-After, and a

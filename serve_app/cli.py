@@ -1,6 +1,8 @@
 """The `imgserve` command: talk to a running service from a shell.
 
-`imgserve models`, `imgserve health`, `imgserve real IMAGE -o OUT [--steps N --seed S ...]`, and
+`imgserve models`, `imgserve health`, one command per task of the registry (`imgserve real|anime|layers
+IMAGE -o OUT [--steps N --lora V ...]`, every field of the task an option, `--job` to queue it with a
+progress bar: `serve_app.cli_tasks`), `imgserve jobs list|show|wait|cancel`, and
 `imgserve submit IMAGE --task T -o OUT [--set field=value ...]` (a job, with a progress bar), and
 `imgserve lora inspect FILE [--config YAML | --base DIR]` (offline: reads headers and configs only),
 and `imgserve plan --task real|layers --gpus 2x24 [...]` (offline: the memory placement a replica
@@ -10,7 +12,8 @@ MANIFEST [--lock | --verify]` (downloads model files ahead of time, checking eve
 `imgserve key new` / `imgserve key hash` (offline: an API key and the SHA-256 digest that goes into
 the config; `--api-key` or $IMGSERVE_API_KEY sends a key with every request).
 Starting the service is Ray Serve's own `serve run configs/<profile>.yaml`; this command is a thin
-layer over `serve_app.client` and prints errors as one readable line (exit status 1).
+layer over `serve_app.client` (429 and 503 retried after Retry-After unless `--no-retry`) and prints
+errors as one readable line (exit status 1; a usage error 2).
 """
 
 from __future__ import annotations
@@ -22,37 +25,39 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
+
+from deployments.task import Tasks
 from deployments.tasks import TASKS
+from serve_app import cli_tasks
 from serve_app import convert as convert_styles
-from serve_app.client import Client, ServiceError, progress_line
+from serve_app.client import Client, ServiceError
+
+BUILTIN_COMMANDS = ("health", "models", "submit", "jobs", "lora", "plan", "convert-styles", "fetch", "key", "kuberay")
+"""Commands that are not tasks: a task of the same name is reachable by `imgserve submit --task` only."""
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser(tasks: Tasks = TASKS) -> argparse.ArgumentParser:
+    """The whole command line; the task commands and `submit --task` come from `tasks`."""
     parser = argparse.ArgumentParser(prog="imgserve", description=__doc__.split("\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="service base URL")
     parser.add_argument("--api-key", default=os.environ.get("IMGSERVE_API_KEY"),
                         help="API key sent as `Authorization: Bearer` (default: $IMGSERVE_API_KEY)")
+    parser.add_argument("--no-retry", action="store_true",
+                        help="do not retry a 429 or 503 (by default: up to 3 times, after Retry-After, at most 30 s)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("health", help="is the service up")
     commands.add_parser("models", help="tasks and their choices")
-    real = commands.add_parser("real", help="2.5D / anime art → photoreal person")
-    real.add_argument("image", help="input image file")
-    real.add_argument("-o", "--output", required=True, help="where to write the result")
-    real.add_argument("--prompt")
-    real.add_argument("--negative-prompt")
-    real.add_argument("--steps", type=int)
-    real.add_argument("--cfg", type=float)
-    real.add_argument("--seed", type=int)
-    real.add_argument("--lora", help="LoRA version (`imgserve models` lists them), or `none`")
-    real.add_argument("--preset", help="speed preset: `full` or a configured speed adapter (e.g. `fast`)")
-    real.add_argument("--lora-scale", type=float, help="weight of the LoRA version, 0 to 2 (default 1)")
-    real.add_argument("--format", default="png", choices=["png", "webp", "jpeg"])
+    cli_tasks.add_task_commands(commands, tasks, reserved=BUILTIN_COMMANDS)
     submit = commands.add_parser("submit", help="queue a job, show its progress, save the result")
     submit.add_argument("image", help="input image file")
-    submit.add_argument("--task", required=True, choices=TASKS.names)
+    submit.add_argument("--task", required=True, choices=tasks.names)
     submit.add_argument("-o", "--output", required=True, help="where to write the result")
     submit.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a task field, e.g. --set steps=20 --set lora=v2511-0823 (repeatable)")
+    submit.add_argument("--priority", choices=cli_tasks.PRIORITIES, help="the job's priority (default normal)")
+    submit.add_argument("--idempotency-key", metavar="KEY", help="the same key and request within a day return the first job")
+    cli_tasks.add_jobs_commands(commands)
     lora = commands.add_parser("lora", help="LoRA files").add_subparsers(dest="lora_command", required=True)
     inspect = lora.add_parser("inspect", help="format, ranks, alpha, targets and fit of a LoRA file")
     inspect.add_argument("file")
@@ -60,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     base.add_argument("--config", help="a Serve config YAML: check against its real.source")
     base.add_argument("--base", help="a local Qwen-Image-Edit directory (diffusers layout)")
     plan = commands.add_parser("plan", help="memory placement of a diffusion replica on given GPUs (offline)")
-    plan.add_argument("--task", required=True, choices=[task.name for task in TASKS if "placement" in task.section.model_fields])
+    plan.add_argument("--task", required=True,
+                      choices=[task.name for task in tasks if "placement" in task.section.model_fields])
     plan.add_argument("--gpus", required=True, help="GPUs one replica owns, COUNTxGB (e.g. 1x24, 2x24, 1x80)")
     plan.add_argument("--resolution", type=int, default=1024, help="longest pixel edge to plan for")
     plan.add_argument("--layers", type=int, default=8, help="layers task: layer count to plan for")
@@ -77,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--steps", type=int, help="with --cards: denoising steps per request (default: the task's)")
     plan.add_argument("--cfg", type=float, help="with --cards: true CFG scale, > 1 doubles the passes (default: the task's)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(registry=tasks)
     convert_styles.add_parser(commands)
     fetch = commands.add_parser("fetch", help="download model files ahead of time, verifying each sha256")
     fetch.add_argument("manifest", help="a models manifest, e.g. models.yaml")
@@ -174,7 +181,7 @@ def plan_command(args: argparse.Namespace) -> int:
                                            layers=args.layers, allow_fp8=not args.no_fp8,
                                            allow_offload=not args.no_offload, compute=args.compute)
         sizes = placement.component_sizes(args.model) if args.model else None
-        section = TASKS[args.task].section()
+        section = args.registry[args.task].section()
         result = section.plan_on(config, sizes, text_encoder=args.text_encoder)
         encoder = None
         if args.text_encoder == "stage":
@@ -251,8 +258,9 @@ def key_command(command: str) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: list[str] | None = None, tasks: Tasks = TASKS) -> int:
+    """Run one command; its exit status. `tasks`: the registry the task commands come from."""
+    args = build_parser(tasks).parse_args(argv)
     if args.command == "plan":  # offline: no service, no client
         return plan_command(args)
     if args.command == "key":
@@ -284,34 +292,37 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     try:
-        with Client(args.url, api_key=args.api_key) as client:
+        with Client(args.url, api_key=args.api_key, max_retries=0 if args.no_retry else 3,
+                    on_retry=_tell_retry) as client:
             if args.command == "health":
                 print(json.dumps(client.health()))
             elif args.command == "models":
                 print(json.dumps(client.models(), indent=2))
-            elif args.command == "real":
-                result = client.real(args.image, prompt=args.prompt, negative_prompt=args.negative_prompt,
-                                     steps=args.steps, cfg=args.cfg, seed=args.seed, lora=args.lora,
-                                     preset=args.preset, lora_scale=args.lora_scale, format=args.format)
-                result.save(args.output)
-                print(f"{args.output}: " + ", ".join(f"{k}={v}" for k, v in sorted(result.params.items())))
+            elif args.command == "jobs":
+                return cli_tasks.jobs_command(client, args)
             elif args.command == "submit":
-                fields = dict(item.split("=", 1) for item in args.set if "=" in item)
-                job = client.submit(args.task, args.image, **fields)
+                job = client.submit(args.task, args.image, priority=args.priority,
+                                    idempotency_key=args.idempotency_key, **cli_tasks.parse_sets(args.set))
                 print(f"job {job.id}", file=sys.stderr)
-                result = job.wait(lambda event: print("\r" + progress_line(event).ljust(70), end="", file=sys.stderr))
-                print(file=sys.stderr)
-                result.save(args.output)
-                print(f"{args.output}: " + ", ".join(f"{k}={v}" for k, v in sorted(result.params.items())))
+                cli_tasks.saved(cli_tasks.follow(job), args.output)
             elif args.command == "lora":
                 return lora_inspect(args.file, args.config, args.base)
+            elif getattr(args, "task_fields", None) is not None:  # a task's command
+                return cli_tasks.run_task(client, args)
     except ServiceError as error:
         print(f"imgserve: {error}", file=sys.stderr)
         return 1
-    except (OSError, ConnectionError) as error:
+    except ValueError as error:  # a malformed --set
+        print(f"imgserve: {error}", file=sys.stderr)
+        return 2
+    except (OSError, ConnectionError, httpx.HTTPError) as error:
         print(f"imgserve: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _tell_retry(error: ServiceError, seconds: float) -> None:
+    print(f"imgserve: {error.status} {error.code}; retrying in {seconds:g} s", file=sys.stderr)
 
 
 if __name__ == "__main__":

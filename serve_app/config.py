@@ -26,6 +26,7 @@ from deployments.tasks import TASKS
 from deployments.text_encoder import TextEncoderConfig
 from deployments.validation import at_least, expanded_paths
 from serve_app.keys import check_digest
+from serve_app.webhook_rules import parse_allow, parse_secret
 
 
 class IngressSection(BaseModel):
@@ -240,6 +241,25 @@ class JobsSection(BaseModel):
     def _positive_float(cls, value: float, info: Any) -> float:
         if not value > 0:
             raise ValueError(f"{info.field_name} must be > 0, got {value}")
+        return value
+
+    @field_validator("webhook_allow")
+    @classmethod
+    def _webhook_allow(cls, value: list[str]) -> list[str]:
+        try:
+            parse_allow(value)  # host, host:port, IP address or CIDR block
+        except ValueError as exc:
+            raise ValueError(f"webhook_allow: {exc}") from None
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_secret(value)  # its message never repeats the secret
+            except ValueError as exc:
+                raise ValueError(f"webhook_secret: {exc}") from None
         return value
 
     _paths = expanded_paths("directory")

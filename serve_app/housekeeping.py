@@ -8,9 +8,8 @@
   longer than `max_run_s` fail `run_timeout` and their run is cancelled (a model still working is
   told to stop at its next step by its progress answer). The message names the deployment the job
   was waiting for when Serve shows it has no RUNNING replica (e.g. one that can never be placed).
-- Storage: retention (`retention_s`), then `max_store_bytes` (oldest finished jobs forgotten first).
-  `admit` is the submission-time check: the byte budget (after forgetting finished jobs) and the
-  disk's free space (`min_free_bytes`), refused with InsufficientStorage (507).
+- Storage: retention (`retention_s`), then `max_store_bytes` (oldest finished jobs forgotten first),
+  and idempotency keys first used more than `idempotency_ttl_s` ago.
 
 Each step is guarded: a failing one is logged and tried again at the next tick.
 """
@@ -26,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 from deployments import metrics
 from deployments.errors import InvalidParameter
-from serve_app.errors import InsufficientStorage
 
 if TYPE_CHECKING:
     from serve_app.jobs import JobRunner
@@ -136,22 +134,7 @@ class Housekeeping:
             forgotten += await asyncio.to_thread(self.store.evict, self.config.max_store_bytes)
         if forgotten:
             log.info("forgot %d finished jobs (retention, max_store_bytes)", forgotten)
-
-    def admit(self, size: int) -> None:
-        """Raise InsufficientStorage unless `size` more bytes fit the budget and the disk."""
-        budget = self.config.max_store_bytes
-        if budget is not None and self.store.store_bytes() + size > budget:
-            self.store.evict(budget, room=size)
-            held = self.store.store_bytes()
-            if held + size > budget:
-                raise InsufficientStorage(
-                    f"the job store is full: unfinished jobs hold {held} bytes and this upload has {size}; "
-                    f"jobs.max_store_bytes is {budget}. Retry when jobs have finished")
-        free = self.store.free_bytes()
-        if free - size < self.config.min_free_bytes:
-            raise InsufficientStorage(
-                f"the job store's disk has {free} bytes free; this upload would leave less than "
-                f"jobs.min_free_bytes ({self.config.min_free_bytes})")
+        await asyncio.to_thread(self.store.purge_idempotency)
 
 
 def encode_cursor(job: Job) -> str:

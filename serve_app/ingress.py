@@ -6,7 +6,8 @@ the request's fields against the task's config (422 before any pixel is decoded)
 graph Preprocess → model → Postprocess through the orchestrator, with the caller's key id (model
 time is accounted to it) and `caller="http"` (a client that hangs up cancels the call, and the
 model stops), and answers with the encoded bytes and `X-Imgserve-*` headers. The /v1/jobs routes
-are `serve_app.job_routes`, event streams `serve_app.events`. Errors from anywhere become the one
+are `serve_app.job_routes`, event streams `serve_app.events`, the OpenAI-compatible
+`POST /v1/images/edits` `serve_app.openai_api` (through this class's `run`, the same call). Errors from anywhere become the one
 JSON shape (`serve_app.errors.error_response`), here and in the access middleware that runs before
 the routes.
 
@@ -36,6 +37,7 @@ from serve_app.errors import MethodNotAllowed, NotFound, error_body, error_respo
 from serve_app.events import EventHub
 from serve_app.job_routes import JobRoutes
 from serve_app.observability import Observability
+from serve_app.openai_api import OpenAIRoutes
 from serve_app.orchestrator import Orchestrator
 from serve_app.uploads import read_upload
 
@@ -92,9 +94,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return error_response(InvalidParameter(first["msg"], field), retry_after_s=1)
 
 
-class Ingress(JobRoutes):
+class Ingress(JobRoutes, OpenAIRoutes):
     """The HTTP routes, and `run` for callers of `serve.get_app_handle("imgserve").run.remote(...)`;
-    the /v1/jobs routes are `JobRoutes` (serve_app/job_routes.py)."""
+    the /v1/jobs routes are `JobRoutes` (serve_app/job_routes.py), `POST /v1/images/edits`
+    `OpenAIRoutes` (serve_app/openai_api.py)."""
 
     def __init__(self, settings: IngressSection, orchestrator: Orchestrator, jobs: Any) -> None:
         self.settings = settings
@@ -135,6 +138,7 @@ class Ingress(JobRoutes):
         return web_file(name)
 
     async def list_models(self) -> dict[str, Any]:
+        """The tasks' document and, in the same answer, OpenAI's model list (`object`, `data`)."""
         return self.orchestrator.models_info()
 
     async def run_task(self, task: str, request: Request) -> Response:
@@ -148,7 +152,8 @@ class Ingress(JobRoutes):
         return self._result(task, encoded)
 
 
-# (method, path, Ingress method, FastAPI options), matched in this order: /v1/jobs before /v1/{task}.
+# (method, path, Ingress method, FastAPI options), matched in this order: /v1/jobs and
+# /v1/images/edits before /v1/{task}.
 ROUTES: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("GET", "/healthz", "healthz", {}),
     ("GET", "/", "web_page", {"include_in_schema": False}),
@@ -160,6 +165,7 @@ ROUTES: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("DELETE", "/v1/jobs/{job_id}", "cancel_job", {}),
     ("GET", "/v1/jobs/{job_id}/result", "job_result", {}),
     ("GET", "/v1/jobs/{job_id}/events", "job_events", {}),
+    ("POST", "/v1/images/edits", "images_edits", {}),
     ("POST", "/v1/{task}", "run_task", {}),
 )
 
@@ -190,5 +196,5 @@ def make_api(ingress: Ingress) -> FastAPI:
     # outermost: the log line of every request and the task requests' metrics (serve_app/observability.py)
     api.add_middleware(Observability, tasks=list(orchestrator.tasks))
     # /openapi.json: the upload routes' bodies, limits and error responses (serve_app/openapi.py)
-    api.openapi = lambda: openapi.document(api, orchestrator)  # type: ignore[method-assign]
+    api.openapi = lambda: openapi.document(api, orchestrator, ingress.settings.max_images)  # type: ignore[method-assign]
     return api

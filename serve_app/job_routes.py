@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from deployments import packaging
 from deployments.errors import InvalidParameter
 from deployments.postprocess import Encoded
 from serve_app import forms
@@ -129,13 +130,21 @@ class JobRoutes:
     async def cancel_job(self, job_id: str, request: Request) -> Response:
         return await self._json(self.jobs.cancel.remote(job_id, owner=owner(request)))
 
-    async def job_result(self, job_id: str, request: Request) -> Response:
+    async def job_result(self, job_id: str, request: Request, layer: int | None = None) -> Response:
+        """The job's result; `layer=i`: layer i (0 = the bottom) of a ZIP of layers, as its PNG (the
+        URLs `POST /v1/images/edits` answers for a layers job)."""
         try:
             status, data, media_type, metadata, served = await self.jobs.result.remote(job_id, owner=owner(request))
             if data is None:
                 error = status.get("error") or {}
                 detail = f": {error.get('code')}: {error.get('message')}" if error else ""
                 raise NotReady(f"job {job_id} is {status['state']}{detail}")
+            if layer is not None:
+                layers = packaging.zip_layer_pngs(data) if media_type == packaging.MEDIA_TYPES["zip"] else []
+                if not 0 <= layer < len(layers):
+                    raise InvalidParameter(f"no layer {layer}: this result has {len(layers)} layers (0 = the bottom; "
+                                           "only a ZIP of layers has any)", "layer")
+                data, media_type = layers[layer], "image/png"
         except Exception as exc:
             return self._error(exc)
         return self._result(status["task"], Encoded(data=data, media_type=media_type, metadata=metadata, served=served))

@@ -4,7 +4,8 @@
 validates a request exactly as the synchronous path does (same `Orchestrator.resolve`), refuses it
 with `QueueFull` at the configured depth, `QuotaExceeded` past `max_queued_per_key` for its key and
 `InsufficientStorage` when the store cannot take its bytes (an accepted job is never dropped), saves
-the input and the resolved fields (seed included), and wakes the dispatcher. The dispatcher claims
+the input and the resolved fields (seed included) with its `priority`, and wakes the dispatcher; an
+`Idempotency-Key` seen before returns the job it created (`serve_app.admission`). The dispatcher claims
 jobs fairly across keys (`serve_app.store_order`) and runs each through the same `Orchestrator.run`
 with a `JobProgress` that the model calls per stage and per denoising step; its answer stops a
 cancelled job, or one whose claim this runner lost, at the next step.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import sqlite3
 import threading
 import uuid
@@ -35,11 +35,12 @@ from ray.serve.exceptions import BackPressureError
 from deployments import metrics
 from deployments.errors import Cancelled, ImgserveError, InvalidParameter
 from serve_app import store_files
-from serve_app.errors import InsufficientStorage, NotFound, QueueFull, QuotaExceeded, error_body, status_of
+from serve_app.admission import Admission
+from serve_app.errors import NotFound, error_body, status_of
 from serve_app.housekeeping import Housekeeping, decode_cursor, encode_cursor
 from serve_app.job_progress import JobProgress
 from serve_app.orchestrator import Orchestrator
-from serve_app.store import FINAL_STATES, STATES, Job, SqliteJobStore
+from serve_app.store import FINAL_STATES, PRIORITIES, STATES, Job, SqliteJobStore
 from serve_app.webhooks import Webhooks
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ class JobRunner:
                  runner_id: str | None = None) -> None:
         self.config = config
         self.orchestrator = orchestrator
-        self.store = SqliteJobStore(config.directory)
+        self.store = SqliteJobStore(config.directory, config.priority_ageing_s, config.idempotency_ttl_s)
         self.handle = self_handle
         """How model replicas reach this runner (its own DeploymentHandle); None → direct calls."""
         self.id = runner_id or uuid.uuid4().hex
@@ -76,6 +77,7 @@ class JobRunner:
         self._tasks: list[asyncio.Task] = []
         self._claiming = True
         self.housekeeping = Housekeeping(self)
+        self.admission = Admission(config, self.store)
         self.webhooks = Webhooks(self)
 
     async def start(self) -> None:
@@ -122,26 +124,18 @@ class JobRunner:
         an earlier job of `owner` with the same key and fingerprint is returned instead, its status
         carrying `"replayed": True` (the ingress answers 200 and drops the flag); the same key with
         another fingerprint raises IdempotencyConflict."""
+        if priority not in (None, *PRIORITIES):
+            raise InvalidParameter(f"must be one of {', '.join(PRIORITIES)}", "priority")
+        # the store's reads and fsynced writes on a thread, so progress and event calls are not held up
+        if idempotency and (earlier := await asyncio.to_thread(self.admission.replay, owner, idempotency)):
+            return {**self.status(earlier.id, owner), "replayed": True}
         resolved = self.orchestrator.resolve(task, fields)
         webhook = self.webhooks.check(webhook_url, webhook_events)
-        if self.store.count("queued") >= self.config.max_queued:
-            waiting = self.config.max_queued
-            raise QueueFull(f"{waiting} {'job is' if waiting == 1 else 'jobs are'} waiting; retry later")
-        key, limit = quota_key or owner, self.config.max_queued_per_key
-        if key and limit is not None and self.store.count("queued", key) >= limit:
-            mean = self.store.recent_run_seconds()
-            raise QuotaExceeded(f"this key has {limit} {'job' if limit == 1 else 'jobs'} waiting "
-                                "(jobs.max_queued_per_key); retry when one has started",
-                                retry_after_s=max(1, math.ceil(mean)) if mean else None)
-        # the store's writes are fsynced: on a thread, so progress and event calls are not held up
-        await asyncio.to_thread(self.housekeeping.admit, len(image))
-        try:
-            job = await asyncio.to_thread(self.store.create, task, resolved.fields(), image, request_id=request_id,
-                                          owner=owner, quota_key=quota_key, priority=priority or "normal",
-                                          webhook=webhook)
-        except (OSError, sqlite3.OperationalError) as exc:
-            log.warning("job store refused a submission: %s", exc)
-            raise InsufficientStorage(f"the job store could not save the input: {_reason(exc)}") from None
+        job = await asyncio.to_thread(self.admission.create, task, resolved.fields(), image, request_id=request_id,
+                                      owner=owner, quota_key=quota_key, priority=priority or "normal",
+                                      webhook=webhook, idempotency=idempotency)
+        if job.replayed:  # an identical submission created it while this one was being checked
+            return {**self.status(job.id, owner), "replayed": True}
         self._record(job.id, state="queued")
         self._notify(dispatch=True)
         return self.status(job.id, owner)

@@ -3,7 +3,7 @@
 It writes one JSON log line per request (`"event": "http_request"`, with the request id, method,
 path, status, duration and the facts the routes and the access middleware noted: task, key id, job
 id) and records the request metrics of task requests — `POST /v1/{task}` (`api=sync`) and
-`POST /v1/jobs` (`api=jobs`) — by task and the status they were answered with, whichever code path
+`POST /v1/jobs` (`api=jobs`) and `POST /v1/images/edits` (`api=openai`) — by task and the status they were answered with, whichever code path
 produced the answer (validation, backpressure, time limits, an unexpected 500), counting the
 refusals for capacity or time (429, 503, 504) by their JSON error code. Being outermost, it also
 sees the access middleware's refusals (401, 429). The status is tracked once, here
@@ -12,7 +12,8 @@ proxy answers it, outside this app) and is recorded as 499, the "client closed r
 proxies, so a dashboard's server-error rate does not count clients that gave up.
 
 The metrics' task label is the path's task when it is one the service serves (the task names are
-given to the constructor); for `POST /v1/jobs` it is the form's `task` field, which the route notes
+given to the constructor); for `POST /v1/jobs` it is the form's `task` field (for the OpenAI route
+the task its `model` names), which the route notes
 (`access.note`) once it has read the form. Anything else is `unknown`, so a client cannot create
 label values. The metrics themselves are `deployments.metrics` (names, types and tags there).
 Without a Serve proxy in front (a test client), it makes the request id itself and returns it.
@@ -44,6 +45,8 @@ CLIENT_CLOSED = 499
 "client closed request" of common proxies): not a server error."""
 REJECTION_STATUSES = frozenset({429, 503, 504})
 _TASK_PATH = re.compile(r"/v1/([^/]+)")
+OPENAI_PATH = "/v1/images/edits"
+"""Counted with api="openai"; its task is the one the route notes (from `model`)."""
 
 
 class AnswerStatus:
@@ -102,6 +105,8 @@ class Observability:
         noted = facts(scope)
         noted.update(request_id=request_id or uuid.uuid4().hex, task=_task_of(method, path), key_id=None)
         match = _TASK_PATH.fullmatch(path) if method == "POST" else None
+        route = match.group(1) if match is not None else ("images/edits" if method == "POST" and path == OPENAI_PATH
+                                                           else None)
         answer = AnswerStatus()
         body = b""
 
@@ -121,16 +126,16 @@ class Observability:
             raise
         finally:
             duration_ms = (time.perf_counter() - started) * 1000.0
-            if match is not None:
-                self._record(match.group(1), noted, answer.code, body, duration_ms / 1000.0)
+            if route is not None:
+                self._record(route, noted, answer.code, body, duration_ms / 1000.0)
             line = {"event": "http_request", "method": method, "path": path[:200], "status": answer.code,
                     "duration_ms": round(duration_ms, 1), **noted}
             log.info("%s %s %s %.1fms task=%s key=%s job=%s", method, path[:200], answer.code, duration_ms,
                      noted.get("task") or "-", noted.get("key_id") or "-", noted.get("job_id") or "-", extra=line)
 
     def _record(self, route: str, noted: dict[str, Any], status: int, body: bytes, seconds: float) -> None:
-        api = "jobs" if route == "jobs" else "sync"
-        task = self.task_label(noted.get("task") if api == "jobs" else route)
+        api = {"jobs": "jobs", "images/edits": "openai"}.get(route, "sync")
+        task = self.task_label(route if api == "sync" else noted.get("task"))
         tags = {"task": task, "status": str(status), "api": api}
         metrics.requests.inc(tags=tags)
         metrics.request_seconds.observe(seconds, tags=tags)

@@ -10,6 +10,9 @@ the same config that validates requests, so the documented limits are the enforc
   or application/octet-stream) with the fields as query parameters; 200 with the result's media
   types, and every error status with the one error shape `{"error": {"code", "message", "field"?, "type", "param"}}`;
 - `POST /v1/jobs`: the same with a required `task`, answered 202 with the job's status;
+- `POST /v1/images/edits` (OpenAI's image edit form: `image`, `prompt`, `model` from the model
+  ids, `n`, `size`, `response_format`, `output_format`, `user`, plus every task's fields), answered
+  with OpenAI's `{"created", "data": [...]}`; `GET /v1/jobs/{job_id}/result` takes `layer`;
 - `GET /v1/jobs` (the caller's jobs, newest first, a page at a time), the job routes, `/v1/models`
   and `/healthz` with their real answers and errors; a status whose code means different things on
   different routes (429, 507) is described per route.
@@ -122,6 +125,30 @@ SUBMIT_507 = ("`insufficient_storage`: the job store's disk is full or `jobs.max
               "nothing was accepted")
 EVENTS_429 = (f"{RATE_LIMITED}; or `too_many_streams`: `ingress.max_event_streams` open on this replica or "
               "`ingress.max_event_streams_per_key` for this key; poll the job's status instead")
+EDITS_404 = "`not_found`: no such model (`model` names a task, or `<task>:<choice>`; GET /v1/models lists them)"
+EDITS_409 = "`cancelled`: with response_format=url, a job of the request was cancelled (DELETE /v1/jobs/{id})"
+EDITS_422 = (f"{ERROR_STATUSES[422]}; a second image; `format` (this route takes `output_format`); an "
+             "Idempotency-Key without response_format=url, or reused for another request (`idempotency_conflict`)")
+RESULT_422 = "`invalid_parameter`: `layer` outside the result's layers, or given for a result that is not a ZIP of layers"
+IMAGES_RESPONSE_SCHEMA = {
+    "type": "object",
+    "title": "ImagesResponse",
+    "description": "OpenAI's images response",
+    "required": ["created", "data"],
+    "properties": {
+        "created": {"type": "integer", "description": "unix seconds"},
+        "data": {"type": "array", "minItems": 1, "items": {
+            "type": "object",
+            "properties": {
+                "b64_json": {"type": "string", "description": "the result's bytes, base64 (response_format=b64_json)"},
+                "url": {"type": "string", "description": "GET it with the same API key (response_format=url): "
+                                                          "the stored job's result, `?layer=i` for a layer"},
+                "revised_prompt": {"type": "string", "description": "the prompt the result was made with, where "
+                                                                    "it differs from the one sent (a default, a caption)"},
+            }}},
+        "output_format": {"type": "string", "enum": ["png", "webp", "jpeg"]},
+    },
+}
 EDGE = (401, 429)  # any /v1/* route, decided before the route runs
 UPLOAD_ERRORS = (400, 408, 413, 415, 422)
 MODEL_ERRORS = (500, 503, 504, 507)
@@ -184,7 +211,56 @@ def _result_headers() -> dict[str, Any]:
     return {name: {"description": description, "schema": {"type": "string"}} for name, description in names.items()}
 
 
-def document(app: FastAPI, orchestrator: Orchestrator) -> dict[str, Any]:
+def _edits(orchestrator: Orchestrator, union: dict[str, dict[str, Any]], max_images: int) -> dict[str, Any]:
+    """`POST /v1/images/edits`: OpenAI's form, with every task's fields as extra fields."""
+    ids = orchestrator.model_ids()
+    extra = {name: schema for name, schema in union.items() if name not in ("format", "prompt", "size")}
+    form = {
+        "type": "object",
+        "required": ["image"],
+        "additionalProperties": False,
+        "properties": {
+            "image": {**BINARY, "description": "the picture; OpenAI's client sends `image[]` for a list, of which "
+                                               "one file is taken (a second is 400 `bad_image`)"},
+            "prompt": {"type": "string", "description": "for a task with a prompt; a task without one (anime) "
+                                                        "ignores it"},
+            "model": {"type": "string", "enum": ids, "default": ids[0],
+                      "description": "a task, or `<task>:<choice>` (a LoRA version, a style); GET /v1/models lists them"},
+            "n": {"type": "integer", "minimum": 1, "maximum": max_images, "default": 1,
+                  "description": "results, with consecutive seeds (ingress.max_images at most)"},
+            "size": union.get("size", {"type": "string"}),
+            "response_format": {"type": "string", "enum": ["b64_json", "url"], "default": "b64_json",
+                                "description": "`url`: jobs; links to their results (same API key); with an "
+                                               "Idempotency-Key they outlive a timeout or a disconnect"},
+            "output_format": {"type": "string", "enum": ["png", "webp", "jpeg"], "default": "png",
+                              "description": "the task's format; a task answering layers: png only (one item a layer)"},
+            "user": {"type": "string", "description": "noted in the request's log line, else ignored"},
+            **extra,
+        },
+    }
+    return {
+        "summary": "OpenAI-compatible image edit: any task, n results",
+        "description": "OpenAI's `images.edit` (clients: openai, litellm, Open WebUI). Runs the same validation, "
+                       "queues and limits as `POST /v1/{task}` (b64_json) or `POST /v1/jobs` (url). With "
+                       "response_format=url, a timeout or a client that hangs up cancels the jobs unless the "
+                       "request carries an `Idempotency-Key`; a retry with the key and the same request gets them "
+                       "(header `Idempotent-Replayed: true`).",
+        "operationId": "images_edits",
+        "tags": ["openai"],
+        "requestBody": {"required": True, "description": "multipart/form-data, as OpenAI's client sends it",
+                        "content": {"multipart/form-data": {"schema": form,
+                                                            "encoding": {"image": {"contentType": "image/*"}}}}},
+        "responses": {
+            "200": {"description": "the results", "content": {"application/json": {"schema": {
+                "$ref": "#/components/schemas/ImagesResponse"}}}},
+            **_errors(*UPLOAD_ERRORS, *MODEL_ERRORS, *EDGE,
+                      described={404: EDITS_404, 409: EDITS_409, 422: EDITS_422, 429: SUBMIT_429,
+                                 507: f"{ERROR_STATUSES[507]}; or {SUBMIT_507}"}),
+        },
+    }
+
+
+def document(app: FastAPI, orchestrator: Orchestrator, max_images: int = 4) -> dict[str, Any]:
     """The OpenAPI document: FastAPI's, with the upload routes and every error response described."""
     doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     paths: dict[str, Any] = doc["paths"]
@@ -196,6 +272,7 @@ def document(app: FastAPI, orchestrator: Orchestrator) -> dict[str, Any]:
     schemas["ErrorDetail"] = ERROR_DETAIL_SCHEMA
     schemas["JobStatus"] = JOB_STATUS_SCHEMA
     schemas["JobList"] = JOB_LIST_SCHEMA
+    schemas["ImagesResponse"] = IMAGES_RESPONSE_SCHEMA
     fields = task_fields(orchestrator)
     binary = {"schema": BINARY}
 
@@ -266,6 +343,8 @@ def document(app: FastAPI, orchestrator: Orchestrator) -> dict[str, Any]:
             "$ref": "#/components/schemas/JobList"}}}}, **_errors(422, 503, *EDGE)},
     )
     submit["requestBody"]["description"] += "; `task` is required (in the form or the query)"
+    if "/v1/images/edits" in paths:
+        paths["/v1/images/edits"]["post"] = _edits(orchestrator, union, max_images)
 
     job_status = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobStatus"}}}}
     answers = {
@@ -278,7 +357,7 @@ def document(app: FastAPI, orchestrator: Orchestrator) -> dict[str, Any]:
                     "headers": _result_headers(),
                     "content": {media_type: binary for media_type in
                                 MEDIA_TYPES.values()}},
-            **_errors(404, 409, 503, *EDGE)},
+            **_errors(404, 409, 503, *EDGE, described={422: RESULT_422})},
         ("/v1/jobs/{job_id}/events", "get"): {
             "200": {"description": "Server-Sent Events (`event: progress`, `id: <n>`, JSON data) until the final "
                                    "state; an SSE comment `: keep-alive` every `ingress.event_heartbeat_s` on a quiet "
@@ -287,11 +366,17 @@ def document(app: FastAPI, orchestrator: Orchestrator) -> dict[str, Any]:
                     "content": {"text/event-stream": {"schema": {"type": "string"}}}},
             **_errors(404, 422, 503, *EDGE, described={429: EVENTS_429})},
         ("/v1/models", "get"): {
-            "200": {"description": "tasks with their defaults, limits, formats, LoRA versions, styles",
+            "200": {"description": "tasks with their defaults, limits, formats, LoRA versions, styles; and "
+                                   "OpenAI's model list (`object`, `data`) of the same service",
                     "content": {"application/json": {"schema": {
-                        "type": "object", "required": ["tasks", "max_long_edge", "max_bytes"],
+                        "type": "object", "required": ["tasks", "max_long_edge", "max_bytes", "object", "data"],
                         "properties": {"tasks": {"type": "object"}, "max_long_edge": {"type": "integer"},
-                                       "max_bytes": {"type": "integer"}}}}}},
+                                       "max_bytes": {"type": "integer"}, "object": {"const": "list"},
+                                       "data": {"type": "array", "items": {
+                                           "type": "object", "required": ["id", "object", "created", "owned_by"],
+                                           "properties": {"id": {"type": "string"}, "object": {"const": "model"},
+                                                          "created": {"type": "integer"},
+                                                          "owned_by": {"type": "string"}}}}}}}}},
             **_errors(*EDGE)},
         ("/healthz", "get"): {
             "200": {"description": "the ingress answers", "content": {"application/json": {"schema": {

@@ -20,6 +20,7 @@ text encoder stage's) is `Encoded.served["model_seconds"]` and `imgserve_model_s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ class Orchestrator:
         """The upload limits preprocess enforces (for /v1/models and the OpenAPI document)."""
         self.cache_dir = cache_dir
         self.handles = handles
+        self.created = int(time.time())
+        """When this orchestrator was made: the `created` of its OpenAI-style model ids."""
 
     @functools.cached_property
     def tasks(self) -> dict[str, ConfiguredTask]:
@@ -77,8 +80,9 @@ class Orchestrator:
         return self.tasks[name]
 
     def resolve(self, task: str, fields: dict[str, Any] | None) -> Resolved:
-        """Check the task and its fields without touching pixels; fills defaults and the seed."""
-        return self.task(task).resolve(fields)
+        """Check the task and its fields without touching pixels; fills defaults and the seed. A
+        `size` may ask for at most the upload's long-edge limit."""
+        return self.task(task).resolve(fields, self.upload.max_long_edge)
 
     async def run(self, request: Resolved, image: bytes, progress: Progress | None = None,
                   timeout_s: float | None = None, key_id: str | None = None, caller: str = "handle") -> Encoded:
@@ -122,8 +126,10 @@ class Orchestrator:
         #    DeploymentResponse passed straight on bypasses max_queued_requests in Ray Serve 2.60)
         if progress is not None:
             progress.stage("preprocess")
-        prepared = await hop(self.handles.preprocess.prepare.remote(image, task.spec_for(request.params),
-                                                                    task=task.name))
+        spec = task.spec_for(request.params)
+        if request.size is not None:  # the request's `size`: one more bound preprocess applies
+            spec = dataclasses.replace(spec, fit=request.size)
+        prepared = await hop(self.handles.preprocess.prepare.remote(image, spec, task=task.name))
         # 2. the model, on a replica that already holds the request's choice when one is free
         handle = self.handles.models[task.name]
         route = task.route(request.params) if task.route is not None else None
@@ -152,12 +158,25 @@ class Orchestrator:
             progress.stage("postprocess")
         return await hop(self.handles.postprocess.encode.remote(generated, request.format))
 
+    def model_ids(self) -> list[str]:
+        """The OpenAI-style model ids: each task's name, then `<task>:<choice>` for each entry of its
+        catalog worth addressing (`TaskSection.choices`: LoRA versions, styles)."""
+        ids = []
+        for name, task in self.tasks.items():
+            ids.append(name)
+            ids.extend(f"{name}:{choice}" for choice in task.section.choices(task.catalog))
+        return ids
+
     def models_info(self) -> dict[str, Any]:
-        """GET /v1/models: tasks, their defaults, limits, choices and formats."""
+        """GET /v1/models: tasks, their defaults, limits, choices and formats; and next to them the
+        same as OpenAI's model list (`object`, `data`), so both kinds of clients read one document."""
         return {
             "tasks": {name: task.describe() for name, task in self.tasks.items()},
             "max_long_edge": self.upload.max_long_edge,
             "max_bytes": self.upload.max_bytes,
+            "object": "list",
+            "data": [{"id": model_id, "object": "model", "created": self.created, "owned_by": "imgserve"}
+                     for model_id in self.model_ids()],
         }
 
 

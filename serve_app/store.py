@@ -2,7 +2,9 @@
 
 `JobStore` is what the job runner needs: create a job (its input saved as a file), claim the next
 job fairly across keys, hold a claim by a lease, record progress and the end state, save and verify
-the result, list a caller's jobs, and forget jobs past retention or a byte budget. Every state change
+the result, list a caller's jobs, and forget jobs past retention or a byte budget. Within a key's
+queue jobs go by effective time, their age shifted by their priority (`store_schema.ORDER_AT`); an
+idempotency key's job is remembered in the same transaction (`store_idempotency`). Every state change
 is a compare-and-set in SQL (`UPDATE … WHERE state = …`), so two runners (a redeploy) never claim one
 job twice, a cancelled job never becomes succeeded, and a runner that lost its claim (lease expired,
 job handed back) cannot finish it. A claim is (runner id, attempt number).
@@ -22,87 +24,25 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from serve_app import store_files as files
+from serve_app.job_record import FINAL_STATES, STATES, Claim, Job, State
+from serve_app.store_idempotency import IdempotencyMemory
 from serve_app.store_order import FairOrder
+from serve_app.store_schema import COLUMNS, JSON_COLUMNS, ORDER_AT, PRIORITIES, SELECT, open_database
 from serve_app.store_upkeep import StoreUpkeep
 
-State = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
-FINAL_STATES: tuple[str, ...] = ("succeeded", "failed", "cancelled")
-Claim = tuple[str, int]
-"""(runner id, attempt): who runs a job now; a finished or handed-back claim no longer matches."""
-
-
-@dataclass
-class Job:
-    """One asynchronous request as the client sees it (plus what the runner needs to redo it)."""
-
-    id: str
-    task: str
-    state: State = "queued"
-    stage: str | None = None
-    step: int | None = None
-    total_steps: int | None = None
-    error: dict[str, Any] | None = None
-    created_at: float = field(default_factory=time.time)
-    started_at: float | None = None
-    finished_at: float | None = None
-    attempts: int = 0
-    cancel_requested: bool = False
-    fields: dict[str, Any] = field(default_factory=dict)
-    """The request's resolved fields (seed included), so a retry reproduces the same result."""
-    media_type: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
-    served: dict[str, Any] = field(default_factory=dict)
-    request_id: str | None = None
-    """The id of the HTTP request that submitted the job (its X-Request-Id), to find it in the logs."""
-    owner: str | None = None
-    """The API key id that submitted the job (None with keys off): only it sees the job."""
-    quota_key: str = ""
-    """Whose queue the job waits in (quota and fair dispatch): the ingress's quota key, else the owner."""
-    runner: str | None = None
-    lease_until: float | None = None
-    """While running: the claiming runner and when its claim lapses unless renewed."""
-    model_seconds: float | None = None
-    input_bytes: int = 0
-    result_bytes: int | None = None
-    result_sha256: str | None = None
-    priority: str = "normal"
-    """`low`, `normal` or `high`: its order within its key's queue (with ageing, `store_order`)."""
-    webhook: dict[str, Any] | None = None
-    """{"url", "events"} when the submission asked to be called back (`serve_app.webhooks`)."""
-
-    @property
-    def claim(self) -> Claim:
-        return (self.runner or "", self.attempts)
-
-    def public(self, queue_position: int | None = None) -> dict[str, Any]:
-        """The client's view: GET /v1/jobs/{id} (the owner is not shown)."""
-        return {
-            "id": self.id,
-            "task": self.task,
-            "state": self.state,
-            "stage": self.stage,
-            "step": self.step,
-            "total_steps": self.total_steps,
-            "queue_position": queue_position,
-            "error": self.error,
-            "created_at": self.created_at,
-            "finished_at": self.finished_at,
-            "request_id": self.request_id,
-            "model_seconds": self.model_seconds,
-            "priority": self.priority,
-        }
+# the record's names are imported from here by the rest of the service
+__all__ = ["FINAL_STATES", "PRIORITIES", "STATES", "Claim", "Job", "JobStore", "SqliteJobStore", "State"]
 
 
 class JobStore(Protocol):
     def create(self, task: str, fields: dict[str, Any], image: bytes, request_id: str | None = None,
                owner: str | None = None, quota_key: str | None = None, priority: str = "normal",
-               webhook: dict[str, Any] | None = None) -> Job: ...
+               webhook: dict[str, Any] | None = None, idempotency: tuple[str, str] | None = None) -> Job: ...
     def get(self, job_id: str) -> Job | None: ...
     def input(self, job_id: str) -> bytes: ...
     def claim_next(self, runner: str = "", lease_s: float = float("inf")) -> Job | None: ...
@@ -115,51 +55,28 @@ class JobStore(Protocol):
     def queue_position(self, job_id: str) -> int | None: ...
     def count(self, state: State, quota_key: str | None = None) -> int: ...
     def purge(self, older_than_s: float) -> int: ...
+    def replay(self, owner: str | None, key: str, fingerprint: str) -> Job | None: ...
+    def purge_idempotency(self) -> int: ...
 
 
-_COLUMNS = ("id", "task", "state", "stage", "step", "total_steps", "error", "created_at", "started_at",
-            "finished_at", "attempts", "cancel_requested", "fields", "media_type", "metadata", "served", "request_id",
-            "owner", "quota_key", "runner", "lease_until", "model_seconds", "input_bytes", "result_bytes",
-            "result_sha256", "priority", "webhook")
-_ADDED = {"request_id": "TEXT", "owner": "TEXT", "quota_key": "TEXT NOT NULL DEFAULT ''", "runner": "TEXT",
-          "lease_until": "REAL", "model_seconds": "REAL", "input_bytes": "INTEGER NOT NULL DEFAULT 0",
-          "result_bytes": "INTEGER", "result_sha256": "TEXT",
-          "priority": "TEXT NOT NULL DEFAULT 'normal'", "webhook": "TEXT"}
-"""Columns later than the first schema: added to an older store when it opens."""
-_JSON_COLUMNS = {"error", "fields", "metadata", "served", "webhook"}
-_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
+class SqliteJobStore(StoreUpkeep, IdempotencyMemory):
+    """Jobs in `<directory>/jobs.sqlite3`, inputs and results in `<directory>/files/` (0700, files 0600).
+    `priority_ageing_s`: what a priority is worth in seconds of waiting (`store_schema`);
+    `idempotency_ttl_s`: how long an idempotency key is remembered (`store_idempotency`)."""
 
+    select = SELECT
 
-class SqliteJobStore(StoreUpkeep):
-    """Jobs in `<directory>/jobs.sqlite3`, inputs and results in `<directory>/files/` (0700, files 0600)."""
-
-    select = _SELECT
-
-    def __init__(self, directory: Path | str) -> None:
+    def __init__(self, directory: Path | str, priority_ageing_s: float = 300.0,
+                 idempotency_ttl_s: float = 24 * 3600.0) -> None:
         self.directory = Path(directory).expanduser()
         self.files = self.directory / "files"
+        self.priority_ageing_s = priority_ageing_s
+        self.idempotency_ttl_s = idempotency_ttl_s
         files.private_dir(self.directory)
         files.private_dir(self.files)
         self.orphans_removed = files.remove_orphans(self.files)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.directory / "jobs.sqlite3", check_same_thread=False, isolation_level=None,
-                                   timeout=30.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the call returns
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, task TEXT, state TEXT, stage TEXT, step INTEGER,"
-            " total_steps INTEGER, error TEXT, created_at REAL, started_at REAL, finished_at REAL,"
-            " attempts INTEGER, cancel_requested INTEGER, fields TEXT, media_type TEXT, metadata TEXT, served TEXT)"
-        )
-        present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        for column, kind in _ADDED.items():
-            if column not in present:  # a store from before this column
-                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
-        self._db.execute("CREATE TABLE IF NOT EXISTS fair (quota_key TEXT PRIMARY KEY, last_claim REAL)")
-        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_state_created ON jobs (state, created_at)")
-        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_key_state ON jobs (quota_key, state, created_at)")
-        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_owner_created ON jobs (owner, created_at)")
-        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at)")
+        self._db, present = open_database(self.directory / "jobs.sqlite3", priority_ageing_s)
         if "input_bytes" not in present:
             self._count_old_bytes()
         for name in ("jobs.sqlite3", "jobs.sqlite3-wal", "jobs.sqlite3-shm"):
@@ -192,8 +109,8 @@ class SqliteJobStore(StoreUpkeep):
     def _row(self, row: tuple | None) -> Job | None:
         if row is None:
             return None
-        values = dict(zip(_COLUMNS, row))
-        for key in _JSON_COLUMNS:
+        values = dict(zip(COLUMNS, row))
+        for key in JSON_COLUMNS:
             values[key] = json.loads(values[key]) if values[key] else ({} if key not in ("error", "webhook") else None)
         values["cancel_requested"] = bool(values["cancel_requested"])
         values["quota_key"] = values["quota_key"] or ""
@@ -201,7 +118,7 @@ class SqliteJobStore(StoreUpkeep):
         return Job(**values)
 
     def _one(self, job_id: str) -> Job | None:
-        return self._row(self._db.execute(f"{_SELECT} WHERE id = ?", (job_id,)).fetchone())
+        return self._row(self._db.execute(f"{SELECT} WHERE id = ?", (job_id,)).fetchone())
 
     def _path(self, job_id: str, kind: str) -> Path:
         if not all(c in "0123456789abcdef" for c in job_id) or len(job_id) != 32:
@@ -210,7 +127,7 @@ class SqliteJobStore(StoreUpkeep):
 
     def _set(self, db: sqlite3.Connection, job_id: str, where: str, params: tuple, **changes: Any) -> bool:
         """UPDATE one job's `changes` when `where` holds (the compare of compare-and-set)."""
-        for key in _JSON_COLUMNS & set(changes):
+        for key in JSON_COLUMNS & set(changes):
             changes[key] = json.dumps(changes[key]) if changes[key] is not None else None
         assignments = ", ".join(f"{key} = ?" for key in changes)
         cursor = db.execute(f"UPDATE jobs SET {assignments} WHERE id = ? AND {where}",
@@ -226,25 +143,43 @@ class SqliteJobStore(StoreUpkeep):
     # -- creating and reading --------------------------------------------------------------------
     def create(self, task: str, fields: dict[str, Any], image: bytes, request_id: str | None = None,
                owner: str | None = None, quota_key: str | None = None, priority: str = "normal",
-               webhook: dict[str, Any] | None = None) -> Job:
+               webhook: dict[str, Any] | None = None, idempotency: tuple[str, str] | None = None) -> Job:
         """A queued job; its input is on disk before its row exists. Raises OSError/sqlite3.Error
-        when the disk refuses (the input is then removed)."""
+        when the disk refuses (the input is then removed). With `idempotency` (key, fingerprint),
+        in the same transaction: an earlier job of `owner` under that key is returned instead
+        (`replayed`, this input removed), or KeyReused raised (`store_idempotency`)."""
+        if priority not in PRIORITIES:
+            raise ValueError(f"unknown priority {priority!r}")
         job = Job(id=uuid.uuid4().hex, task=task, fields=fields, request_id=request_id, owner=owner,
                   quota_key=quota_key or owner or "", input_bytes=len(image), priority=priority, webhook=webhook)
         path = self._path(job.id, "input")
         files.atomic_write(path, image)
         values = asdict(job)
-        for key in _JSON_COLUMNS:
+        for key in JSON_COLUMNS:
             values[key] = json.dumps(values[key]) if values[key] is not None else None
         values["cancel_requested"] = int(values["cancel_requested"])
         try:
             with self._tx() as db:
-                db.execute(f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})",
-                           [values[c] for c in _COLUMNS])
+                earlier = self._recall(db, owner, *idempotency) if idempotency else None
+                if earlier is None:
+                    db.execute(f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})",
+                               [values[c] for c in COLUMNS])
+                    self._order_at(db, job.id)
+                    if idempotency:
+                        self._remember(db, owner, *idempotency, job)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
+        if earlier is not None:  # an identical submission won the race: this one creates nothing
+            path.unlink(missing_ok=True)
+            earlier.replayed = True
+            return earlier
         return job
+
+    def _order_at(self, db: sqlite3.Connection, job_id: str) -> None:
+        """(Re)compute a job's effective time in its key's queue (`store_schema.ORDER_AT`)."""
+        db.execute(f"UPDATE jobs SET order_at = {ORDER_AT} WHERE id = :id", {"ageing": self.priority_ageing_s,
+                                                                            "id": job_id})
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
@@ -273,7 +208,7 @@ class SqliteJobStore(StoreUpkeep):
                 where.append(f"{column} = ?")
                 params.append(value)
         with self._lock:
-            rows = self._db.execute(f"{_SELECT} WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC"
+            rows = self._db.execute(f"{SELECT} WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC"
                                     " LIMIT ?", (*params, limit)).fetchall()
         return [self._row(row) for row in rows]
 
@@ -294,9 +229,9 @@ class SqliteJobStore(StoreUpkeep):
     def running(self, runner: str | None = None) -> list[Job]:
         with self._lock:
             if runner is None:
-                rows = self._db.execute(f"{_SELECT} WHERE state = 'running'").fetchall()
+                rows = self._db.execute(f"{SELECT} WHERE state = 'running'").fetchall()
             else:
-                rows = self._db.execute(f"{_SELECT} WHERE state = 'running' AND runner = ?", (runner,)).fetchall()
+                rows = self._db.execute(f"{SELECT} WHERE state = 'running' AND runner = ?", (runner,)).fetchall()
         return [self._row(row) for row in rows]
 
     def recent_run_seconds(self, n: int = 20) -> float | None:
@@ -400,5 +335,9 @@ class SqliteJobStore(StoreUpkeep):
     def update(self, job_id: str, **changes: Any) -> Job | None:
         """Unconditional change (tests, repairs): the runner's transitions use the methods above."""
         with self._tx() as db:
-            return self._one(job_id) if self._set(db, job_id, "1 = 1", (), **changes) else None
+            if not self._set(db, job_id, "1 = 1", (), **changes):
+                return None
+            if {"created_at", "priority"} & set(changes):
+                self._order_at(db, job_id)
+            return self._one(job_id)
 

@@ -3,14 +3,17 @@
 Queued jobs wait in one queue per quota key (the caller's API key id, or what the ingress passes
 for keys-off callers, e.g. its address; "" for none). The next job comes from the key with the
 fewest running jobs, ties broken by the key whose last claim is oldest (never claimed first), then by
-the key's oldest queued job; within a key, oldest first. That is round-robin across keys: a key with
-50 queued jobs delays another key's single job by at most one claim. With a single key (keys off,
-no quota key) it is plain FIFO.
+the key's earliest effective time; within a key, by effective time (`order_at`: `created_at` shifted
+by the job's priority and `jobs.priority_ageing_s`, see `store_schema`), then id. That is round-robin
+across keys: a key with 50 queued jobs delays another key's single job by at most one claim, and a
+priority only reorders its own key's queue. With a single key (keys off, no quota key) and one
+priority it is plain FIFO.
 
 `position` estimates a queued job's place under that order, as if every key took one turn per round
-in the current order: its rank r within its key, plus from each other key min(queued, r + 1) when
+in the current order: its rank r within its key (by effective time, as claims take them), plus from each other key min(queued, r + 1) when
 that key's turn comes first this round, else min(queued, r). Exact for one key; for several an
-estimate (jobs submitted later by an idle key may pass it, one per round).
+estimate (jobs submitted later by an idle key may pass it, one per round, and so may a later job
+of its own key with a higher priority).
 
 Runs inside the store's lock or write transaction, on its connection.
 """
@@ -27,7 +30,7 @@ class FairOrder:
     def keys(self) -> list[tuple[str, int]]:
         """(quota key, queued jobs) of every key with queued jobs, in the order their turns come."""
         queued = self.db.execute(
-            "SELECT quota_key, COUNT(*), MIN(created_at) FROM jobs WHERE state = 'queued' GROUP BY quota_key"
+            "SELECT quota_key, COUNT(*), MIN(order_at) FROM jobs WHERE state = 'queued' GROUP BY quota_key"
         ).fetchall()
         if len(queued) <= 1:
             return [(key, n) for key, n, _ in queued]
@@ -44,18 +47,18 @@ class FairOrder:
             return None
         key = keys[0][0]
         (job_id,) = self.db.execute(
-            "SELECT id FROM jobs WHERE state = 'queued' AND quota_key = ? ORDER BY created_at, id LIMIT 1", (key,)
+            "SELECT id FROM jobs WHERE state = 'queued' AND quota_key = ? ORDER BY order_at, id LIMIT 1", (key,)
         ).fetchone()
         return job_id, key
 
     def position(self, job_id: str) -> int | None:
-        row = self.db.execute("SELECT state, created_at, quota_key FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = self.db.execute("SELECT state, order_at, quota_key FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None or row[0] != "queued":
             return None
-        _, created, key = row
+        _, order_at, key = row
         (rank,) = self.db.execute(
             "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND quota_key = ?"
-            " AND (created_at < ? OR (created_at = ? AND id < ?))", (key, created, created, job_id),
+            " AND (order_at < ? OR (order_at = ? AND id < ?))", (key, order_at, order_at, job_id),
         ).fetchone()
         ahead, before = int(rank), True
         for other, n in self.keys():

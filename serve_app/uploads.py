@@ -71,8 +71,9 @@ def add_field(fields: dict[str, str], key: str, value: str) -> None:
 
 
 async def read_upload(request: Request, max_image_bytes: int, read_timeout_s: float,
-                      min_rate: float = 0.0) -> tuple[bytes, dict[str, str]]:
-    """(image bytes, text fields) from a multipart form or a raw image body with query fields."""
+                      min_rate: float = 0.0, image_fields: tuple[str, ...] = ("image",)) -> tuple[bytes, dict[str, str]]:
+    """(image bytes, text fields) from a multipart form or a raw image body with query fields;
+    the image is the one file part, named one of `image_fields` (OpenAI's edits form may say `image[]`)."""
     fields: dict[str, str] = {}
     for key, value in forms.parse_query(request.scope.get("query_string", b"")):  # 422 on non-UTF-8
         add_field(fields, key, value)
@@ -85,13 +86,14 @@ async def read_upload(request: Request, max_image_bytes: int, read_timeout_s: fl
         try:
             for key, value in form.multi_items():
                 if isinstance(value, UploadFile):
-                    if key != "image":
-                        raise InvalidParameter("only the `image` field may be a file", key)
-                    if image is not None:
-                        raise InvalidParameter("given more than once", "image")
+                    if key not in image_fields:
+                        names = " or ".join(f"`{name}`" for name in image_fields)
+                        raise InvalidParameter(f"only the {names} field may be a file", key)
+                    if image is not None:  # every task takes one picture
+                        raise BadImage("a second image: every task takes one image per request", key)
                     image = await value.read()
-                elif key == "image":
-                    raise BadImage("`image` must be a file part, not a text field", "image")
+                elif key in image_fields:
+                    raise BadImage(f"`{key}` must be a file part, not a text field", key)
                 else:
                     add_field(fields, key, value)
         finally:

@@ -57,6 +57,26 @@ def demo_args() -> dict[str, Any]:
     return copy.deepcopy(config["applications"][0]["args"])
 
 
+LORA_VERSIONS = ["v2511-0715", "v2511-0801"]
+
+
+def resolving_orchestrator(root: Path) -> Any:
+    """An Orchestrator of the demo config that only resolves requests (no handles): its LoRA
+    directory under `root` lists `LORA_VERSIONS` as empty files (resolve checks names against the
+    listing only; no weights are read)."""
+    from serve_app.config import AppConfig
+    from serve_app.orchestrator import Orchestrator
+
+    (root / "loras").mkdir()
+    for version in LORA_VERSIONS:
+        (root / "loras" / f"{version}.safetensors").write_bytes(b"")
+    args = demo_args()
+    args["cache_dir"] = str(root)
+    args["real"]["lora_dir"] = str(root / "loras")
+    config = AppConfig.model_validate(args)
+    return Orchestrator(config.tasks, config.sections(), config.preprocess, root, handles=None)
+
+
 def merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of `base` with `overrides` deep-merged in: a mapping merges into a mapping key by key,
     any other value (a list, a number, a mapping where `base` has none) replaces."""

@@ -21,6 +21,8 @@
   const ONE_PASS_STAGES = ["preprocess", "postprocess"];
   // Fields every task shows in the shared "Advanced parameters" area (fixed ids there), in this order.
   const ADVANCED = ["steps", "cfg", "seed", "cfg_normalize", "format"];
+  // generic request fields the page does not offer: `size` (the result keeps the upload's size within the limit)
+  const NOT_OFFERED = ["size"];
   // A ZIP result (layer PNGs) is read and shown by the page; a task offering it also gets its other
   // formats (PSD) made on request, from the same parameters.
   const ZIP = "zip";
@@ -400,7 +402,7 @@
       if (info.summary) label.append(" ", el("small", { text: info.summary }));
       radios.push(label);
       const controls = Object.entries(info.fields)
-        .filter(([name]) => !ADVANCED.includes(name))
+        .filter(([name]) => !ADVANCED.includes(name) && !NOT_OFFERED.includes(name))
         .map(([name, schema]) => fieldControl(task, name, schema));
       // choices, numbers and switches first, then the texts (a stable sort keeps the schema's order)
       controls.sort((a, b) => Number(a.long) - Number(b.long));

@@ -65,7 +65,10 @@ def check(case: Case, response: httpx.Response) -> None:
     else:
         error = assert_error(response, case.status, case.code, case.field)
         assert response.headers["content-type"] == "application/json"
-        assert set(error) <= {"code", "message", "field"} and isinstance(error["message"], str), error
+        assert set(error) <= {"code", "message", "field", "type", "param"} and isinstance(error["message"], str), error
+        # OpenAI's names for the same facts: an OpenAI client reads this body as its own error
+        assert error["param"] == error.get("field") and error["type"] == (
+            "server_error" if case.status >= 500 else "invalid_request_error"), error
     for name in case.absent_headers:
         assert name not in response.headers
 

@@ -100,6 +100,42 @@ def test_model_size_is_aligned_to_the_spec_multiple(pre, multiple, model_size):
     assert out.array.shape == (model_size[1], model_size[0], 3)
 
 
+@pytest.mark.parametrize(("w", "h", "fit", "expected"), [
+    (1279, 867, (512, 512), (512, 347)),    # the width limits
+    (900, 2000, (512, 512), (230, 512)),    # the height limits
+    (1000, 500, (300, 400), (300, 150)),    # a box of another aspect: the tighter side limits, aspect kept
+    (1000, 500, (900, 100), (200, 100)),
+    (4000, 3000, (2048, 2048), (1024, 768)),  # the long-edge limit still applies (a box beyond it changes nothing)
+    (300, 200, (512, 512), (300, 200)),     # never enlarged
+    (300, 200, (300, 200), (300, 200)),     # exactly the box: unchanged
+])
+def test_a_requested_size_fits_the_result_inside_it_keeping_aspect(pre, w, h, fit, expected):
+    im = picture(w, h)
+    out = pre.prepare(encode(im, "PNG"), ImageSpec(multiple=1, fit=fit))
+    assert out.info.original_size == (w, h) and out.info.size == expected
+    assert out.info.size[0] <= fit[0] and out.info.size[1] <= fit[1]
+    assert abs(out.info.size[0] / out.info.size[1] - w / h) < 2 / min(expected)  # aspect kept to the pixel
+    assert out.info.scale == pytest.approx(expected[0] / w)
+    plain = im.resize(expected, Image.Resampling.LANCZOS)  # one resize, straight to the size
+    assert psnr(out.array, np.asarray(plain)) > 35
+
+
+def test_a_requested_size_is_aligned_like_any_other(pre):
+    out = pre.prepare(encode(picture(1279, 867), "JPEG", quality=90), ImageSpec(multiple=16, fit=(400, 400)))
+    assert out.info.size == (400, 271) and out.info.model_size == (400, 272)
+    # without a size, the same upload and spec come out as before (the long-edge limit only)
+    assert pre.prepare(encode(picture(1279, 867), "JPEG", quality=90), ImageSpec(multiple=16)).info.size == (1024, 694)
+
+
+def test_a_requested_size_applies_to_the_oriented_image(pre):
+    im = picture(400, 200)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait (200 x 400)
+    out = pre.prepare(encode(im, "JPEG", quality=95, exif=exif.tobytes()), ImageSpec(multiple=1, fit=(100, 100)))
+    assert out.info.original_size == (200, 400) and out.info.size == (50, 100)
+    assert out.array.shape == (100, 50, 3)
+
+
 def test_tiny_image_is_aligned_up_to_one_multiple(pre):
     out = pre.prepare(encode(picture(5, 3), "PNG"), ImageSpec(multiple=16))
     assert out.info.size == (5, 3) and out.info.model_size == (16, 16)

@@ -30,10 +30,9 @@ from deployments.lora import NONE
 from deployments.preprocess import Preprocess, PreprocessConfig
 from deployments.records import ImageSpec
 from deployments.tasks import TASKS
-from serve_app.config import AppConfig
 from serve_app.forms import parse_query
 from serve_app.orchestrator import Orchestrator
-from tests.conftest import demo_args
+from tests.conftest import LORA_VERSIONS, resolving_orchestrator
 from tests.hostile import png_from_rows
 
 
@@ -179,20 +178,12 @@ def test_any_header_size_over_the_pixel_limit_is_too_large_before_decoding(width
 
 
 # -- request validation -------------------------------------------------------------------------------
-VERSIONS = ["v2511-0715", "v2511-0801"]
+VERSIONS = LORA_VERSIONS
 
 
 @pytest.fixture(scope="module")
 def orchestrator(tmp_path_factory: pytest.TempPathFactory) -> Orchestrator:
-    root = tmp_path_factory.mktemp("properties")
-    (root / "loras").mkdir()
-    for version in VERSIONS:  # resolve checks names against the listing only; no weights are read
-        (root / "loras" / f"{version}.safetensors").write_bytes(b"")
-    args = demo_args()
-    args["cache_dir"] = str(root)
-    args["real"]["lora_dir"] = str(root / "loras")
-    config = AppConfig.model_validate(args)
-    return Orchestrator(config.tasks, config.sections(), config.preprocess, root, handles=None)  # resolves only
+    return resolving_orchestrator(tmp_path_factory.mktemp("properties"))
 
 
 KNOWN_FIELDS = ["prompt", "negative_prompt", "steps", "cfg", "seed", "lora", "style", "layers", "resolution",

@@ -221,6 +221,9 @@ def test_an_older_store_gains_the_new_columns(tmp_path: Path) -> None:
     job_id = "0123456789abcdef0123456789abcdef"
     db.execute("INSERT INTO jobs VALUES (?, 'real', 'succeeded', 'done', NULL, NULL, NULL, 1, 1, 2, 1, 0, '{}',"
                " 'image/png', '{}', '{}')", (job_id,))
+    waiting = "fedcba9876543210fedcba9876543210"
+    db.execute("INSERT INTO jobs VALUES (?, 'real', 'queued', NULL, NULL, NULL, NULL, 3, NULL, NULL, 0, 0, '{}',"
+               " NULL, '{}', '{}')", (waiting,))
     db.commit()
     db.close()
     (tmp_path / "files").mkdir()
@@ -229,7 +232,11 @@ def test_an_older_store_gains_the_new_columns(tmp_path: Path) -> None:
     old = store.get(job_id)
     assert old.owner is None and old.quota_key == "" and old.public()["model_seconds"] is None
     assert store.result(job_id) == b"old result" and store.store_bytes() == len(b"old result")
-    assert store.list(None, 10)[0].id == job_id
+    assert {j.id for j in store.list(None, 10)} == {job_id, waiting}
+    # a job queued before priorities is normal, has its place in the queue, and is claimed first
+    newer = store.create("real", {}, b"x")
+    assert store.get(waiting).priority == "normal" and store.queue_position(waiting) == 0
+    assert store.queue_position(newer.id) == 1 and store.claim_next().id == waiting
 
 
 def test_max_store_bytes_forgets_the_oldest_finished_jobs_first(tmp_path: Path) -> None:

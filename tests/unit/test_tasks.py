@@ -20,7 +20,8 @@ from deployments.model import Model
 from deployments.postprocess import MEDIA_TYPES
 from deployments.real import RealModel
 from deployments.records import Prepared, PreparedImage
-from deployments.task import Task, Tasks
+from deployments.errors import InvalidParameter
+from deployments.task import SIZE_PATTERN, Task, Tasks, parse_size
 from deployments.tasks import TASKS
 from serve_app.config import AppConfig, config_model, load_config
 from tests.conftest import REPO, demo_args, run_fresh
@@ -69,10 +70,11 @@ def test_openapi_fields_come_from_the_params_model_and_the_sections_limits(tmp_p
     config = load_config({**args, "cache_dir": str(tmp_path)})
     for task in TASKS:
         fields = task.configured(config.section(task.name), tmp_path).field_schemas()
-        assert list(fields) == [*task.params.model_fields, "format"]
+        assert list(fields) == [*task.params.model_fields, "size", "format"]
         for name, field in task.params.model_fields.items():
             assert fields[name]["description"] == " ".join(field.description.split())
         assert fields["format"] == {"type": "string", "enum": list(task.formats), "default": task.formats[0]}
+        assert fields["size"]["pattern"] == SIZE_PATTERN and fields["size"]["default"] == "auto"
     real = TASKS["real"].configured(config.real, tmp_path).field_schemas()
     assert real["steps"] == {**real["steps"], "type": "integer", "minimum": 2, "maximum": 12, "default": 5}
     assert real["cfg"]["type"] == "number" and real["prompt"]["maxLength"] == config.real.max_prompt_chars
@@ -157,3 +159,47 @@ def test_params_models_are_strict_and_documented() -> None:
         for name, field in task.params.model_fields.items():
             assert field.description, f"{task.name}.{name} has no docstring"
             assert field.default is None, f"{task.name}.{name}: None must mean the configured default"
+
+
+@pytest.mark.parametrize(("text", "size"), [("auto", None), ("512x384", (512, 384)), ("64x16", (64, 16)),
+                                            ("1024x1024", (1024, 1024)), ("16x1024", (16, 1024))])
+def test_size_is_auto_or_width_x_height(text: str, size: tuple[int, int] | None) -> None:
+    assert parse_size(text, 1024) == size
+
+
+@pytest.mark.parametrize("text", ["512", "512x", "x512", "512*512", "-16x16", "16x16x16", "0x512", "512x0", "15x512",
+                                  "512x15", "1025x16", "16x1025", "99999x99999", "1e3x16", "５１２x512", "none", "", "AUTO",
+                                  " auto", "64X64", "64x64 ", "0512x512"])
+def test_size_outside_16_to_the_long_edge_limit_or_not_wxh_is_refused_naming_size(text: str) -> None:
+    with pytest.raises(InvalidParameter) as error:
+        parse_size(text, 1024)
+    assert error.value.field == "size" and error.value.message
+
+
+def test_size_is_a_generic_field_every_task_resolves_and_keeps(tmp_path: Path) -> None:
+    config = load_config({**demo_args(), "cache_dir": str(tmp_path)})
+    for task in [*TASKS, GRAY]:
+        section = config.section(task.name) if task.name in config.sections() else GraySection()
+        configured = task.configured(section, tmp_path)
+        assert configured.resolve({}).size is None and "size" not in configured.resolve({}).fields()
+        resolved = configured.resolve({"size": "256x128"}, max_edge=512)
+        assert resolved.size == (256, 128) and resolved.fields()["size"] == "256x128"
+        assert configured.resolve(resolved.fields(), max_edge=512) == resolved  # what a job stores runs the same
+        with pytest.raises(InvalidParameter, match="between 16 and 512") as error:
+            configured.resolve({"size": "1024x1024"}, max_edge=512)
+        assert error.value.field == "size"
+
+
+def test_a_task_names_the_field_its_model_ids_choose(tmp_path: Path) -> None:
+    args = demo_args()
+    args["real"]["lora_dir"] = "tiny"
+    config = load_config({**args, "cache_dir": str(tmp_path)})
+    real = TASKS["real"].configured(config.real, tmp_path)
+    assert real.section.choice_field == "lora" and "lora" in TASKS["real"].params.model_fields
+    assert real.section.choices(real.catalog) == ["v2511-0715", "v2511-0801", "v2511-0823"]  # `none` is the field's
+    anime = TASKS["anime"].configured(config.anime, tmp_path)
+    assert anime.section.choice_field == "style" and "style" in TASKS["anime"].params.model_fields
+    assert anime.section.choices(anime.catalog) == config.anime.styles()
+    layers = TASKS["layers"].configured(config.layers, tmp_path)
+    assert layers.section.choice_field is None and layers.section.choices(layers.catalog) == []
+    assert GraySection.choice_field is None  # the default: a task without a catalog
