@@ -137,8 +137,11 @@ class AnimeModelConfig(ModelSettings):
 
         Loads nothing: the check is one listing of the styles directory (tiny: the fixed names).
         """
-        # blank or padded names are refused like any name outside the list: the documented enum holds
-        style = self.default_style if params.style is None else params.style
+        # a blank name is refused (422), not read as "the default": the documented choices hold; leave
+        # the field out for the default. Surrounding whitespace is still forgiven.
+        if params.style is not None and not params.style.strip():
+            raise InvalidParameter("blank; leave the field out for the default style", "style")
+        style = self.default_style if params.style is None else params.style.strip()
         if not STYLE_NAME.fullmatch(style) or ".." in style:
             raise InvalidParameter(f"not a style name: {style!r} (plain names only, no paths)", "style")
         try:

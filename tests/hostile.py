@@ -11,6 +11,7 @@ What is refused and what is accepted (docs/architecture.md, "Hostile input"):
 - animated GIF / WebP / PNG (APNG) and multi-page TIFF: accepted, the first frame is used;
 - formats outside `preprocess.formats` (PPM, ICO, TGA, PCX, …): 415 `unsupported_format`;
 - anything Pillow cannot decode (empty, truncated, corrupt, PDF, SVG, ZIP): 400 `bad_image`;
+- a second image file in one request: 400 `bad_image` naming the field (every task takes one image);
 - more pixels than `preprocess.max_pixels` in the header (bombs), bodies over `max_bytes`: 413;
 - fields: out of range, NaN/inf, unknown, duplicated, not UTF-8, path-like names: 422.
 
@@ -292,9 +293,9 @@ def build_corpus(max_bytes: int = 20 * 1024 * 1024) -> list[Case]:
     bad("image-as-text-field", "multipart", multipart([text_part(b"image", b"iVBORw0KGgo="), *fast_parts()]),
         400, "bad_image", "image")
     bad("two-image-files", "multipart", multipart([file_part(small), file_part(small), *fast_parts()]),
-        422, "invalid_parameter", "image")
+        400, "bad_image", "image")
     bad("three-image-files", "multipart", multipart([file_part(small)] * 3 + fast_parts()),
-        422, "invalid_parameter", "image")
+        400, "bad_image", "image")
     bad("field-sent-as-file", "multipart", multipart([file_part(small), file_part(b"2", b"steps", b"steps.txt",
                                                                                    b"text/plain")]),
         422, "invalid_parameter", "steps")
