@@ -27,7 +27,8 @@ from serve_app.store_idempotency import KeyReused
 
 if TYPE_CHECKING:
     from serve_app.config import JobsSection
-    from serve_app.store import Job, SqliteJobStore
+    from serve_app.job_record import Job
+    from serve_app.store import SqliteJobStore
 
 log = logging.getLogger("imgserve.jobs")
 

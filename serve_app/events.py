@@ -37,7 +37,7 @@ from starlette.types import Receive, Scope, Send
 from deployments import metrics
 from deployments.errors import InvalidParameter
 from serve_app.errors import TooManyStreams
-from serve_app.store import FINAL_STATES
+from serve_app.job_record import FINAL_STATES
 
 log = logging.getLogger("imgserve")
 

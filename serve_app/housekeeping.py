@@ -28,7 +28,7 @@ from deployments.errors import InvalidParameter
 
 if TYPE_CHECKING:
     from serve_app.jobs import JobRunner
-    from serve_app.store import Job
+    from serve_app.job_record import Job
 
 log = logging.getLogger("imgserve.jobs")
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from serve_app.jobs import JobRunner
-    from serve_app.store import Claim
+    from serve_app.job_record import Claim
 
 
 class JobProgress:

@@ -26,7 +26,7 @@ from serve_app.access import facts, note
 from serve_app.errors import NotReady
 from serve_app.events import EventResponse, last_event_id
 from serve_app.idempotency import idempotency
-from serve_app.store import FINAL_STATES
+from serve_app.job_record import FINAL_STATES
 from serve_app.uploads import add_field, read_upload
 
 JOB_STATES = ("queued", "running", *FINAL_STATES)

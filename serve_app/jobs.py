@@ -40,7 +40,9 @@ from serve_app.errors import NotFound, error_body, status_of
 from serve_app.housekeeping import Housekeeping, decode_cursor, encode_cursor
 from serve_app.job_progress import JobProgress
 from serve_app.orchestrator import Orchestrator
-from serve_app.store import FINAL_STATES, PRIORITIES, STATES, Job, SqliteJobStore
+from serve_app.job_record import FINAL_STATES, STATES, Job
+from serve_app.store_schema import PRIORITIES
+from serve_app.store import SqliteJobStore
 from serve_app.webhooks import Webhooks
 
 if TYPE_CHECKING:

@@ -54,7 +54,7 @@ from serve_app.errors import STATUS, NotFound, error_body
 from serve_app.idempotency import idempotency
 from serve_app.job_routes import client_key, owner
 from serve_app.orchestrator import hop
-from serve_app.store import FINAL_STATES
+from serve_app.job_record import FINAL_STATES
 from serve_app.uploads import read_upload
 
 ROUTE = "/v1/images/edits"

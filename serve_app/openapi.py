@@ -30,7 +30,7 @@ from fastapi.openapi.utils import get_openapi
 
 from deployments.postprocess import MEDIA_TYPES
 from serve_app.orchestrator import Orchestrator
-from serve_app.store import FINAL_STATES
+from serve_app.job_record import FINAL_STATES
 
 # Pillow's format names (preprocess.formats) → the media type a raw upload declares.
 UPLOAD_MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif",

@@ -29,14 +29,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from serve_app import store_files as files
-from serve_app.job_record import FINAL_STATES, STATES, Claim, Job, State
+from serve_app.job_record import Claim, Job, State
 from serve_app.store_idempotency import IdempotencyMemory
 from serve_app.store_order import FairOrder
 from serve_app.store_schema import COLUMNS, JSON_COLUMNS, ORDER_AT, PRIORITIES, SELECT, open_database
 from serve_app.store_upkeep import StoreUpkeep
-
-# the record's names are imported from here by the rest of the service
-__all__ = ["FINAL_STATES", "PRIORITIES", "STATES", "Claim", "Job", "JobStore", "SqliteJobStore", "State"]
 
 
 class JobStore(Protocol):

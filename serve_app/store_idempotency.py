@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from serve_app.store import Job
+    from serve_app.job_record import Job
 
 
 class KeyReused(Exception):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from serve_app import store_files as files
 
 if TYPE_CHECKING:
-    from serve_app.store import Job
+    from serve_app.job_record import Job
 
 
 class StoreUpkeep:

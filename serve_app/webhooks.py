@@ -54,7 +54,7 @@ from serve_app.webhook_rules import (
 if TYPE_CHECKING:
     from serve_app.config import JobsSection
     from serve_app.jobs import JobRunner
-    from serve_app.store import Job
+    from serve_app.job_record import Job
 
 __all__ = ["EVENTS", "Webhooks"]
 
