@@ -69,12 +69,12 @@ def test_the_same_key_with_another_request_is_refused(tmp_path: Path) -> None:
 
 def test_keys_are_scoped_per_owner(tmp_path: Path) -> None:
     store = SqliteJobStore(tmp_path)
-    mine = store.create("real", {}, b"x", owner=A, idempotency=("shared", "fp"))
-    theirs = store.create("real", {}, b"x", owner=B, idempotency=("shared", "fp-other"))
-    keyless = store.create("real", {}, b"x", idempotency=("shared", "fp"))  # keys off: one scope of its own
+    mine = store.create("real", {}, b"x", owner=A, idempotency=("one-key", "fp"))
+    theirs = store.create("real", {}, b"x", owner=B, idempotency=("one-key", "fp-other"))
+    keyless = store.create("real", {}, b"x", idempotency=("one-key", "fp"))  # keys off: one scope of its own
     assert len({mine.id, theirs.id, keyless.id}) == 3 and not (theirs.replayed or keyless.replayed)
-    assert store.replay(B, "shared", "fp-other").id == theirs.id
-    assert store.replay(None, "shared", "fp").id == keyless.id
+    assert store.replay(B, "one-key", "fp-other").id == theirs.id
+    assert store.replay(None, "one-key", "fp").id == keyless.id
     assert store.replay(A, "unused", "fp") is None
 
 
