@@ -99,3 +99,18 @@ def test_serve_options_carry_backpressure_limits() -> None:
 
 def test_cache_dir_expands_home() -> None:
     assert "~" not in str(load_config({"cache_dir": "~/x"}).cache_dir)
+
+
+@pytest.mark.parametrize("jobs", [{"webhook_allow": ["10.0.0.1/8"]}, {"webhook_allow": ["bad host"]},
+                                  {"webhook_secret": "nope"}, {"webhook_secret": "whsec_c2hvcnQ="},
+                                  {"priority_ageing_s": 0}, {"idempotency_ttl_s": -1}])
+def test_webhook_priority_and_idempotency_settings_are_refused_naming_the_field(jobs: dict) -> None:
+    with pytest.raises(ValidationError, match=next(iter(jobs))):
+        load_config({"jobs": jobs})
+
+
+def test_a_webhook_allow_list_and_secret_of_the_documented_forms_load() -> None:
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # the Standard Webhooks specification's example
+    jobs = load_config({"jobs": {"webhook_allow": ["hooks.example.com:8443", "10.0.0.0/8", "127.0.0.1"],
+                                 "webhook_secret": secret}}).jobs
+    assert jobs.webhook_allow == ["hooks.example.com:8443", "10.0.0.0/8", "127.0.0.1"] and jobs.webhook_secret == secret
