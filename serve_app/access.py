@@ -15,6 +15,11 @@ outside this one and so also sees its refusals.
 - **Rate limit**: a token bucket per key id (per client address when keys are off) in this
   replica's memory: `burst` tokens, refilled at `per_minute / 60` tokens a second. With N ingress
   replicas a client can get up to N times the configured rate (see docs/architecture.md).
+- **Wrong keys** take a token from the client address's bucket, so keys cannot be guessed at full speed
+  (a missing key does not: it is a client that forgot, answered 401 at once).
+- **Security headers** on every response: `X-Content-Type-Options: nosniff`, `X-Frame-Options: DENY`,
+  `Referrer-Policy: no-referrer`, and a Content-Security-Policy of the service's own origin only
+  (the API reference pages, which load Swagger UI from a CDN, get only `frame-ancestors 'none'`).
 - **CORS** for the listed origins: answered preflights and readable result headers. Starlette's
   `CORSMiddleware` does not fit: it refuses a preflight it does not like with a plain-text 400,
   outside the one JSON error shape, and exposes only a fixed list of headers.
@@ -56,6 +61,19 @@ CORS_ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
 CORS_ALLOW_HEADERS = "Authorization, X-API-Key, Content-Type, X-Request-Id, Idempotency-Key"
 CORS_EXPOSE_ALWAYS = ("X-Request-Id", "Retry-After", "Location", "WWW-Authenticate", "Idempotent-Replayed")
 CORS_MAX_AGE_S = 600
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+"""On every response: no content sniffing, no framing (clickjacking), no URLs leaked in Referer."""
+CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; "
+                           "form-action 'self'; frame-ancestors 'none'")
+"""The page loads only its own files (result previews are blob: URLs); the API's JSON and images
+are never rendered as a page that could run anything else."""
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc")
+"""FastAPI's API reference pages load Swagger UI from a CDN with an inline script: they get only
+`frame-ancestors 'none'` until their assets are served locally."""
 NO_RETRY_AFTER = 1
 """`error_response`'s fallback wait, never sent from here: 401 and 422 carry no Retry-After, and a
 429 carries the rate limiter's own wait."""
@@ -211,7 +229,14 @@ class AccessMiddleware:
         request_id = headers.get("x-request-id")
         allow_origin = settings.cors_origin(headers.get("origin"))
 
+        policy = "frame-ancestors 'none'" if route_path(scope) in DOCS_PATHS else CONTENT_SECURITY_POLICY
+
         async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                out = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    out.setdefault(name, value)
+                out.setdefault("Content-Security-Policy", policy)
             if message["type"] == "http.response.start" and allow_origin is not None:
                 out = MutableHeaders(scope=message)
                 out["Access-Control-Allow-Origin"] = allow_origin
@@ -248,16 +273,25 @@ class AccessMiddleware:
             kid = settings.keys.check(presented)
             if kid is None:
                 facts(scope)["auth"] = "missing" if presented is None else "invalid"
+                refused = AccessMiddleware._limit(settings, scope, None) if presented is not None else None
+                if refused is not None:  # a wrong key costs its address a token: keys cannot be guessed at full speed
+                    return refused
                 message = ("this API needs a key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`"
                            if presented is None else "the API key is not valid")
                 return error_response(Unauthorized(message), retry_after_s=NO_RETRY_AFTER)
             facts(scope)["key_id"] = who = kid
-        if settings.limiter is not None:
-            if who is None:
-                client = scope.get("client")
-                who = f"ip:{client[0]}" if client else "ip:unknown"
-            wait = settings.limiter.take(who)
-            if wait is not None:
-                return error_response(RateLimited(f"rate limit reached; a request is allowed again in {wait} s",
-                                                  retry_after_s=wait), retry_after_s=NO_RETRY_AFTER)
-        return None
+        return AccessMiddleware._limit(settings, scope, who)
+
+    @staticmethod
+    def _limit(settings: AccessSettings, scope: Scope, who: str | None) -> Response | None:
+        """A token of `who`'s bucket (the client address when None), or its 429; None without a limit."""
+        if settings.limiter is None:
+            return None
+        if who is None:
+            client = scope.get("client")
+            who = f"ip:{client[0]}" if client else "ip:unknown"
+        wait = settings.limiter.take(who)
+        if wait is None:
+            return None
+        return error_response(RateLimited(f"rate limit reached; a request is allowed again in {wait} s",
+                                          retry_after_s=wait), retry_after_s=NO_RETRY_AFTER)

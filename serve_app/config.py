@@ -82,6 +82,10 @@ class IngressSection(BaseModel):
     event_heartbeat_s: float = 15.0
     """An SSE comment line (`: keep-alive`) is sent on a quiet stream this often, so proxies and
     clients can tell a live stream from a dead one."""
+    expose_replica: bool = False
+    """Send `X-Imgserve-Replica` and `X-Imgserve-Encoder` (the host name and process id of the model
+    and text encoder replicas that served a result) to clients. Off: they tell any client the
+    cluster's host names; turn on for debugging or tests."""
     max_images: int = 4
     """Most results one `POST /v1/images/edits` may ask for (`n`); each is one run of the task."""
     cors_origins: list[str] = Field(default_factory=list)

@@ -53,10 +53,16 @@ COMMON_HEADERS = ("task", "size", "scale")
 APP_NAME = "imgserve"
 
 
-def result_headers(encoded: Encoded, keys: tuple[str, ...]) -> dict[str, str]:
-    """X-Imgserve-* headers: the parameters used (those of `keys`), and how the request was served."""
+PROCESS_FACTS = ("replica", "encoder")
+"""Serving facts that name a host and process: sent only with `ingress.expose_replica`."""
+
+
+def result_headers(encoded: Encoded, keys: tuple[str, ...], expose_replica: bool = False) -> dict[str, str]:
+    """X-Imgserve-* headers: the parameters used (those of `keys`), and how the request was served
+    (without the replicas' host names and pids unless `expose_replica`)."""
     facts = {key: encoded.metadata[key] for key in keys if key in encoded.metadata}
-    facts.update({key: value for key, value in encoded.served.items() if isinstance(value, (str, int, float))})
+    facts.update({key: value for key, value in encoded.served.items() if isinstance(value, (str, int, float))
+                  and (expose_replica or key not in PROCESS_FACTS)})
     return {"X-Imgserve-" + "-".join(part.capitalize() for part in key.split("_")): str(value)
             for key, value in facts.items()}
 
@@ -124,7 +130,8 @@ class Ingress(JobRoutes, OpenAIRoutes):
     def _result(self, task: str, encoded: Encoded) -> Response:
         served = self.orchestrator.tasks.get(task)
         keys = (*COMMON_HEADERS, *(served.task.headers if served else ()))
-        return Response(encoded.data, media_type=encoded.media_type, headers=result_headers(encoded, keys))
+        return Response(encoded.data, media_type=encoded.media_type,
+                        headers=result_headers(encoded, keys, self.settings.expose_replica))
 
     # -- HTTP ----------------------------------------------------------------------------------------
     async def healthz(self) -> dict[str, str]:
@@ -157,6 +164,7 @@ class Ingress(JobRoutes, OpenAIRoutes):
 ROUTES: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("GET", "/healthz", "healthz", {}),
     ("GET", "/", "web_page", {"include_in_schema": False}),
+    ("HEAD", "/", "web_page", {"include_in_schema": False}),
     ("GET", "/web/{name}", "web_asset", {"include_in_schema": False}),
     ("GET", "/v1/models", "list_models", {}),
     ("POST", "/v1/jobs", "submit_job", {"status_code": 202}),

@@ -213,7 +213,7 @@ def demo_service(ray_cluster: int, model_cache: Path, tmp_path_factory: pytest.T
     def start(overrides: Mapping[str, Any] | None = None, *, models: dict[str, type] | None = None,
               tasks: Tasks | None = None, encoder: type | None = None,
               logging_config: dict[str, Any] | None = None) -> Iterator[Service]:
-        base = merged(demo_args(), {"cache_dir": str(model_cache),
+        base = merged(demo_args(), {"cache_dir": str(model_cache), "ingress": {"expose_replica": True},
                                     "jobs": {"directory": str(tmp_path_factory.mktemp("jobs"))}})
         args = merged(base, overrides or {})
         substitutes = {name: value for name, value in (("models", models), ("tasks", tasks), ("encoder", encoder))

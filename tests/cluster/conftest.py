@@ -39,6 +39,7 @@ def cluster_args(cache_dir: Any) -> dict[str, Any]:
     args = copy.deepcopy(document["applications"][0]["args"])
     args["cache_dir"] = str(cache_dir)
     args["jobs"]["directory"] = str(cache_dir / "jobs")
+    args["ingress"]["expose_replica"] = True  # the tests follow requests to replicas
     for name in ("ingress", "preprocess", "anime", "postprocess"):
         serve_options = args[name]["serve"]
         serve_options["ray_actor_options"]["num_cpus"] = 0.1

@@ -22,7 +22,8 @@ from tests.serve.conftest import assert_error, small_png, submit
 MAX_BYTES = 1024 * 1024
 ALLOWED = "https://studio.example.com"
 # One key per test, so one test's use of the rate limit never starves another.
-KEYS = {name: f"isk_{name}_{secrets.token_urlsafe(24)}" for name in ("auth", "rate", "cors", "ids", "upload", "jobs")}
+KEYS = {name: f"isk_{name}_{secrets.token_urlsafe(24)}" for name in ("auth", "rate", "cors", "ids", "upload", "jobs",
+                                                                         "headers")}
 WRONG_KEY = f"isk_wrong_{secrets.token_urlsafe(24)}"
 BURST = 5
 PER_MINUTE = 6  # one token every 10 s after the burst
@@ -67,6 +68,30 @@ def test_health_the_web_page_and_the_api_docs_stay_open(service: Service) -> Non
     assert "/v1/real" in service.http.get("/openapi.json").json()["paths"]
     page = service.http.get("/web/app.js")
     assert page.status_code == 200 and "Authorization" in page.text  # the page can send a key
+
+
+def test_pages_and_the_api_send_security_headers_and_head_answers_like_get(service: Service) -> None:
+    for path, headers in (("/", {}), ("/web/app.js", {}), ("/healthz", {}), ("/v1/models", bearer("headers")),
+                          ("/v1/models", {})):
+        response = service.http.get(path, headers=headers)
+        assert response.headers["x-content-type-options"] == "nosniff", path
+        assert response.headers["x-frame-options"] == "DENY" and response.headers["referrer-policy"] == "no-referrer"
+        policy = response.headers["content-security-policy"]
+        assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy, path
+        assert "http" not in policy  # nothing from another origin
+    docs = service.http.get("/docs")
+    assert docs.headers["content-security-policy"] == "frame-ancestors 'none'"  # Swagger UI still comes from its CDN
+    page, head = service.http.get("/"), service.http.head("/")
+    assert head.status_code == 200 and head.headers["content-type"] == page.headers["content-type"]
+    assert head.headers["content-length"] == page.headers["content-length"] and head.content == b""
+
+
+def test_wrong_keys_cost_the_client_address_its_tokens(service: Service) -> None:
+    answers = [service.http.get("/v1/models", headers={"X-API-Key": f"{WRONG_KEY}{i}"}) for i in range(BURST + 1)]
+    limited = [response for response in answers if response.status_code == 429]
+    assert limited and limited[0].json()["error"]["code"] == "rate_limited" and int(limited[0].headers["retry-after"]) >= 1
+    assert all(response.status_code == 401 for response in answers[:answers.index(limited[0])])
+    assert service.http.get("/v1/models", headers=bearer("headers")).status_code == 200  # a right key has its own bucket
 
 
 # -- rate limit ---------------------------------------------------------------------------------------

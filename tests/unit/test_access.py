@@ -217,6 +217,34 @@ def test_cors_exposes_the_result_headers() -> None:
     assert {"x-request-id", "retry-after", "x-imgserve-seed"} <= {name.strip() for name in exposed.split(",")}
 
 
+def test_wrong_keys_take_the_address_tokens_a_missing_key_does_not() -> None:
+    client = client_for(api_keys_sha256=[hash_key(KEY)], rate_limit_per_minute=60, rate_limit_burst=2)
+    assert [client.get("/v1/thing").status_code for _ in range(4)] == [401] * 4  # no key: a client that forgot
+    answers = [client.get("/v1/thing", headers={"X-API-Key": "wrong"}) for _ in range(3)]
+    assert [response.status_code for response in answers] == [401, 401, 429]
+    assert answers[2].headers["retry-after"] == "1" and answers[2].json()["error"]["code"] == "rate_limited"
+    assert client.get("/v1/thing", headers={"X-API-Key": KEY}).status_code == 200
+
+
+def test_every_response_has_the_security_headers() -> None:
+    client = client_for(api_keys_sha256=[hash_key(KEY)])
+    for response in (client.get("/healthz"), client.get("/v1/thing"), client.get("/v1/thing", headers={"X-API-Key": KEY})):
+        assert {name: response.headers[name] for name in access.SECURITY_HEADERS} == access.SECURITY_HEADERS
+        assert response.headers["content-security-policy"] == access.CONTENT_SECURITY_POLICY
+
+
+def test_replica_and_encoder_headers_only_when_exposed() -> None:
+    from deployments.postprocess import Encoded
+    from serve_app.ingress import result_headers
+
+    encoded = Encoded(data=b"x", media_type="image/png", metadata={"seed": 1},
+                      served={"replica": "host:1", "encoder": "host:2", "model_seconds": 0.5})
+    hidden = result_headers(encoded, ("seed",))
+    assert hidden == {"X-Imgserve-Seed": "1", "X-Imgserve-Model-Seconds": "0.5"}
+    shown = result_headers(encoded, ("seed",), expose_replica=True)
+    assert shown["X-Imgserve-Replica"] == "host:1" and shown["X-Imgserve-Encoder"] == "host:2"
+
+
 # -- jobs keep their request id ---------------------------------------------------------------------
 def test_a_job_keeps_the_request_id_of_its_submission(tmp_path: Path) -> None:
     # a store written before request ids existed gains the column and keeps its jobs

@@ -74,7 +74,9 @@ def browser():
 @pytest.fixture()
 def context(browser, web_service: Service):
     """A fresh browser profile (viewport 1100×800, downloads on) pointed at the service."""
-    ctx = browser.new_context(viewport=VIEWPORT, accept_downloads=True, base_url=web_service.url)
+    # the tests' string predicates (`wait_for_function`) are evaluated in the page, which the page's own
+    # Content-Security-Policy forbids: bypassed here; test_page checks the page works under its policy
+    ctx = browser.new_context(viewport=VIEWPORT, accept_downloads=True, base_url=web_service.url, bypass_csp=True)
     ctx.set_default_timeout(120_000)
     yield ctx
     ctx.close()

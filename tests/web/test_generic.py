@@ -47,7 +47,8 @@ def gray_service(demo_service) -> Iterator[Service]:
 
 @pytest.fixture()
 def gray_page(browser, gray_service: Service):
-    context = browser.new_context(viewport=VIEWPORT, accept_downloads=True, base_url=gray_service.url)
+    context = browser.new_context(viewport=VIEWPORT, accept_downloads=True, base_url=gray_service.url,
+                                  bypass_csp=True)  # string predicates are evaluated in the page (see conftest)
     context.set_default_timeout(120_000)
     yield context.new_page()
     context.close()

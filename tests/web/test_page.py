@@ -18,6 +18,7 @@ import ray
 from PIL import Image
 
 from tests.conftest import sample_path
+from tests.web.conftest import VIEWPORT
 
 pytestmark = [pytest.mark.serve, pytest.mark.browser]
 
@@ -290,3 +291,25 @@ def test_errors_are_sentences(page, tmp_path, screenshots) -> None:
     assert message.startswith("LoRA version: Unknown LoRA version 'v2511-9999'; valid:"), message
     assert "v2511-0823" in message
     assert page.get_attribute("#real-lora", "aria-invalid") == "true"
+
+
+def test_the_page_works_under_its_content_security_policy(browser, web_service) -> None:
+    """No bypass here: the page as a user's browser enforces it, driven by selectors only."""
+    context = browser.new_context(viewport=VIEWPORT, base_url=web_service.url)
+    context.set_default_timeout(120_000)
+    try:
+        page = context.new_page()
+        refused: list[str] = []
+        page.on("console", lambda message: refused.append(message.text)
+                if "Content Security Policy" in message.text else None)
+        response = page.goto("/")
+        assert "default-src 'self'" in response.headers["content-security-policy"]
+        page.wait_for_selector("#real-lora option", state="attached")
+        page.set_input_files("#file", str(sample_path("photo_1.jpg")))
+        page.wait_for_selector("#preview:not([hidden])")
+        page.check('input[name="task"][value="anime"]')
+        start_and_wait(page)
+        assert page.get_attribute("#download", "href").startswith("blob:")
+        assert refused == []
+    finally:
+        context.close()
