@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from deployments.errors import InvalidParameter
+from serve_app.job_record import FINAL_STATES
 from serve_app.store_webhooks import Delivery, WebhookStore
 from serve_app.webhook_rules import (
     BACKOFF_BASE_S,
-    EVENTS,
     IPAddress,
     address_refusal,
     backoff,
@@ -56,13 +56,11 @@ if TYPE_CHECKING:
     from serve_app.jobs import JobRunner
     from serve_app.job_record import Job
 
-__all__ = ["EVENTS", "Webhooks"]
 
 log = logging.getLogger("imgserve.webhooks")
 
 CONCURRENCY = 8
 USER_AGENT = "imgserve-webhooks/1"
-_FINAL = ("succeeded", "failed", "cancelled")
 _PROGRESS_KEPT = 10_000  # jobs whose last progress message time is remembered (memory stays bounded)
 _CLEANUP_S = 300.0
 _IDLE_S = 5.0  # longest the loop sleeps without a wake-up (another process may have added messages)
@@ -141,7 +139,7 @@ class Webhooks:
         """Record `event` of `job` for delivery when the job asked for it; never raises, never waits
         on a receiver (one SQLite write)."""
         hook = job.webhook
-        if event in _FINAL:
+        if event in FINAL_STATES:
             with self._lock:
                 self._last_progress.pop(job.id, None)
         if not hook or event not in hook.get("events", ()):

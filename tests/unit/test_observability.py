@@ -43,6 +43,7 @@ async def jobs_route(request: Request) -> Response:
 @pytest.fixture()
 def client():
     app = Starlette(routes=[Route("/v1/jobs", jobs_route, methods=["POST"]),
+                            Route("/v1/images/edits", jobs_route, methods=["POST"]),  # notes its task too
                             Route("/v1/{task}", task_route, methods=["POST"]),
                             Route("/v1/models", task_route, methods=["GET"])])
     app.add_middleware(Observability, tasks=TASKS)
@@ -60,6 +61,7 @@ def test_task_requests_are_counted_and_timed_by_task_status_and_api(client) -> N
         assert client.post("/v1/anime?answer=422").status_code == 422
         assert client.post("/v1/real?answer=boom").status_code == 500
         assert client.post("/v1/jobs?task=layers").status_code == 202
+        assert client.post("/v1/images/edits?task=anime").status_code == 202
         assert client.get("/v1/models").status_code == 200  # not a task request: not counted
     counted = [tags for _, tags in recorded(records, "imgserve_requests")]
     assert counted == [
@@ -67,6 +69,7 @@ def test_task_requests_are_counted_and_timed_by_task_status_and_api(client) -> N
         {"task": "anime", "status": "422", "api": "sync"},
         {"task": "real", "status": "500", "api": "sync"},
         {"task": "layers", "status": "202", "api": "jobs"},
+        {"task": "anime", "status": "202", "api": "openai"},  # the OpenAI route: the task its `model` names
     ]
     timed = recorded(records, "imgserve_request_seconds")
     assert [tags for _, tags in timed] == counted and all(seconds > 0 for seconds, _ in timed)
