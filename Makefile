@@ -1,5 +1,7 @@
-# The two commands of the README: `make demo` and `make test`. Each sets up .venv first.
-.PHONY: demo test setup setup-test
+# The two commands of the README: `make demo` and `make test`. Each sets up .venv first, from the
+# hashed locks in requirements/ (scripts/setup.sh says how); `make lock` regenerates those locks
+# from pyproject.toml (`UPGRADE=1 make lock` also moves every pin to the newest allowed release).
+.PHONY: demo test setup setup-test lock
 
 setup:
 	scripts/setup.sh
@@ -12,3 +14,6 @@ demo: setup
 
 test: setup-test
 	.venv/bin/python -m pytest -q
+
+lock:
+	scripts/setup.sh lock

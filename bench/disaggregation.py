@@ -142,6 +142,9 @@ class Clocked:
 class NoAdapters:
     """What RealModel.__call__ asks of its adapters, with none loaded."""
 
+    versions: dict[str, None] = {}
+    keep: str | None = None
+
     def version_loads(self) -> int:
         return 0
 
@@ -160,6 +163,7 @@ class SleepingRealModel(Clocked, RealModel):
         self.store = self.config.lora_store(self.cache_dir)
         self.plan = self.config.plan()
         self.adapters = NoAdapters()
+        self.fix_default()
 
     def ensure_adapter(self, version: str) -> str:
         self.check_health()
@@ -172,7 +176,7 @@ class SleepingRealModel(Clocked, RealModel):
         return self.clocked(self._sleep, prepared, params, conditioning)
 
     def _sleep(self, prepared: Any, params: Any, conditioning: Any) -> Generated:
-        params = self.config.resolve(params, self.store)
+        params = self.config.resolve(params, self.catalog())
         self.needs_conditioning(conditioning)
         time.sleep(self.sleep_s)
         return Generated(array=prepared.array, info=prepared.info, params={"task": self.task, **params.model_dump()},
@@ -418,7 +422,7 @@ def demo_profile(cache: Path, repeats: int, edge: int) -> dict[str, Any]:
     results = []
     for label, task, spec, fields in cases:
         model = models[task]
-        catalog = (model.store,) if task == "real" else ()
+        catalog = (model.catalog(),) if task == "real" else ()
         params = config.section(task).resolve(fields, *catalog)
         prepared = preprocess.prepare(photo, spec.spec_for(params), task=task)
         runs = []

@@ -58,12 +58,13 @@ class FixedTimeRealModel(RealModel):
     def load_model(self) -> None:
         self.store = self.config.lora_store(self.cache_dir)
         self.plan = self.config.plan()
+        self.fix_default()
 
     def loaded(self) -> bool:
         return True
 
     def generate(self, prepared: Any, params: Any, progress: Any = None, conditioning: Any = None) -> Generated:
-        params = self.config.resolve(params, self.store)
+        params = self.config.resolve(params, self.catalog())
         time.sleep(SERVICE_TIME_S)
         return Generated(array=prepared.array, info=prepared.info,
                          params={"task": self.task, **params.model_dump()}, served={"replica": self.replica})

@@ -321,10 +321,10 @@ def main() -> None:
     model.load()
     # Resolve the request's fields exactly as the ingress does (defaults, and the default LoRA
     # version where the config names a LoRA directory), so (a) does the same work as (b) and (c).
-    store = config.real.lora_store(config.cache_dir)
+    catalog = model.catalog()  # what the replica reports to the ingress
 
     def resolve(fields: dict[str, str]) -> Any:
-        return config.real.resolve(RealParams.model_validate(fields), store)
+        return config.real.resolve(RealParams.model_validate(fields), catalog)
 
     def in_process() -> tuple[bytes, dict[str, float]]:
         return inprocess_thread.submit(_in_process).result()

@@ -9,9 +9,13 @@
 # IMGSERVE_WORKERS (2),
 # IMGSERVE_WORKER_GPUS (2), IMGSERVE_WORKER_CPUS (1), IMGSERVE_HEAD_CPUS (1),
 # IMGSERVE_DASHBOARD (1: start the dashboard, which `serve deploy` and Ray's state API need; 0 saves
-# ~0.3 GB), IMGSERVE_DASHBOARD_PORT (8265).
-# Then: serve deploy -a http://127.0.0.2:8265 configs/rtx4090-cluster.yaml (the head's dashboard; or serve.run from Python).
-# Token authentication is off (RAY_AUTH_MODE=disabled): every port is on a loopback address.
+# ~0.3 GB), IMGSERVE_DASHBOARD_PORT (8265), IMGSERVE_WORKER_ENV (space-separated NAME=VALUE pairs set
+# on the worker nodes only: every process Ray starts there inherits them, the head's do not).
+# Ray's token authentication is on (RAY_AUTH_MODE=token), as on a real cluster: the token is
+# RAY_AUTH_TOKEN or the file RAY_AUTH_TOKEN_PATH when given, else a random one made at `up` in
+# /tmp/imgserve-ray-PORT/auth_token (mode 600), which `status` and `stop-worker` read too.
+# Then: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/tmp/imgserve-ray-6390/auth_token \
+#   serve deploy -a http://127.0.0.2:8265 configs/rtx4090-cluster.yaml (the head's dashboard; or serve.run from Python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ray=${RAY:-.venv/bin/ray}
@@ -23,9 +27,23 @@ worker_cpus=${IMGSERVE_WORKER_CPUS:-1}
 head_cpus=${IMGSERVE_HEAD_CPUS:-1}
 dashboard=${IMGSERVE_DASHBOARD:-1}
 dashboard_port=${IMGSERVE_DASHBOARD_PORT:-8265}
+read -r -a worker_env <<<"${IMGSERVE_WORKER_ENV:-}"
+unset IMGSERVE_WORKER_ENV  # no Ray process, the head's included, sees the list itself
 address=$ip:$port
 temp=/tmp/imgserve-ray-$port
-export RAY_AUTH_MODE=disabled
+token_file=$temp/auth_token
+export RAY_AUTH_MODE=token
+# A token given by the caller wins (Ray reads RAY_AUTH_TOKEN before RAY_AUTH_TOKEN_PATH); else this
+# cluster's own file, never ~/.ray/auth_token, which other Ray clusters of this user may share.
+if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ -z "${RAY_AUTH_TOKEN_PATH:-}" ]; then
+  export RAY_AUTH_TOKEN_PATH=$token_file
+fi
+for pair in ${worker_env[@]+"${worker_env[@]}"}; do
+  case "$pair" in
+    [A-Za-z_]*=*) ;;
+    *) echo "IMGSERVE_WORKER_ENV: expected NAME=VALUE pairs, got '$pair'" >&2; exit 2 ;;
+  esac
+done
 # Each node gets its own port block so a single worker's processes can be told apart (stop-worker).
 node_port() { echo $((port + 10 + $1)); }
 
@@ -48,6 +66,11 @@ up() {
   fi
   local dash=false
   [ "$dashboard" = 1 ] && dash=true
+  if [ "${RAY_AUTH_TOKEN_PATH:-}" = "$token_file" ] && [ -z "${RAY_AUTH_TOKEN:-}" ]; then
+    # a fresh random token for each cluster (256 bits, as `ray get-auth-token --generate` makes)
+    mkdir -p "$temp"
+    (umask 077; od -An -vtx1 -N32 /dev/urandom | tr -d ' \n' >"$token_file")
+  fi
   # The head carries no GPUs and a marker resource: GPU replicas can never land there, and
   # deployments that must outlive a worker (the job runner) can ask for it.
   "$ray" start --head --node-ip-address="$ip" --port="$port" --temp-dir="$temp" \
@@ -55,11 +78,14 @@ up() {
     --node-manager-port="$(node_port 0)" --include-dashboard="$dash" --dashboard-host="$ip" --dashboard-port="$dashboard_port" \
     --disable-usage-stats >/dev/null
   for i in $(seq 1 "$workers"); do
-    "$ray" start --address="$address" --node-ip-address="$ip" \
+    env ${worker_env[@]+"${worker_env[@]}"} "$ray" start --address="$address" --node-ip-address="$ip" \
       --num-cpus="$worker_cpus" --num-gpus="$gpus" --resources="{\"rtx4090\": $gpus}" \
       --node-manager-port="$(node_port "$i")" --disable-usage-stats >/dev/null
   done
   echo "cluster up: head + $workers workers ($gpus fake GPUs and rtx4090 each) at $address"
+  if [ -z "${RAY_AUTH_TOKEN:-}" ]; then
+    echo "its token: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
+  fi
 }
 
 stop_worker() {

@@ -48,6 +48,9 @@ class Adapters:
         """Resident versions, least recently used first."""
         self.loads: Counter[str] = Counter()
         """Adapter name → how many times it was read from disk into this pipeline."""
+        self.keep: str | None = None
+        """A resident version never evicted while another can be (the default, while its file is
+        unusable: the resident copy is the only one left)."""
 
     # -- loading -------------------------------------------------------------------------------
     def pin_speed(self, preset: str, path: Path) -> None:
@@ -64,6 +67,11 @@ class Adapters:
             raise AdapterDoesNotFit(f"speed adapter {preset!r} ({path}) could not be loaded: {exc}"[:500]) from None
         self.loads[name] += 1
         self.speed[preset] = name
+
+    def problems(self, path: Path) -> list[str]:
+        """Why the file at `path` cannot be a version of this base ([]: it can): the store's check."""
+        report = inspect_lora(path, self.shapes)
+        return report.problems + self._rank_problems(report)
 
     def ensure_version(self, version: str) -> bool:
         """Make `version` resident (LRU beyond `max_versions`); True when it was read from disk now.
@@ -83,7 +91,8 @@ class Adapters:
             raise InvalidParameter(f"LoRA {version!r} does not fit the base model: {'; '.join(problems)}", "lora")
         swap = self.hotswap_rank is not None and bool(self.versions)  # the slot exists: its weights are replaced in place
         while len(self.versions) >= self.max_versions:
-            evicted, _ = self.versions.popitem(last=False)
+            evicted = next((name for name in self.versions if name != self.keep), next(iter(self.versions)))
+            del self.versions[evicted]
             if not swap:
                 self.pipe.delete_adapters([evicted])
             metrics.lora_events.inc(tags={"event": "evict", "version": evicted})

@@ -52,8 +52,8 @@ from deployments.anime_config import AnimeModelConfig, AnimeParams
 from deployments.errors import InvalidParameter, ModelFailure, OutOfMemory
 from deployments.model import Model
 from deployments.records import Generated, ImageSpec, Prepared, Progress
-from deployments.styles import ensure_tiny_styles, style_files
-from deployments.task import Task
+from deployments.styles import ensure_tiny_styles, refuse_pickled_styles, style_files
+from deployments.task import Catalog, Task
 
 class AnimeModel(Model):
     """AnimeGANv2 generator, all styles resident: Prepared → Generated of the same size."""
@@ -92,7 +92,8 @@ class AnimeModel(Model):
         if cfg.styles_dir == "tiny":
             self.styles_path = ensure_tiny_styles(self.cache_dir)
         else:
-            self.styles_path = Path(cfg.styles_dir).expanduser()
+            self.styles_path = cfg.styles_path()
+        refuse_pickled_styles(self.styles_path)  # a .pt without its .safetensors: convert it first
         files = style_files(self.styles_path)
         if cfg.default_style not in files:
             raise FileNotFoundError(
@@ -115,7 +116,7 @@ class AnimeModel(Model):
 
         from deployments.animegan import load_generator
 
-        net = load_generator(path)  # strict key and shape check, weights_only for .pt
+        net = load_generator(path)  # safetensors only; strict key and shape check
         return net.to(device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
 
     def _net(self, style: str) -> Any:
@@ -136,6 +137,10 @@ class AnimeModel(Model):
         if self.styles_path is not None:
             return sorted(style_files(self.styles_path))
         return self.config.styles()
+
+    def catalog(self) -> Catalog:
+        """What this replica serves (`Model.catalog`): the styles of its directory, the default."""
+        return Catalog(tuple(self.styles()), self.config.default_style)
 
     def extra_stats(self) -> dict[str, Any]:
         """The resident styles, the batches run, the kept workspace."""
@@ -196,9 +201,10 @@ class AnimeModel(Model):
         resolved: list[AnimeParams | None] = [None] * len(prepared)
         worked = [0.0] * len(prepared)  # model seconds: the tensor batch each request was part of
         # 1. validate each request on its own: one bad request fails alone
+        catalog = self.catalog()
         for i, (item, param) in enumerate(zip(prepared, params)):
             try:
-                resolved[i] = self.config.resolve(param)
+                resolved[i] = self.config.resolve(param, catalog)
                 height, width = self._check_array(item.array)
                 self.check_health()
                 left, right, top, bottom = padding_for(height, width)

@@ -5,6 +5,7 @@ pydantic only, no torch or Ray, so `imgserve plan` and config validation never i
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -14,7 +15,7 @@ from deployments.errors import InvalidParameter
 from deployments.model import ModelSettings
 from deployments.options import DeploymentOptions, model_defaults
 from deployments.styles import STYLE_NAME, TINY_STYLES, style_files
-from deployments.task import choice_schema
+from deployments.task import Catalog, choice_schema
 from deployments.validation import at_least
 
 DEFAULT_STYLE = "face_paint_512_v2"
@@ -40,11 +41,13 @@ class AnimeModelConfig(ModelSettings):
     styles_dir: str = "tiny"
     """`tiny`: the four published style names with seeded random weights, generated into
     `cache_dir/anime-styles-v1` (demo, tests; outputs look like noise). Otherwise a local directory
-    of `<style>.safetensors` or `<style>.pt` files (the published state dicts load unchanged);
-    every file in it is a style, and one added later is served without a restart. Use an absolute
-    path: it is read by the model replicas and listed by `resolve` wherever that runs (on a node
-    that cannot see it, `resolve` checks only the name's form and the replica checks the rest).
-    Never downloaded at run time."""
+    of `<style>.safetensors` files; every one is a style, and one added later is served without a
+    restart. The published `.pt` styles are pickles: convert them ahead of time (`imgserve
+    convert-styles`, or `imgserve fetch` with `convert: animegan`); a `.pt`/`.pth` without its
+    `.safetensors` stops the replica at start-up, naming the file. Use an absolute
+    path: it is read only by the model replicas (they report their styles to the ingress), and
+    `$VARS` in it are expanded there, so each node may keep its models elsewhere. Never downloaded
+    at run time."""
     default_style: str = DEFAULT_STYLE
     """Style used when the request names none; must exist in the styles directory."""
     dtype: Literal["auto", "float32", "float16"] = "auto"
@@ -107,7 +110,11 @@ class AnimeModelConfig(ModelSettings):
         """
         if self.styles_dir == "tiny":
             return {}
-        return style_files(Path(self.styles_dir).expanduser())
+        return style_files(self.styles_path())
+
+    def styles_path(self) -> Path:
+        """The styles directory in this process (`$VARS` expanded: a node's own model root)."""
+        return Path(os.path.expandvars(self.styles_dir)).expanduser()
 
     def styles(self) -> list[str]:
         """The style names a request may ask for, sorted; lists the directory, loads nothing."""
@@ -115,28 +122,19 @@ class AnimeModelConfig(ModelSettings):
             return list(TINY_STYLES)
         return sorted(self.style_files())
 
-    def available_styles(self) -> list[str]:
-        """`styles()`, or none where the directory is only on the model replicas' machines."""
-        try:
-            return self.styles()
-        except FileNotFoundError:
-            return []
+    def choices(self, catalog: Catalog | None = None) -> list[str]:
+        """The styles the replicas reported (model ids `anime:<style>`)."""
+        return list(catalog.names) if catalog is not None else []
 
-    def choices(self, catalog: Any = None) -> list[str]:
-        """The styles (model ids `anime:<style>`)."""
-        return self.available_styles()
+    def describe(self, catalog: Catalog | None = None) -> dict[str, Any]:
+        return {"styles": self.choices(catalog), "default_style": self.default_style, "reported": catalog is not None}
 
-    def describe(self, catalog: Any = None) -> dict[str, Any]:
-        return {"styles": self.available_styles(), "default_style": self.default_style}
+    def limits(self, catalog: Catalog | None = None) -> dict[str, dict[str, Any]]:
+        return {"style": {**choice_schema(self.choices(catalog)), "default": self.default_style}}
 
-    def limits(self, catalog: Any = None) -> dict[str, dict[str, Any]]:
-        return {"style": {**choice_schema(self.available_styles()), "default": self.default_style}}
-
-    def resolve(self, params: AnimeParams, catalog: Any = None) -> AnimeParams:
-        """Fill the default style and check it exists; raises InvalidParameter naming `style`.
-
-        Loads nothing: the check is one listing of the styles directory (tiny: the fixed names).
-        """
+    def resolve(self, params: AnimeParams, catalog: Catalog | None = None) -> AnimeParams:
+        """Fill the default style and check it against `catalog` (None: nothing reported here, the
+        name's form only; the replica checks again); raises InvalidParameter naming `style`."""
         # a blank name is refused (422), not read as "the default": the documented choices hold; leave
         # the field out for the default. Surrounding whitespace is still forgiven.
         if params.style is not None and not params.style.strip():
@@ -144,12 +142,6 @@ class AnimeModelConfig(ModelSettings):
         style = self.default_style if params.style is None else params.style.strip()
         if not STYLE_NAME.fullmatch(style) or ".." in style:
             raise InvalidParameter(f"not a style name: {style!r} (plain names only, no paths)", "style")
-        try:
-            available = self.styles()
-        except FileNotFoundError:
-            # Not visible in this process (an ingress on a node without the directory): the model
-            # replica, which cannot start without it, resolves again and refuses unknown styles.
-            return AnimeParams(style=style)
-        if style not in available:
-            raise InvalidParameter(f"unknown style {style!r}; available: {', '.join(available) or 'none'}", "style")
+        if catalog is not None and style not in catalog.names:
+            raise catalog.unknown(style, "style", "style", label="available")
         return AnimeParams(style=style)

@@ -11,9 +11,11 @@ is fully convolutional: two stride-2 convolutions down, two bilinear upsamplings
 input size, so any H and W work; the training and released checkpoints use sides that are
 multiples of 32, which is what `deployments.anime` feeds it (by reflect padding, then cropping).
 
-`load_state_dict_file` reads a released ``.pt`` (only with ``torch.load(weights_only=True)``, never
-arbitrary pickles) or a ``.safetensors`` file and checks every key and shape against the
-architecture before anything is loaded, naming whatever does not fit.
+`load_generator` reads a ``.safetensors`` file only and checks every key and shape against the
+architecture before anything is loaded, naming whatever does not fit. A released ``.pt`` is a
+pickle, which can run code when loaded: it is refused, naming the file and the converter
+(``imgserve convert-styles``, or ``imgserve fetch`` with ``convert: animegan``), which turns it into
+``.safetensors`` ahead of time in a process of its own (`serve_app.convert`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from deployments.styles import PICKLE_SUFFIXES, pickle_refusal
 
 if TYPE_CHECKING:
     from deployments.stylize import Workspace
@@ -160,27 +164,23 @@ class Generator(nn.Module):
 
 
 class WeightsMismatch(ValueError):
-    """A style file whose keys or shapes do not fit the generator (an operator error at load time)."""
+    """A style file the generator cannot take (an operator error at load time): not a
+    ``.safetensors`` file, or keys and shapes that do not fit."""
 
 
 def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file or a ``.pt`` state dict (``torch.load(weights_only=True)``)."""
+    """Tensors of a ``.safetensors`` file; a pickle (``.pt``/``.pth``) is refused, never opened."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    if path.suffix in PICKLE_SUFFIXES:
+        raise WeightsMismatch(pickle_refusal([path]))
+    if path.suffix != ".safetensors":
+        raise WeightsMismatch(f"{path}: unknown weights format {path.suffix!r}; styles are .safetensors files")
+    from safetensors.torch import load_file
 
+    try:
         return load_file(str(path), device="cpu")
-    if path.suffix in (".pt", ".pth"):
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # an UnpicklingError for anything that is not plain tensors
-            raise WeightsMismatch(f"{path}: not a plain tensor state dict ({type(exc).__name__}: {exc})") from exc
-        if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-            data = data["state_dict"]
-        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-            raise WeightsMismatch(f"{path}: expected a dict of tensors (a state_dict), got {type(data).__name__}")
-        return data
-    raise WeightsMismatch(f"{path}: unknown weights format {path.suffix!r}; use .safetensors or .pt")
+    except Exception as exc:  # safetensors raises its own error types for a broken header
+        raise WeightsMismatch(f"{path}: not a readable .safetensors file ({type(exc).__name__}: {exc})") from exc
 
 
 def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str = "weights") -> None:

@@ -1,5 +1,7 @@
 """Loads a Qwen-Image pipeline from a local diffusers directory (a real checkout or a tiny one);
-never downloads. The one place that maps a model kind to its diffusers pipeline class.
+never downloads, and reads weights from ``.safetensors`` only (``use_safetensors=True``: a component
+that has only a pickled ``.bin``/``.pt`` checkpoint is an error naming the missing file, never an
+unpickling). The one place that maps a model kind to its diffusers pipeline class.
 
 `edit` is `QwenImageEditPlusPipeline` (Qwen-Image-Edit-2509/2511), `layered` is
 `QwenImageLayeredPipeline` (Qwen-Image-Layered). Where torchvision is missing (no CPU build of it
@@ -49,13 +51,16 @@ def _torchvision_available() -> bool:
 
 
 def load_pipeline(kind: Kind, directory: Path, torch_dtype: torch.dtype = torch.float32, **components: Any) -> Any:
-    """Load a Qwen-Image pipeline of ``kind`` from a local diffusers directory; never downloads.
-    ``components`` replace what would be loaded (None: leave that component out)."""
+    """Load a Qwen-Image pipeline of ``kind`` from a local diffusers directory; never downloads,
+    weights from safetensors only. ``components`` replace what would be loaded (None: leave that
+    component out)."""
     directory = Path(directory)
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": torch_dtype}  # diffusers 0.42: not `torch_dtype`
     if not _torchvision_available() and "processor" not in components:
+        # A processor has no weights (JSON configs and the tokenizer's files only).
         kwargs["processor"] = NoVideoProcessor.from_pretrained(directory / "processor", local_files_only=True)
-    return pipeline_class(kind).from_pretrained(directory, **kwargs, **components)
+    # use_safetensors=True reaches every diffusers and transformers component: none falls back to a pickle.
+    return pipeline_class(kind).from_pretrained(directory, use_safetensors=True, **kwargs, **components)
 
 
 def load_text_pipeline(kind: Kind, directory: Path, torch_dtype: torch.dtype = torch.float32,

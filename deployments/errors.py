@@ -68,3 +68,10 @@ class TimedOut(ImgserveError):
     """The request took longer than the configured limit; the model stopped at the next step."""
 
     code = "timeout"
+
+
+class Unavailable(ImgserveError):
+    """What the request needs exists but cannot be used now (the default LoRA version's file went
+    bad and no replica holds it); the service reports it; retry later or choose another."""
+
+    code = "unavailable"

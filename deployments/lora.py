@@ -1,10 +1,11 @@
 """LoRA files for `real`: a store of versions in a directory, and an inspector that checks a file
 against the base transformer before anything is loaded into it.
 
-The store lists `*.safetensors` files as versions named after their stems, ordered by the numbers
-in their names (`v2511-0715 < v2511-0801 < v2511-0823`), rescanning the directory when asked for an
-unknown name or after a short interval, so a file dropped in appears without a restart. Names are
-never paths. The inspector reads only the safetensors header (never pickle) and reports the key
+The store lists complete `*.safetensors` files (size and time unchanged across two scans, header
+checked) as versions named after their stems, ordered by the numbers in their names
+(`v2511-0715 < v2511-0801 < v2511-0823`), rescanning the directory when asked for an unknown name
+or after a short interval, so a file dropped in appears without a restart and a file still being
+copied never does. Names are never paths. The inspector reads only the safetensors header (never pickle) and reports the key
 format (diffusers/PEFT, `.default.`, kohya, ComfyUI/ai-toolkit, bare), ranks, alphas, target modules
 and, given the base transformer's Linear shapes, every key that has no module or whose shape does
 not fit. Knows nothing about Ray, HTTP or pipelines.
@@ -13,7 +14,9 @@ not fit. Knows nothing about Ray, HTTP or pipelines.
 from __future__ import annotations
 
 import re
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,43 +58,105 @@ def check_name(name: str, field_name: str = "lora") -> str:
 
 # -- the store -----------------------------------------------------------------------------------
 class LoraStore:
-    """The versions in one directory of `.safetensors` files."""
+    """The versions in one directory of `.safetensors` files: only complete, readable ones.
 
-    def __init__(self, directory: Path | str, rescan_s: float = 10.0) -> None:
+    A file becomes a version once two scans at least `settle_s` apart saw the same size and
+    modification time (a copy in progress keeps changing them) and its header passes `check` (by
+    default: a readable safetensors header holding LoRA pairs; the replica passes a check against
+    its base). Until then it is `pending`; a file that fails the check is in `problems`. Checks are
+    cached per (size, mtime), so a rescan reads only new or changed headers.
+    """
+
+    def __init__(self, directory: Path | str, rescan_s: float = 10.0, settle_s: float = 1.0,
+                 check: Callable[[Path], list[str]] | None = None) -> None:
         self.directory = Path(directory).expanduser()
         self.rescan_s = rescan_s
+        self.settle_s = settle_s
+        self.check = check or (lambda path: inspect_lora(path).problems)
+        self.pending: dict[str, str] = {}
+        """Files not (yet) listed because their size or time still changed: name → why."""
+        self.problems: dict[str, str] = {}
+        """Complete files that are not usable versions: name → why (the header's problems)."""
         self._files: dict[str, Path] = {}
+        self._seen: dict[str, tuple[int, int, float]] = {}  # name → (size, mtime_ns, first seen so)
+        self._checked: dict[tuple[str, int, int], list[str]] = {}
         self._scanned_at = float("-inf")
+        self._lock = threading.Lock()  # the model thread and the catalog reporter both rescan
 
     def scan(self) -> list[str]:
         """Re-read the directory; returns the versions in order."""
-        files = {}
-        if self.directory.is_dir():
-            for path in self.directory.iterdir():
-                if path.suffix == ".safetensors" and path.is_file() and _NAME.match(path.stem):
-                    files[path.stem] = path
-        self._files = files
-        self._scanned_at = time.monotonic()
+        with self._lock:
+            return self._scan()
+
+    def _scan(self) -> list[str]:
+        now = time.monotonic()
+        files, seen, pending, problems = {}, {}, {}, {}
+        for name, path in self._candidates().items():
+            try:
+                stat = path.stat()
+            except OSError:  # removed between the listing and here
+                continue
+            signature = (stat.st_size, stat.st_mtime_ns)
+            earlier = self._seen.get(name)
+            since = earlier[2] if earlier is not None and earlier[:2] == signature else now
+            seen[name] = (*signature, since)
+            if since == now or now - since < self.settle_s:
+                pending[name] = "still being written (its size or time changed since the last scan)" \
+                    if earlier is not None else "new: listed once a second scan finds its size unchanged"
+                continue
+            key = (name, *signature)
+            if key not in self._checked:
+                self._checked[key] = self.check(path)
+            if self._checked[key]:
+                problems[name] = "; ".join(self._checked[key])[:500]
+            else:
+                files[name] = path
+        self._files, self._seen, self.pending, self.problems = files, seen, pending, problems
+        self._checked = {key: value for key, value in self._checked.items() if key[0] in seen}
+        self._scanned_at = now
         return self.versions(rescan=False)
+
+    def settle(self) -> list[str]:
+        """Two scans `settle_s` apart (a replica's start): files complete now are listed at once."""
+        self.scan()
+        if self.pending:
+            time.sleep(self.settle_s)
+            self.scan()
+        return self.versions(rescan=False)
+
+    def _candidates(self) -> dict[str, Path]:
+        if not self.directory.is_dir():
+            return {}
+        return {path.stem: path for path in self.directory.iterdir()
+                if path.suffix == ".safetensors" and _NAME.match(path.stem) and path.is_file()}
 
     def versions(self, rescan: bool = True) -> list[str]:
         """Versions in numeric order; rescans when the last scan is older than `rescan_s`."""
         if rescan and time.monotonic() - self._scanned_at > self.rescan_s:
-            self.scan()
+            self.settle() if self._scanned_at == float("-inf") else self.scan()
         return sorted(self._files, key=version_key)
 
     def newest(self) -> str | None:
         versions = self.versions()
         return versions[-1] if versions else None
 
+    def usable(self, version: str) -> str | None:
+        """None when `version` is a listed version now; else why not (after a rescan)."""
+        self.versions()
+        if version in self._files:
+            return None
+        return self.problems.get(version) or self.pending.get(version) or "no such file"
+
     def path(self, version: str) -> Path:
         """The file of `version`; rescans once for an unknown name, then refuses listing the valid ones."""
         check_name(version)
         if version not in self._files:
-            self.scan()
+            self.versions() if self._scanned_at == float("-inf") else self.scan()
         if version not in self._files:
             valid = ", ".join([NONE, *self.versions(rescan=False)])
-            raise InvalidParameter(f"unknown LoRA version {version!r}; valid: {valid}", "lora")
+            why = self.problems.get(version) or self.pending.get(version)
+            detail = f" ({version} is {'not usable: ' if version in self.problems else ''}{why})" if why else ""
+            raise InvalidParameter(f"unknown LoRA version {version!r}{detail}; valid: {valid}"[:800], "lora")
         return self._files[version]
 
 

@@ -19,6 +19,7 @@ labels (`SessionName`, `NodeAddress`, `WorkerId`, ...) and, inside a replica, Se
 | `ray_imgserve_rejections_total` | counter | task, reason | Ingress: requests answered 429, 503 or 504; reason is the JSON error code (`queue_full`, `unavailable`, `rate_limited`, `timeout`, ...) |
 | `ray_imgserve_stage_seconds` | histogram | task, stage | Preprocess (`preprocess`), the models (`encode_prompt`, `encode_image`, `denoise`, `decode`; layers also `caption` when it captions; anime `stylize`), Postprocess (`postprocess`); successful stages only. With the text encoder stage, `encode_prompt` and `caption` are recorded by the TextEncoder deployment (its `deployment` tag), not by the model |
 | `ray_imgserve_lora_events_total` | counter | event, version | RealModel: `load` (read from disk into the replica), `evict` (dropped by its LRU), `hit` (a request whose version was already resident) |
+| `ray_imgserve_lora_default_usable` | gauge | version | RealModel: 1 while the replica's default LoRA version (fixed when it started, or `real.default_lora`) can be loaded from disk, 0 once its file is gone or no longer fits (the replica keeps serving a resident copy; `GET /v1/status` says why) |
 | `ray_imgserve_gpu_peak_bytes` | histogram | task, gpu | RealModel, LayersModel: `torch.cuda.max_memory_allocated(gpu)` over one successful request (peak statistics reset at its start), one observation per CUDA device the replica sees that allocated anything. Without CUDA nothing is recorded: the series is absent, never 0 |
 | `ray_imgserve_jobs_queued` | gauge | | JobRunner: jobs waiting to start (refreshed every second by the dispatcher) |
 | `ray_imgserve_jobs_running` | gauge | | JobRunner: jobs running now |
@@ -177,6 +178,9 @@ lora_events = Counter(
 gpu_peak_bytes = Histogram(
     "imgserve_gpu_peak_bytes", "Peak GPU memory allocated by torch during one request, per device.",
     GPU_BYTES_BUCKETS, ("task", "gpu"))
+lora_default_usable = Gauge(
+    "imgserve_lora_default_usable", "1 while the default LoRA version's file can be loaded on this replica, 0 when it "
+    "went bad (the replica still serves a resident copy).", ("version",))
 jobs_queued = Gauge("imgserve_jobs_queued", "Jobs waiting to start.")
 jobs_running = Gauge("imgserve_jobs_running", "Jobs running now.")
 jobs_finished = Counter(
@@ -196,7 +200,8 @@ job_limits = Counter(
 job_store_bytes = Gauge("imgserve_job_store_bytes", "Bytes of job inputs and results on the store's disk.")
 event_streams = Gauge("imgserve_event_streams", "Job event streams open on this ingress replica.")
 
-ALL: tuple[_Metric, ...] = (requests, request_seconds, rejections, stage_seconds, lora_events, gpu_peak_bytes,
+ALL: tuple[_Metric, ...] = (requests, request_seconds, rejections, stage_seconds, lora_events, lora_default_usable,
+                            gpu_peak_bytes,
                             jobs_queued, jobs_running, jobs_finished, job_seconds, abandoned, model_seconds,
                             job_limits, job_store_bytes, event_streams)
 

@@ -7,7 +7,7 @@ milliseconds): `load()` runs there too, after the device, the dtype and the thre
 decided, once, for every model alike (`ModelSettings.device/dtype/num_threads`). `stats()` has
 one shape for every model (replica, device, dtype, plan, loads, stops; plus what a model adds in
 `extra_stats`), and `check_health` raises while nothing is loaded, so Ray Serve replaces the
-replica. Subclasses implement `load_model`, `loaded` and the request entry `__call__`.
+replica. `catalog()` is what the replica can serve by name (LoRA versions, styles), for the ingress. Subclasses implement `load_model`, `loaded` and the request entry `__call__`.
 
 Abandoned work stops (`on_request`): a request's work runs on the model thread with a stop signal
 of its own, seen by the model through its progress (`Stoppable`, checked at every stage and
@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from deployments.errors import Cancelled, TimedOut
 from deployments.records import Deadline, Generated, ImageSpec, Progress
-from deployments.task import TaskSection
+from deployments.task import Catalog, TaskSection
 from deployments.validation import at_least
 
 T = TypeVar("T")
@@ -174,6 +174,12 @@ class Model:
     def extra_stats(self) -> dict[str, Any]:
         """What a model adds to `stats()` (resident adapters, batches, ...)."""
         return {}
+
+    def catalog(self) -> Catalog | None:
+        """The names this replica can serve for its task's `choice_field` (LoRA versions, styles),
+        read where the model files are; the app reports it to the ingress (`serve_app.catalogs`).
+        None: the task has no catalog. Called off the model thread: cheap, and safe beside a request."""
+        return None
 
 
 class Abandoned(Cancelled):

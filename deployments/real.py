@@ -12,6 +12,7 @@ Knows nothing about HTTP, jobs or encoding.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -22,11 +23,13 @@ import numpy as np
 from deployments import metrics
 from deployments.adapters import Adapters, stack_text
 from deployments.diffusion import DiffusionModel, step_callback, to_uint8
-from deployments.errors import InvalidParameter
-from deployments.lora import NONE, LoraStore
+from deployments.errors import InvalidParameter, Unavailable
+from deployments.lora import NONE, LoraStore, version_key
 from deployments.real_config import RealModelConfig, RealParams
 from deployments.records import Conditioning, Generated, ImageSpec, Prepared, Progress
-from deployments.task import Task
+from deployments.task import Catalog, Task
+
+log = logging.getLogger("imgserve")
 
 
 class RealModel(DiffusionModel):
@@ -44,6 +47,9 @@ class RealModel(DiffusionModel):
         """Speed adapters and resident versions of this replica's transformer (after `load`)."""
         self.prefetched: set[str] = set()
         """Versions loaded by `prefetch` that no request has used yet."""
+        self._default_problem: str | None = None
+        self.default_lora: str = NONE
+        """The version of a request that names none, fixed when the replica loads (`load_model`)."""
 
     def condition_areas(self) -> None:
         """The demo's smaller condition images (process-wide), where the config asks for them."""
@@ -59,26 +65,76 @@ class RealModel(DiffusionModel):
     def load_model(self) -> None:
         # Several named adapters on one transformer is exactly what hot swapping means here.
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        self.store = self.config.lora_store(self.cache_dir)
         self.condition_areas()
         super().load_model()
         if self.config.compile:
             # before any adapter: every one is sized for the largest rank, so swapping keeps the graph
             self.pipe.enable_lora_hotswap(target_rank=self.config.compile_max_rank)
         rank = self.config.compile_max_rank if self.config.compile else None
-        self.adapters = Adapters(self.pipe, self.store, self.config.max_adapters_per_replica, rank)
+        self.adapters = Adapters(self.pipe, None, self.config.max_adapters_per_replica, rank)
+        # only complete files that fit this base (and a compiled replica's rank) are versions
+        self.store = self.adapters.store = self.config.lora_store(self.cache_dir, self.adapters.problems)
         for name in self.config.speed_adapters:
             self.adapters.pin_speed(name, self.config.speed_adapter_file(name, self.cache_dir))
         if self.config.compile:
             self.pipe.transformer.compile()
+        self.fix_default()
+
+    def fix_default(self) -> None:
+        """Fix the default version for this replica's life: `default_lora`, else the newest complete
+        version now; logged, and reported unusable (not silently replaced) if its file goes bad."""
+        configured = self.config.default_lora
+        versions = self.store.settle() if self.store is not None else []
+        self.default_lora = configured or (versions[-1] if versions else NONE)
+        source = "real.default_lora" if configured else "the newest complete version"
+        where = f" in {self.store.directory}" if self.store is not None else " (no LoRA directory)"
+        log.info("real: default LoRA version %r (%s%s)", self.default_lora, source, where)
+        self.default_problem()
+
+    def default_problem(self) -> str | None:
+        """Why the default version cannot be read from disk now (None: it can); a change is logged and
+        the gauge `imgserve_lora_default_usable` follows it. While it is unusable the replica keeps a
+        resident copy of it from being evicted, so default requests still run there."""
+        default = self.default_lora
+        problem = None if default == NONE or self.store is None else self.store.usable(default)
+        if problem != self._default_problem:
+            if problem is None:
+                log.info("real: default LoRA version %r is usable again", default)
+            else:
+                log.warning("real: default LoRA version %r is not usable: %s", default, problem)
+        self._default_problem = problem
+        if self.adapters is not None:
+            self.adapters.keep = default if problem is not None else None
+        metrics.lora_default_usable.set(0 if problem else 1, tags={"version": default})
+        return problem
+
+    @property
+    def catalog_every_s(self) -> float:
+        """How often the catalog is worth reporting: a directory rescan's interval."""
+        return self.config.lora_rescan_s
+
+    def catalog(self) -> Catalog:
+        """What this replica serves (`Model.catalog`): the complete versions and those it holds in
+        memory, the default, why other files are not versions, and whether the default is usable."""
+        problem = self.default_problem()
+        names = set(self.store.versions()) if self.store is not None else set()
+        names.update(self.adapters.versions if self.adapters is not None else ())
+        problems = {**self.store.pending, **self.store.problems} if self.store is not None else {}
+        return Catalog(tuple(sorted(names, key=version_key)), self.default_lora, problems, problem)
 
     def extra_stats(self) -> dict[str, Any]:
         return {**super().extra_stats(), **(self.adapters.stats() if self.adapters is not None else {})}
 
     # -- LoRA ------------------------------------------------------------------------------------
     def ensure_adapter(self, version: str) -> str:
-        """Make `version` resident (LRU beyond `max_adapters_per_replica`); the base is never reloaded."""
+        """Make `version` resident (LRU beyond `max_adapters_per_replica`); the base is never reloaded.
+        The default version, when its file is unusable and it is not resident, is 503 `unavailable`."""
         self.check_health()
+        if version == self.default_lora and version not in self.adapters.versions:
+            problem = self.default_problem()
+            if problem is not None:
+                raise Unavailable(f"the default LoRA version {version!r} cannot be loaded ({problem}); name "
+                                  f"another version in `lora`, or `none`", "lora")
         self.adapters.ensure_version(version)
         return version
 
@@ -101,7 +157,9 @@ class RealModel(DiffusionModel):
                        conditioning: Conditioning | None = None) -> Generated:
         """Serve entry point: the version made resident, then `generate` on the model thread."""
         loads_before = self.adapters.version_loads() if self.adapters is not None else 0
-        if params.lora and params.lora != NONE:
+        if params.lora is None:  # the ingress had no report yet: this replica's default
+            params = params.model_copy(update={"lora": self.default_lora})
+        if params.lora != NONE:
             await self.adapter(params.lora)
         generated = await self.serve_generate(prepared, params, progress, conditioning)
         if params.lora != NONE:
@@ -152,8 +210,8 @@ class RealModel(DiffusionModel):
         import torch
         from PIL import Image
 
-        # 1. validate
-        params = self.config.resolve(params, self.store)
+        # 1. validate (against this replica's catalog; a request that names no version gets its default)
+        params = self.config.resolve(params, self.catalog())
         array = self.checked(prepared)
         height, width = array.shape[:2]
         self.check_health()

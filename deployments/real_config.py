@@ -7,6 +7,8 @@ choices. A config module: it imports no torch, diffusers or Ray (the model is `d
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -15,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, mod
 from deployments.diffusion_config import MIN_STEPS, DiffusionConfig, DiffusionParams
 from deployments.errors import InvalidParameter
 from deployments.lora import NONE, LoraStore, check_name, ensure_tiny_loras, ensure_tiny_speed_adapter
-from deployments.task import choice_schema
+from deployments.task import Catalog, choice_schema
 from deployments.validation import at_least, between
 
 DEFAULT_PROMPT = "transform the image to realistic photograph, high quality, 4k, natural skin texture"
@@ -92,14 +94,22 @@ class RealModelConfig(DiffusionConfig):
     """Tiny models only: the pixel area diffusers resizes the condition image to (module constants
     VAE_IMAGE_SIZE and CONDITION_IMAGE_SIZE, process-wide). None keeps diffusers' real-model values."""
     lora_dir: str | None = None
-    """Directory of LoRA versions (`*.safetensors`, named by their stems); `tiny`: three tiny
-    random adapters generated into the cache directory (demo, tests); None: the base model only."""
+    """Directory of LoRA versions (`*.safetensors`, named by their stems), read only by the model
+    replicas (they report what they find to the ingress); `$VARS` in it are expanded there, so each
+    node may keep its models elsewhere. `tiny`: three tiny random adapters generated into the cache
+    directory (demo, tests); None: the base model only. A file is a version once it is complete:
+    its size unchanged across two scans and its header checked against the base."""
     default_lora: str | None = None
-    """Version used when a request names none; None → the newest; `none` → the base alone."""
+    """Version used when a request names none; None → the newest complete version when the replica
+    started (logged; a file added later is not the default until a restart); `none` → the base alone."""
     max_adapters_per_replica: int = 2
     """LoRA versions a replica keeps loaded (LRU beyond this); also Serve's multiplexing limit."""
     lora_rescan_s: float = 10.0
-    """Seconds a directory listing is trusted; unknown names always trigger a rescan."""
+    """Seconds a directory listing is trusted: a replica rescans this often (a file dropped in is
+    listed within about twice this), and when asked for a name it does not list."""
+    lora_settle_s: float = 1.0
+    """Seconds between the two scans that must find a file's size and time unchanged before it is
+    listed (at a replica's start; later scans are `lora_rescan_s` apart)."""
     speed_adapters: dict[str, SpeedAdapter] = {}
     """Presets beyond `full`: name → its speed adapter. Each is loaded once per replica and never
     evicted; a request with that preset runs it stacked under its version."""
@@ -114,6 +124,7 @@ class RealModelConfig(DiffusionConfig):
     """With `compile`: the largest LoRA rank a version may have (the swapped adapter is that large)."""
 
     _real_positive = at_least(1, "max_adapters_per_replica", "condition_area", "compile_max_rank")
+    _real_seconds = at_least(0, "lora_rescan_s", "lora_settle_s")
 
     @model_validator(mode="after")
     def _presets_within_limits(self) -> RealModelConfig:
@@ -162,14 +173,13 @@ class RealModelConfig(DiffusionConfig):
     def resident_limit(self) -> int:
         return self.max_adapters_per_replica
 
-    def lora_store(self, cache_dir: Path | str) -> LoraStore | None:
-        """The store of LoRA versions this config names (generating the tiny ones if asked)."""
+    def lora_store(self, cache_dir: Path | str, check: Callable[[Path], list[str]] | None = None) -> LoraStore | None:
+        """The store of LoRA versions this config names (generating the tiny ones if asked), in the
+        process that holds the model; `check`: a file's problems against the base."""
         if self.lora_dir is None:
             return None
-        directory = ensure_tiny_loras(cache_dir) if self.lora_dir == "tiny" else Path(self.lora_dir)
-        return LoraStore(directory, rescan_s=self.lora_rescan_s)
-
-    catalog = lora_store
+        directory = ensure_tiny_loras(cache_dir) if self.lora_dir == "tiny" else Path(os.path.expandvars(self.lora_dir))
+        return LoraStore(directory, rescan_s=self.lora_rescan_s, settle_s=self.lora_settle_s, check=check)
 
     def transformer_dir(self, cache_dir: Path | str) -> Path:
         """The base transformer's directory (what LoRA files are checked against)."""
@@ -179,9 +189,10 @@ class RealModelConfig(DiffusionConfig):
             return ensure_tiny("edit", Path(cache_dir).expanduser()) / "transformer"
         return Path(self.source).expanduser() / "transformer"
 
-    def resolve(self, params: RealParams, store: LoraStore | None = None) -> RealParams:
-        """Fill defaults (the preset's steps and cfg) and check ranges; raises InvalidParameter
-        naming the field."""
+    def resolve(self, params: RealParams, catalog: Catalog | None = None) -> RealParams:
+        """Fill defaults (the preset's steps and cfg, the default version) and check ranges and the
+        version against `catalog` (None: nothing reported here; the form of the name only, and the
+        default left to the replica); raises InvalidParameter naming the field."""
         presets = self.presets()
         preset = params.preset or self.default_preset
         if preset not in presets:
@@ -190,44 +201,53 @@ class RealModelConfig(DiffusionConfig):
         common = self.resolve_common(params, prompt, presets[preset])
         if params.lora is not None and not params.lora.strip():
             raise InvalidParameter("blank; leave the field out for the default version", "lora")
-        lora = params.lora or self.default_lora or (store.newest() if store else None) or NONE
-        if lora != NONE:
-            if store is None:
+        lora = params.lora or self.default_lora or (catalog.default if catalog is not None else None)
+        if lora is not None and lora != NONE:
+            if self.lora_dir is None:
                 raise InvalidParameter(f"no LoRA directory is configured; only {NONE!r} is available", "lora")
-            store.path(lora)  # refuses paths and unknown versions, listing the valid ones
+            check_name(lora)
+            if catalog is not None and lora not in catalog.names and lora != catalog.default:
+                raise catalog.unknown(lora, "lora", "LoRA version", also=(NONE,))
         scale = 1.0 if params.lora_scale is None else params.lora_scale
         if not 0.0 <= scale <= MAX_LORA_SCALE:  # also false for NaN
             raise InvalidParameter(f"must be between 0 and {MAX_LORA_SCALE:g}, got {scale}", "lora_scale")
         return RealParams(**common, lora=lora, preset=preset, lora_scale=scale,
                           depth_compensation=bool(params.depth_compensation))
 
-    def choices(self, store: LoraStore | None = None) -> list[str]:
+    def choices(self, catalog: Catalog | None = None) -> list[str]:
         """The LoRA versions (model ids `real:<version>`); the base alone is asked for with the field
         `lora=none`, not by an id of its own."""
-        return store.versions() if store else []
+        return list(catalog.names) if catalog is not None else []
 
-    def describe(self, store: LoraStore | None = None) -> dict[str, Any]:
-        versions = store.versions() if store else []
+    def default_version(self, catalog: Catalog | None = None) -> str | None:
+        """The version of a request that names none: configured, else the replicas' (None: unknown here)."""
+        if self.lora_dir is None:
+            return NONE
+        return self.default_lora or (catalog.default if catalog is not None else None)
+
+    def describe(self, catalog: Catalog | None = None) -> dict[str, Any]:
         steps, cfg = self.presets()[self.default_preset]
         return {
             "defaults": {"prompt": self.default_prompt, "negative_prompt": self.default_negative_prompt,
                          "steps": steps, "cfg": cfg},
             "limits": {"steps": [MIN_STEPS, self.max_steps], "cfg": [1.0, self.max_cfg],
                        "lora_scale": [0.0, MAX_LORA_SCALE]},
-            "lora": {"versions": [NONE, *versions],
-                     "default": self.default_lora or (versions[-1] if versions else NONE)},
+            "lora": {"versions": [NONE, *self.choices(catalog)], "default": self.default_version(catalog),
+                     "reported": catalog is not None},
             "presets": {"default": self.default_preset,
                         "choices": {name: {"steps": steps, "cfg": cfg, "adapter": name != FULL}
                                     for name, (steps, cfg) in self.presets().items()}},
         }
 
-    def limits(self, store: LoraStore | None = None) -> dict[str, dict[str, Any]]:
+    def limits(self, catalog: Catalog | None = None) -> dict[str, dict[str, Any]]:
         limits = super().limits()
-        described = self.describe(store)
+        described = self.describe(catalog)
         limits["prompt"]["default"] = self.default_prompt
         limits["steps"]["default"], limits["cfg"]["default"] = described["defaults"]["steps"], described["defaults"]["cfg"]
         lora = described["lora"]
-        return {**limits, "lora": {**choice_schema(lora["versions"]), "default": lora["default"]},
+        versions = lora["versions"] if catalog is not None or self.lora_dir is None else []
+        default = {"default": lora["default"]} if lora["default"] is not None else {}
+        return {**limits, "lora": {**choice_schema(versions), **default},
                 "preset": {"enum": list(self.presets()), "default": self.default_preset},
                 "lora_scale": {"minimum": 0.0, "maximum": MAX_LORA_SCALE, "default": 1.0},
                 "depth_compensation": {"default": False}}

@@ -5,7 +5,9 @@ The section (a `TaskSection` subclass, declared in the task's module) holds the 
 and its Serve options, and implements what depends on them: `resolve` (defaults, ranges, the
 choices of its catalog), `describe` (the task's entry in `GET /v1/models`), `limits` (what bounds
 each request field, for the OpenAPI document) and, for a task with a catalog worth addressing by
-name, `choice_field` and `choices` (the OpenAI-style model ids `<task>:<choice>`).
+name, `choice_field` and `choices` (the OpenAI-style model ids `<task>:<choice>`). A task's catalog (a
+`Catalog`: the names that field may take, its default) is what its model replicas report; the
+sections' methods take it, or None where nothing has been reported.
 
 Two request fields are generic, taken by every task and popped before its params are parsed:
 `format` (one of `Task.formats`) and `size` (`auto`, or `WxH`: the result fits inside W×H, aspect
@@ -21,8 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -59,11 +60,6 @@ class TaskSection(BaseModel):
         """The values of `choice_field` worth a model id of their own (GET /v1/models); [] when the
         task has none or they cannot be listed in this process."""
         return []
-
-    def catalog(self, cache_dir: Path) -> Any:
-        """What this process needs to resolve requests (e.g. the LoRA versions on disk); None when
-        the task needs nothing beyond its settings."""
-        return None
 
     def resolve(self, params: Any, catalog: Any = None) -> Any:
         """Fill defaults and check ranges; raises InvalidParameter naming the field."""
@@ -168,9 +164,43 @@ class Task:
         """How preprocess prepares the image of a request with these resolved params."""
         return self.prepare(params, self.input_spec) if self.prepare is not None else self.input_spec
 
-    def configured(self, section: TaskSection, cache_dir: Path) -> ConfiguredTask:
-        """This task as a service offers it, with `section` (opens its catalog)."""
-        return ConfiguredTask(self, section, section.catalog(cache_dir))
+    def configured(self, section: TaskSection, catalog: Catalog | None = None) -> ConfiguredTask:
+        """This task as a service offers it, with `section` and what its replicas reported."""
+        return ConfiguredTask(self, section, catalog)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """What a task's model replicas can serve, as they report it (`Model.catalog`): the names its
+    `choice_field` may take (LoRA versions, styles) in order, the default one, and why files that
+    are not listed are not. Never read from disk outside the replicas that hold the models."""
+
+    names: tuple[str, ...] = ()
+    default: str | None = None
+    """The name a request that chooses none gets (fixed when the replica started, or configured)."""
+    problems: dict[str, str] = field(default_factory=dict)
+    """Files that are not (yet) names: name → why (still being copied, does not fit the base)."""
+    default_problem: str | None = None
+    """Why the default cannot be loaded from disk now (None: it can); a replica that holds it in
+    memory still serves it."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"names": list(self.names), "default": self.default, "problems": dict(self.problems),
+                "default_problem": self.default_problem}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Catalog:
+        return cls(tuple(data.get("names", ())), data.get("default"), dict(data.get("problems") or {}),
+                   data.get("default_problem"))
+
+    def unknown(self, name: str, field_name: str, what: str, also: tuple[str, ...] = (),
+                label: str = "valid") -> InvalidParameter:
+        """The 422 for a name that is not in the catalog: why, when a file of that name is not
+        usable, and the valid names (`also`: valid values that are not files, e.g. `none`)."""
+        why = self.problems.get(name)
+        detail = f" ({name} is not usable: {why})" if why else ""
+        valid = ", ".join([*also, *self.names]) or "none"
+        return InvalidParameter(f"unknown {what} {name!r}{detail}; {label}: {valid}"[:800], field_name)
 
 
 @dataclass(frozen=True)
@@ -197,7 +227,9 @@ class ConfiguredTask:
 
     task: Task
     section: TaskSection
-    catalog: Any = None
+    catalog: Catalog | None = None
+    """What its replicas reported; None: nothing yet (names are then checked for their form only,
+    and the replica that takes the request checks them again)."""
 
     def resolve(self, fields: Mapping[str, Any] | None, max_edge: int | None = None) -> Resolved:
         """Check the fields without touching pixels; fills defaults and the seed. `max_edge`: the

@@ -211,7 +211,7 @@ def save_tiny(pipe, directory: Path) -> None:
     one (see ``deployments.checkpoints.load_pipeline``).
     """
     directory = Path(directory)
-    pipe.save_pretrained(directory)
+    pipe.save_pretrained(directory, safe_serialization=True)  # what `load_pipeline` reads (safetensors only)
     index_path = directory / "model_index.json"
     index = json.loads(index_path.read_text())
     index["processor"] = ["transformers", "Qwen2VLProcessor"]

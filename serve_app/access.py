@@ -9,17 +9,20 @@ outside this one and so also sees its refusals.
 
 - **Keys** are stored only as SHA-256 hex digests (config `ingress.api_keys_sha256` plus the
   environment variable named by `ingress.api_keys_env`, read when the replica starts). A request
-  to `/v1/*` presents its key as `Authorization: Bearer <key>` or `X-API-Key: <key>`; the presented
-  key is hashed and compared with every stored digest by `hmac.compare_digest`. Logs name a key by
-  its id, the first 8 hex characters of its digest, never by the key (`serve_app.keys`).
+  to `/v1/*`, and with keys configured to `/openapi.json` (it lists the LoRA versions and styles
+  that `/v1/models` protects), presents its key as `Authorization: Bearer <key>` or
+  `X-API-Key: <key>`; the presented key is hashed and compared with every stored digest by
+  `hmac.compare_digest`. Logs name a key by its id, the first 8 hex characters of its digest,
+  never by the key (`serve_app.keys`).
 - **Rate limit**: a token bucket per key id (per client address when keys are off) in this
   replica's memory: `burst` tokens, refilled at `per_minute / 60` tokens a second. With N ingress
   replicas a client can get up to N times the configured rate (see docs/architecture.md).
 - **Wrong keys** take a token from the client address's bucket, so keys cannot be guessed at full speed
   (a missing key does not: it is a client that forgot, answered 401 at once).
 - **Security headers** on every response: `X-Content-Type-Options: nosniff`, `X-Frame-Options: DENY`,
-  `Referrer-Policy: no-referrer`, and a Content-Security-Policy of the service's own origin only
-  (the API reference pages, which load Swagger UI from a CDN, get only `frame-ancestors 'none'`).
+  `Referrer-Policy: no-referrer`, and a Content-Security-Policy of the service's own origin only, the
+  same for every path: the web page and the API reference (/docs, Swagger UI served by the service,
+  `serve_app.docs_page`) load nothing from elsewhere and run no inline code.
 - **CORS** for the listed origins: answered preflights and readable result headers. Starlette's
   `CORSMiddleware` does not fit: it refuses a preflight it does not like with a plain-text 400,
   outside the one JSON error shape, and exposes only a fixed list of headers.
@@ -71,9 +74,9 @@ CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' blob: data:; obje
                            "form-action 'self'; frame-ancestors 'none'")
 """The page loads only its own files (result previews are blob: URLs); the API's JSON and images
 are never rendered as a page that could run anything else."""
-DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc")
-"""FastAPI's API reference pages load Swagger UI from a CDN with an inline script: they get only
-`frame-ancestors 'none'` until their assets are served locally."""
+KEYED_DOCUMENTS = ("/openapi.json",)
+"""Paths outside /v1 that need a key (and count against its rate limit) once keys are configured:
+the OpenAPI document lists LoRA versions and styles. Without keys they stay open and unlimited."""
 NO_RETRY_AFTER = 1
 """`error_response`'s fallback wait, never sent from here: 401 and 422 carry no Retry-After, and a
 429 carries the rate limiter's own wait."""
@@ -211,6 +214,12 @@ def is_api_path(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/")
 
 
+def needs_admission(path: str, keys: ApiKeys) -> bool:
+    """Whether a request to `path` goes through the key check and rate limit: /v1/*, and with keys
+    configured the documents of `KEYED_DOCUMENTS`."""
+    return is_api_path(path) or (bool(keys) and path in KEYED_DOCUMENTS)
+
+
 # -- the middleware ---------------------------------------------------------------------------------
 class AccessMiddleware:
     """CORS, request-id check, API key, rate limit, then the app; CORS headers on every response."""
@@ -229,14 +238,12 @@ class AccessMiddleware:
         request_id = headers.get("x-request-id")
         allow_origin = settings.cors_origin(headers.get("origin"))
 
-        policy = "frame-ancestors 'none'" if route_path(scope) in DOCS_PATHS else CONTENT_SECURITY_POLICY
-
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 out = MutableHeaders(scope=message)
                 for name, value in SECURITY_HEADERS.items():
                     out.setdefault(name, value)
-                out.setdefault("Content-Security-Policy", policy)
+                out.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
             if message["type"] == "http.response.start" and allow_origin is not None:
                 out = MutableHeaders(scope=message)
                 out["Access-Control-Allow-Origin"] = allow_origin
@@ -257,7 +264,7 @@ class AccessMiddleware:
                 f"must be 1 to 128 characters of letters, digits and . _ : - (got {len(request_id)} characters)",
                 "X-Request-Id"), retry_after_s=NO_RETRY_AFTER)
             facts(scope)["request_id"] = "(invalid)"  # what the log line says instead
-        elif is_api_path(route_path(scope)) and method != "OPTIONS":
+        elif needs_admission(route_path(scope), settings.keys) and method != "OPTIONS":
             response = self._admit(settings, headers, scope)
         if response is not None:
             await response(scope, receive, send_with_headers)

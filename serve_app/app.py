@@ -28,6 +28,7 @@ from deployments.preprocess import Preprocess
 from deployments.task import Task, Tasks, TaskSection
 from deployments.tasks import TASKS
 from deployments.text_encoder import TextEncoder, identity
+from serve_app import catalogs
 from serve_app.config import BaseAppConfig, JobsSection, load_config
 from serve_app.ingress import Ingress
 from serve_app.jobs import JobRunner
@@ -35,7 +36,8 @@ from serve_app.orchestrator import Handles, Orchestrator
 
 
 def loading(cls: type, resident: int | None = None) -> type:
-    """A subclass of a model class whose constructor also loads it: what a Serve replica needs.
+    """A subclass of a model class whose constructor also loads it, then reports what it can serve
+    by name (its catalog, `serve_app.catalogs`) to the ingress: what a Serve replica needs.
 
     With `resident`, the class's `adapter(choice)` method is wrapped with `serve.multiplexed`, so
     Serve routes a request for a choice to a replica that already holds it.
@@ -44,6 +46,7 @@ def loading(cls: type, resident: int | None = None) -> type:
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         cls.__init__(self, *args, **kwargs)
         self.load()
+        self.reporter = catalogs.report_from(self)
 
     namespace: dict[str, Any] = {"__init__": __init__}
     if resident is not None:
@@ -157,7 +160,8 @@ def build_graph(args: dict[str, Any] | None = None, *, tasks: Tasks = TASKS,
         postprocess=deployment(Postprocess, config.postprocess.serve).bind(config.postprocess),
         encoders=text_encoders(config, tasks, encoder),
     )
-    orchestrator = Orchestrator(tasks, config.sections(), config.preprocess, config.cache_dir, handles)
+    orchestrator = Orchestrator(tasks, config.sections(), config.preprocess, config.cache_dir, handles,
+                                catalog_ttl_s=config.ingress.catalog_ttl_s)
     jobs = deployment(ServedJobRunner, config.jobs.serve, name="JobRunner").bind(config.jobs, orchestrator)
     # the ingress holds each synchronous request as long as the model does: it drains as long
     ingress = with_shutdown(config.ingress.serve.serve_options(), config.ingress.serve,

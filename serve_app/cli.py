@@ -6,11 +6,14 @@ progress bar: `serve_app.cli_tasks`), `imgserve jobs list|show|wait|cancel`, and
 `imgserve submit IMAGE --task T -o OUT [--set field=value ...]` (a job, with a progress bar), and
 `imgserve lora inspect FILE [--config YAML | --base DIR]` (offline: reads headers and configs only),
 and `imgserve plan --task real|layers --gpus 2x24 [...]` (offline: the memory placement a replica
-would use on those GPUs; exit status 2 when nothing fits), and `imgserve kuberay CONFIG` (offline:
-the KubeRay RayService manifest whose serveConfigV2 is that config file), and `imgserve fetch
-MANIFEST [--lock | --verify]` (downloads model files ahead of time, checking every sha256), and
-`imgserve key new` / `imgserve key hash` (offline: an API key and the SHA-256 digest that goes into
-the config; `--api-key` or $IMGSERVE_API_KEY sends a key with every request).
+would use on those GPUs; exit status 2 when nothing fits), and `imgserve plan --config FILE --cluster
+NxMxGB` (offline: whether the config's minimum GPU replicas fit N nodes of M cards of GB each, and
+where they go; exit status 2, naming the deployment, when they do not: `serve_app.cluster_plan`),
+and `imgserve kuberay CONFIG` (offline: the KubeRay RayService manifest whose serveConfigV2 is that
+config file), and `imgserve fetch MANIFEST [--lock | --verify]` (downloads model files ahead of
+time, checking every sha256), and `imgserve key new` / `imgserve key hash` (offline: an API key and
+the SHA-256 digest that goes into the config; `--api-key` or $IMGSERVE_API_KEY sends a key with
+every request).
 Starting the service is Ray Serve's own `serve run configs/<profile>.yaml`; this command is a thin
 layer over `serve_app.client` (429 and 503 retried after Retry-After unless `--no-retry`) and prints
 errors as one readable line (exit status 1; a usage error 2).
@@ -64,10 +67,17 @@ def build_parser(tasks: Tasks = TASKS) -> argparse.ArgumentParser:
     base = inspect.add_mutually_exclusive_group()
     base.add_argument("--config", help="a Serve config YAML: check against its real.source")
     base.add_argument("--base", help="a local Qwen-Image-Edit directory (diffusers layout)")
-    plan = commands.add_parser("plan", help="memory placement of a diffusion replica on given GPUs (offline)")
-    plan.add_argument("--task", required=True,
-                      choices=[task.name for task in tasks if "placement" in task.section.model_fields])
-    plan.add_argument("--gpus", required=True, help="GPUs one replica owns, COUNTxGB (e.g. 1x24, 2x24, 1x80)")
+    plan = commands.add_parser("plan", help="memory placement of a diffusion replica on given GPUs (--task, --gpus), or "
+                                            "whether a config's GPU replicas fit a cluster (--config, --cluster); offline")
+    plan.add_argument("--task", choices=[task.name for task in tasks if "placement" in task.section.model_fields],
+                      help="plan one replica of this task (with --gpus)")
+    plan.add_argument("--gpus", help="GPUs one replica owns, COUNTxGB (e.g. 1x24, 2x24, 1x80)")
+    plan.add_argument("--config", help="a Serve config YAML: with --cluster, check that the minimum replicas of its "
+                                       "GPU deployments fit the cluster and print where they go (exit 2 when not)")
+    plan.add_argument("--cluster", metavar="NxMxGB",
+                      help="the GPU worker nodes: N nodes x M cards per node x GB per card (e.g. 4x1x24, 2x4x24; "
+                           "1x0x0: no card). The head is not counted: it is a CPU-only node, where deployments "
+                           "pinned to `imgserve_head` run; CPUs and host memory are not checked")
     plan.add_argument("--resolution", type=int, default=1024, help="longest pixel edge to plan for")
     plan.add_argument("--layers", type=int, default=8, help="layers task: layer count to plan for")
     plan.add_argument("--no-fp8", action="store_true", help="keep every weight in bf16")
@@ -99,6 +109,11 @@ def build_parser(tasks: Tasks = TASKS) -> argparse.ArgumentParser:
     kuberay.add_argument("--gpus-per-node", type=int, default=4)
     kuberay.add_argument("--min-workers", type=int, default=1)
     kuberay.add_argument("--max-workers", type=int, default=4)
+    kuberay.add_argument("--monitoring-namespace", default="monitoring",
+                         help="the namespace Prometheus scrapes from: the only one admitted to the metrics port")
+    kuberay.add_argument("--operator-namespace", default="default",
+                         help="the KubeRay operator's namespace: the only one admitted to the dashboard")
+    kuberay.add_argument("--auth-secret", help="the Secret holding Ray's token (key auth_token); default imgserve-ray-token")
     return parser
 
 
@@ -170,11 +185,18 @@ def _describe_timed(timed: dict[str, Any]) -> str:
 def plan_command(args: argparse.Namespace) -> int:
     """`imgserve plan`: print the replica's plan, the TextEncoder stage's plan (with `--text-encoder
     stage`, the default) and with `--cards` the predicted stage times and the split of the cards
-    (exit 0), or why nothing fits (exit 2); needs no service."""
+    (exit 0), or why nothing fits (exit 2); needs no service. With `--config`/`--cluster`:
+    `cluster_plan_command`."""
     from pydantic import ValidationError
 
     from deployments import placement
 
+    if args.config or args.cluster:
+        return cluster_plan_command(args)
+    if not (args.task and args.gpus):
+        print("imgserve: plan needs --task and --gpus (one replica), or --config and --cluster (a config on a cluster)",
+              file=sys.stderr)
+        return 2
     try:
         count, memory = placement.parse_gpus(args.gpus)
         config = placement.PlacementConfig(gpus=count, gpu_memory_gb=memory, resolution=args.resolution,
@@ -213,18 +235,58 @@ def plan_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def cluster_plan_command(args: argparse.Namespace) -> int:
+    """`imgserve plan --config FILE --cluster NxMxGB`: where the config's minimum GPU replicas go on
+    the cluster (exit 0, on stdout), or which deployment does not fit and why (exit 2, on stderr);
+    1 for a file or value that cannot be read. `--json`: the plan as JSON on stdout either way."""
+    from pydantic import ValidationError
+
+    from serve_app.cluster_plan import parse_cluster, plan_cluster
+
+    if not (args.config and args.cluster) or args.task or args.gpus:
+        print("imgserve: plan --config FILE --cluster NxMxGB takes both, and neither --task nor --gpus",
+              file=sys.stderr)
+        return 2
+    try:
+        cluster = parse_cluster(args.cluster)
+    except ValueError as error:
+        print(f"imgserve: {error}", file=sys.stderr)
+        return 1
+    try:
+        plan = plan_cluster(_config_file(args.config), cluster)
+    except ValidationError as error:
+        print("imgserve: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()),
+              file=sys.stderr)
+        return 1
+    except (ValueError, OSError, LookupError, TypeError) as error:
+        print(f"imgserve: {args.config}: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    if not plan.fits:  # the placement so far and why it stops, where errors go
+        print(plan.describe(), file=sys.stderr)
+    elif not args.json:
+        print(plan.describe())
+    return 0 if plan.fits else 2
+
+
+def _config_file(path: str) -> Any:
+    """The validated `args` of the Serve config YAML at `path`."""
+    import yaml
+
+    from serve_app.config import load_config
+
+    document = yaml.safe_load(Path(path).read_text())
+    return load_config(document["applications"][0]["args"])
+
+
 def _transformer_dir(config_path: str | None, base: str | None) -> Path | None:
     """The base transformer directory that `lora inspect` checks against, if any."""
     if base:
         return Path(base) / "transformer"
     if not config_path:
         return None
-    import yaml
-
-    from serve_app.config import load_config
-
-    document = yaml.safe_load(Path(config_path).read_text())
-    config = load_config(document["applications"][0]["args"])
+    config = _config_file(config_path)
     return config.section("real").transformer_dir(config.cache_dir)
 
 
@@ -286,7 +348,9 @@ def main(argv: list[str] | None = None, tasks: Tasks = TASKS) -> int:
 
         try:
             print(render(args.config, image=args.image, gpus_per_node=args.gpus_per_node,
-                         min_workers=args.min_workers, max_workers=args.max_workers), end="")
+                         min_workers=args.min_workers, max_workers=args.max_workers,
+                         monitoring_namespace=args.monitoring_namespace,
+                         operator_namespace=args.operator_namespace, auth_secret=args.auth_secret), end="")
         except (ValidationError, ValueError, OSError) as error:
             print(f"imgserve: {error}", file=sys.stderr)
             return 1

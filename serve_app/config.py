@@ -88,6 +88,10 @@ class IngressSection(BaseModel):
     cluster's host names; turn on for debugging or tests."""
     max_images: int = 4
     """Most results one `POST /v1/images/edits` may ask for (`n`); each is one run of the task."""
+    catalog_ttl_s: float = 5.0
+    """Seconds the ingress (and the job runner) trust the LoRA versions and styles the model replicas
+    last reported (`serve_app.catalogs`); a request naming one they do not list reads the reports
+    again at once. The ingress never reads model directories itself."""
     cors_origins: list[str] = Field(default_factory=list)
     """Origins (`https://app.example.com`, scheme://host[:port], no path) whose browser pages may call
     the API: they get CORS headers and answered preflights. `*` allows any origin. Empty: no CORS
@@ -97,7 +101,7 @@ class IngressSection(BaseModel):
     _at_least_one = at_least(1, "retry_after_s", "max_images", "rate_limit_per_minute", "rate_limit_burst", "max_event_streams",
                              "max_event_streams_per_key")
 
-    @field_validator("read_timeout_s", "event_stream_max_s", "event_heartbeat_s")
+    @field_validator("read_timeout_s", "event_stream_max_s", "event_heartbeat_s", "catalog_ttl_s")
     @classmethod
     def _positive_seconds(cls, value: float, info: Any) -> float:
         if not 0 < value < float("inf"):

@@ -22,7 +22,9 @@ into a quarantine directory and converted here:
 
 What the process boundary gives: whatever the unpickler builds lives and dies in the child; the
 fetching process only ever opens the safetensors file. It is not a sandbox: the child runs as the
-same user, so the guard against code in the pickle is ``weights_only=True``.
+same user, so the guard against code in the pickle is ``weights_only=True``, and the child refuses
+to run on a torch whose restricted unpickler has known bypasses (before 2.10: CVE-2025-32434,
+CVE-2026-24747; pyproject.toml's floor, checked again here for an environment installed otherwise).
 
 `convert_styles(SRC, DEST)` does the same for a directory of ``.pt``/``.pth`` files (for weights
 copied by hand onto an offline host), deleting each pickle once its safetensors file is written.
@@ -43,6 +45,8 @@ from deployments.identity import sha256
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHILD_TIMEOUT_S = 300.0
 """Seconds one conversion may take (an 8.6 MB style takes about two, most of it importing torch)."""
+SAFE_UNPICKLER_TORCH = (2, 10)
+"""The first torch release whose ``weights_only`` unpickler has no published bypass."""
 
 
 class ConversionError(Exception):
@@ -81,11 +85,23 @@ def output_name(relative: str) -> str:
 
 # -- the child ------------------------------------------------------------------------------------
 
+def check_torch(version: str) -> None:
+    """Raise ConversionError unless torch `version` (``torch.__version__``) is at least
+    `SAFE_UNPICKLER_TORCH`: an older unpickler could run code from a crafted file despite
+    ``weights_only=True``."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found is None or (int(found.group(1)), int(found.group(2))) < SAFE_UNPICKLER_TORCH:
+        floor = ".".join(map(str, SAFE_UNPICKLER_TORCH))
+        raise ConversionError(f"torch {version} cannot read pickles safely (weights_only bypasses before {floor}: "
+                              f"CVE-2025-32434, CVE-2026-24747); install torch>={floor} (scripts/setup.sh does)")
+
+
 def read_flat_state_dict(source: Path) -> dict:
     """A pickled state dict, read with ``weights_only=True`` and accepted only if it is a flat
     ``dict[str, Tensor]`` of finite float32 tensors. Raises ConversionError naming what is wrong."""
     import torch
 
+    check_torch(torch.__version__)
     try:
         data = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for any global outside torch's allow-list, or a bad file

@@ -23,6 +23,7 @@ from deployments.errors import (
     OutOfMemory,
     TimedOut,
     TooLarge,
+    Unavailable,
     UnsupportedFormat,
 )
 
@@ -112,7 +113,7 @@ class IdempotencyConflict(ImgserveError):
 
 
 STATUS.update({NotFound: 404, MethodNotAllowed: 405, NotReady: 409, QueueFull: 503, Unauthorized: 401,
-               RateLimited: 429, InsufficientStorage: 507, ReadTimeout: 408, IdempotencyConflict: 422})
+               RateLimited: 429, InsufficientStorage: 507, Unavailable: 503, ReadTimeout: 408, IdempotencyConflict: 422})
 
 
 def status_of(exc: ImgserveError) -> int:

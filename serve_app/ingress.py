@@ -13,7 +13,8 @@ the routes.
 
 `Ingress` is a plain class; the builder makes it a Serve ingress whose FastAPI app the replica
 builds once it is constructed (`__serve_build_asgi_app__` → `make_api`), so the middlewares and
-the OpenAPI document get their settings where they are constructed, never through module state.
+the OpenAPI document get their settings where they are constructed, never through module state;
+/docs is `serve_app.docs_page`.
 """
 
 import asyncio
@@ -30,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.errors import ImgserveError, InvalidParameter
 from deployments.postprocess import Encoded
-from serve_app import openapi
+from serve_app import docs_page, openapi
 from serve_app.access import AccessMiddleware, AccessSettings, facts
 from serve_app.config import IngressSection
 from serve_app.errors import MethodNotAllowed, NotFound, error_body, error_response
@@ -121,7 +122,7 @@ class Ingress(JobRoutes, OpenAIRoutes):
         """Run one task on one image (the Python-handle entry point); raises `deployments.errors`.
         `key_id`: whom the model time is accounted to; `caller`: "handle" or "http" (the route), for
         the abandoned-request metric's reason when the call is cancelled."""
-        return await self.orchestrator.run(self.orchestrator.resolve(task, fields), image,
+        return await self.orchestrator.run(await self.orchestrator.validate(task, fields), image,
                                            timeout_s=self.settings.request_timeout_s, key_id=key_id, caller=caller)
 
     def _error(self, exc: BaseException) -> JSONResponse:
@@ -146,7 +147,16 @@ class Ingress(JobRoutes, OpenAIRoutes):
 
     async def list_models(self) -> dict[str, Any]:
         """The tasks' document and, in the same answer, OpenAI's model list (`object`, `data`)."""
+        await self.orchestrator.refresh()
         return self.orchestrator.models_info()
+
+    async def readiness(self) -> dict[str, Any]:
+        """Per task: is a replica of its model up, and what do its replicas serve and hold
+        (`Orchestrator.readiness`). Asks Serve's controller: a view for operators, not a probe
+        (/healthz stays cheap)."""
+        await self.orchestrator.refresh()
+        placement = await asyncio.to_thread(_placement, self.orchestrator.app_name)
+        return self.orchestrator.readiness(placement, self.settings.expose_replica)
 
     async def run_task(self, task: str, request: Request) -> Response:
         try:
@@ -159,6 +169,17 @@ class Ingress(JobRoutes, OpenAIRoutes):
         return self._result(task, encoded)
 
 
+def _placement(app_name: str | None) -> dict[str, tuple[int, str]]:
+    """Serve's view of the application's deployments ({} outside Serve, or when it cannot be read)."""
+    from serve_app.housekeeping import serve_placement
+
+    try:
+        return serve_placement(app_name) if app_name else {}
+    except Exception:  # noqa: BLE001 - the controller unreachable: every task reads as not ready
+        log.warning("could not read Serve's status", exc_info=True)
+        return {}
+
+
 # (method, path, Ingress method, FastAPI options), matched in this order: /v1/jobs and
 # /v1/images/edits before /v1/{task}.
 ROUTES: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
@@ -167,6 +188,7 @@ ROUTES: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("HEAD", "/", "web_page", {"include_in_schema": False}),
     ("GET", "/web/{name}", "web_asset", {"include_in_schema": False}),
     ("GET", "/v1/models", "list_models", {}),
+    ("GET", "/v1/status", "readiness", {}),
     ("POST", "/v1/jobs", "submit_job", {"status_code": 202}),
     ("GET", "/v1/jobs", "list_jobs", {}),
     ("GET", "/v1/jobs/{job_id}", "job_status", {}),
@@ -187,16 +209,20 @@ def make_api(ingress: Ingress) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        gauge = asyncio.get_running_loop().create_task(ingress.events.refresh_gauge())
+        loop = asyncio.get_running_loop()
+        background = [loop.create_task(ingress.events.refresh_gauge()), loop.create_task(orchestrator.keep_fresh())]
         try:
             yield
         finally:
-            gauge.cancel()
+            for task in background:
+                task.cancel()
 
-    api = FastAPI(title=APP_NAME, version="0.1.0", lifespan=lifespan,
+    # FastAPI's /docs and /redoc load their scripts from a CDN: off; /docs is serve_app/docs_page.py
+    api = FastAPI(title=APP_NAME, version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"Image-to-image models behind one HTTP API: {served}.")
     for method, path, name, options in ROUTES:
         api.add_api_route(path, getattr(ingress, name), methods=[method], **options)
+    docs_page.add_routes(api)
     api.add_exception_handler(StarletteHTTPException, _http_error)
     api.add_exception_handler(RequestValidationError, _validation_error)
     # keys, rate limit, CORS and the request-id check (serve_app/access.py)

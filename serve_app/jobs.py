@@ -131,7 +131,7 @@ class JobRunner:
         # the store's reads and fsynced writes on a thread, so progress and event calls are not held up
         if idempotency and (earlier := await asyncio.to_thread(self.admission.replay, owner, idempotency)):
             return {**self.status(earlier.id, owner), "replayed": True}
-        resolved = self.orchestrator.resolve(task, fields)
+        resolved = await self.orchestrator.validate(task, fields)
         webhook = self.webhooks.check(webhook_url, webhook_events)
         job = await asyncio.to_thread(self.admission.create, task, resolved.fields(), image, request_id=request_id,
                                       owner=owner, quota_key=quota_key, priority=priority or "normal",
@@ -349,7 +349,7 @@ class JobRunner:
     async def _run(self, job: Job) -> None:
         progress = JobProgress(self, self.handle, job.id, job.claim)
         try:
-            request = self.orchestrator.resolve(job.task, job.fields)
+            request = await self.orchestrator.validate(job.task, job.fields)
             # model seconds are counted for the job's key (the orchestrator records the metric)
             encoded = await self.orchestrator.run(request, self.store.input(job.id), progress,
                                                   key_id=job.owner, caller="job")

@@ -171,7 +171,7 @@ class OpenAIRoutes:
         try:
             image, given = await read_upload(request, self.orchestrator.upload.max_bytes, self.settings.read_timeout_s,
                                              self.settings.min_body_bytes_per_s, image_fields=IMAGE_FIELDS)
-            edit = parse_edit(given, self.orchestrator, self.settings.max_images)
+            edit = await self._parse(given)
             note(request, task=edit.task, **({"user": given["user"][:64]} if given.get("user") else {}))
             if edit.response_format == "url":
                 key = idempotency(request.headers, ROUTE, edit.model, given, image)
@@ -182,11 +182,23 @@ class OpenAIRoutes:
         except Exception as exc:
             return self._error(exc)  # type: ignore[attr-defined]
 
-    def _runs(self, edit: Edit) -> list[dict[str, Any]]:
+    async def _parse(self, given: dict[str, str]) -> Edit:
+        """`parse_edit` against the catalogs as the replicas report them; a model id they do not
+        list reads them again once before it is refused."""
+        await self.orchestrator.refresh()
+        try:
+            return parse_edit(given, self.orchestrator, self.settings.max_images)
+        except NotFound as exc:
+            if exc.field != "model":
+                raise
+            await self.orchestrator.refresh(fresh=True)
+            return parse_edit(given, self.orchestrator, self.settings.max_images)
+
+    async def _runs(self, edit: Edit) -> list[dict[str, Any]]:
         """The fields of each of the n runs: with n > 1, resolved once (the seed fixed), then seed + i."""
         if edit.n == 1:
             return [edit.fields]
-        resolved = self.orchestrator.resolve(edit.task, edit.fields).fields()
+        resolved = (await self.orchestrator.validate(edit.task, edit.fields)).fields()
         if "seed" not in resolved:
             return [resolved] * edit.n
         seed = resolved["seed"]
@@ -200,7 +212,7 @@ class OpenAIRoutes:
 
     async def _edit_now(self, request: Request, edit: Edit, image: bytes) -> Response:
         runs = [self.run(edit.task, image, fields, key_id=owner(request), caller="http")  # type: ignore[attr-defined]
-                for fields in self._runs(edit)]
+                for fields in await self._runs(edit)]
         if len(runs) == 1:
             results = [await runs[0]]
         else:
@@ -223,7 +235,7 @@ class OpenAIRoutes:
         submissions = [self.jobs.submit.remote(edit.task, image, fields, request.headers.get("x-request-id"),
                                                owner=who, quota_key=client_key(request),
                                                idempotency=(f"{key[0]}#{i}", key[1]) if key else None)
-                       for i, fields in enumerate(self._runs(edit))]
+                       for i, fields in enumerate(await self._runs(edit))]
         submitting = asyncio.ensure_future(asyncio.gather(*submissions, return_exceptions=True))
         try:  # shielded: jobs submitted while the caller hangs up are still known, and cancelled
             answers = await asyncio.shield(submitting)

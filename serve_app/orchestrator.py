@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from deployments import metrics
-from deployments.errors import TimedOut
+from deployments.errors import InvalidParameter, TimedOut
 from deployments.postprocess import Encoded
 from deployments.preprocess import PreprocessConfig
 from deployments.records import Deadline, Progress
 from deployments.task import ConfiguredTask, Resolved, Tasks, TaskSection
+from serve_app import catalogs
+from serve_app.catalogs import Catalogs
 from serve_app.errors import NotFound
 
 
@@ -52,7 +54,7 @@ class Orchestrator:
     """Preprocess → model → postprocess for every task of a registry, through deployment handles."""
 
     def __init__(self, tasks: Tasks, sections: dict[str, TaskSection], upload: PreprocessConfig, cache_dir: Path,
-                 handles: Handles) -> None:
+                 handles: Handles, catalog_ttl_s: float = 5.0) -> None:
         self.registry = tasks
         self.sections = sections
         self.upload = upload
@@ -61,17 +63,66 @@ class Orchestrator:
         self.handles = handles
         self.created = int(time.time())
         """When this orchestrator was made: the `created` of its OpenAI-style model ids."""
+        self.catalogs = Catalogs({}, lambda deployment: [], catalog_ttl_s)
+        """What the model replicas report they serve (`serve_app.catalogs`); reads nothing until `open`."""
+        self.app_name: str | None = None
+        """The Serve application this orchestrator serves in (after `open` in a replica)."""
 
-    @functools.cached_property
+    @property
     def tasks(self) -> dict[str, ConfiguredTask]:
-        """Task name → the task with its config section and catalog, in the registry's order; opened
-        in the replica that uses it (`open`), never in the builder, which only passes it on."""
-        return {task.name: task.configured(self.sections[task.name], self.cache_dir) for task in self.registry}
+        """Task name → the task with its config section and its catalog as last read, in the
+        registry's order."""
+        return {task.name: task.configured(self.sections[task.name], self.catalogs.get(task.name))
+                for task in self.registry}
 
-    def open(self) -> Orchestrator:
-        """Open the tasks' catalogs now (a replica's start), not on its first request."""
-        self.tasks
+    def open(self, app_name: str | None = None) -> Orchestrator:
+        """In the replica that uses it (never the builder, which only passes it on): read the
+        catalogs the model replicas of application `app_name` (this replica's when None) report."""
+        if app_name is None:
+            from ray import serve
+            from ray.serve.exceptions import RayServeException
+
+            try:
+                app_name = serve.get_replica_context().app_name
+            except RayServeException:  # not in a Serve replica (a test): no reports to read
+                return self
+        deployments = {task.name: task.deployment for task in self.registry
+                       if self.sections[task.name].choice_field is not None}
+        self.catalogs = Catalogs(deployments, functools.partial(catalogs.read, app_name), self.catalogs.ttl_s)
+        self.app_name = app_name
         return self
+
+    async def refresh(self, task: str | None = None, fresh: bool = False) -> None:
+        """Read the catalog reports of `task` (every task when None) where they are older than the TTL
+        (with `fresh`, than a second), on a thread: the cluster store is a network call."""
+        names = [task] if task is not None else list(self.catalogs.deployments)
+        for name in names:
+            if self.catalogs.stale(name, fresh):
+                await asyncio.to_thread(self.catalogs.reports, name, fresh)
+
+    async def keep_fresh(self) -> None:
+        """Read every task's reports again each TTL, for as long as this runs (an ingress replica's
+        life): what only reads the catalogs as they are (/openapi.json) is never older than that."""
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - logged by the catalogs; the next round tries again
+                pass
+            missing = any(self.catalogs.get(task) is None for task in self.catalogs.deployments)
+            await asyncio.sleep(min(self.catalogs.ttl_s, catalogs.MIN_REFRESH_S) if missing else self.catalogs.ttl_s)
+
+    async def validate(self, task: str, fields: dict[str, Any] | None) -> Resolved:
+        """`resolve` against catalogs read at most a TTL ago; a name they do not list (a version
+        added since) reads them again once before it is refused."""
+        if task in self.catalogs.deployments:
+            await self.refresh(task)
+        try:
+            return self.resolve(task, fields)
+        except InvalidParameter as exc:
+            if task not in self.catalogs.deployments or exc.field != self.sections[task].choice_field:
+                raise
+            await self.refresh(task, fresh=True)
+            return self.resolve(task, fields)
 
     def task(self, name: str) -> ConfiguredTask:
         """The configured task `name`; NotFound naming the available ones."""
@@ -157,6 +208,25 @@ class Orchestrator:
         if progress is not None:
             progress.stage("postprocess")
         return await hop(self.handles.postprocess.encode.remote(generated, request.format))
+
+    def readiness(self, placement: dict[str, tuple[int, str]], expose_replica: bool = False) -> dict[str, Any]:
+        """GET /v1/status: per task, whether its model deployment has a running replica (`placement`:
+        deployment → (running replicas, Serve's words), `serve_app.housekeeping.serve_placement`) and
+        what its replicas report: the names they serve, the default, why other files are not
+        listed, what each holds in memory (the replicas' names only with `expose_replica`)."""
+        tasks: dict[str, Any] = {}
+        for name, configured in self.tasks.items():
+            deployment = configured.task.deployment
+            running, detail = placement.get(deployment, (0, "not deployed"))
+            entry: dict[str, Any] = {"deployment": deployment, "ready": running > 0,
+                                     "replicas": {"running": running, "detail": detail}}
+            if name in self.catalogs.deployments:
+                reports = self.catalogs.reports(name)
+                entry["catalog"] = configured.catalog.to_dict() if configured.catalog is not None else None
+                entry["reports"] = [{"age_s": round(time.time() - report.at, 1), "holds": list(report.holds),
+                                     **({"replica": report.replica} if expose_replica else {})} for report in reports]
+            tasks[name] = entry
+        return {"ready": all(entry["ready"] for entry in tasks.values()), "tasks": tasks}
 
     def model_ids(self) -> list[str]:
         """The OpenAI-style model ids: each task's name, then `<task>:<choice>` for each entry of its

@@ -61,20 +61,32 @@ LORA_VERSIONS = ["v2511-0715", "v2511-0801"]
 
 
 def resolving_orchestrator(root: Path) -> Any:
-    """An Orchestrator of the demo config that only resolves requests (no handles): its LoRA
-    directory under `root` lists `LORA_VERSIONS` as empty files (resolve checks names against the
-    listing only; no weights are read)."""
+    """An Orchestrator of the demo config that only resolves requests (no handles), as if its model
+    replicas had reported `LORA_VERSIONS` (the newest the default) and the tiny styles."""
+    from deployments.styles import TINY_STYLES
+    from deployments.task import Catalog
     from serve_app.config import AppConfig
     from serve_app.orchestrator import Orchestrator
 
-    (root / "loras").mkdir()
-    for version in LORA_VERSIONS:
-        (root / "loras" / f"{version}.safetensors").write_bytes(b"")
     args = demo_args()
     args["cache_dir"] = str(root)
     args["real"]["lora_dir"] = str(root / "loras")
     config = AppConfig.model_validate(args)
-    return Orchestrator(config.tasks, config.sections(), config.preprocess, root, handles=None)
+    orchestrator = Orchestrator(config.tasks, config.sections(), config.preprocess, root, handles=None)
+    return reported(orchestrator, {"real": Catalog(tuple(LORA_VERSIONS), LORA_VERSIONS[-1]),
+                                   "anime": Catalog(tuple(sorted(TINY_STYLES)), config.anime.default_style)})
+
+
+def reported(orchestrator: Any, catalogs: dict[str, Any]) -> Any:
+    """`orchestrator` reading `catalogs` (task → `Catalog`) as its tasks' replicas' reports."""
+    from serve_app.catalogs import Catalogs, Report
+
+    by_deployment = {orchestrator.registry[task].deployment: catalog for task, catalog in catalogs.items()}
+    orchestrator.catalogs = Catalogs({task: orchestrator.registry[task].deployment for task in catalogs},
+                                     lambda deployment: [Report("test", time.time(), by_deployment[deployment])])
+    for task in catalogs:
+        orchestrator.catalogs.reports(task)
+    return orchestrator
 
 
 def merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 The cluster config deploys; GPU replicas (the diffusion models and the TextEncoder stage, on a card
 of its own, encoding for both) land on worker nodes with the GPUs their plan asks for and never on
-the head; the real model scales out under a burst and back in when idle; losing a worker node
+the head; the real model scales out under a burst and back in when idle; the LoRA versions, in a
+directory only the workers know of, are listed and served; Ray's control plane (dashboard, job API,
+GCS) refuses callers without the cluster's token while the service answers; losing a worker node
 mid-traffic fails only what it held, with a clear error, while the service keeps answering and the
 replicas come back on the remaining node.
 """
@@ -10,6 +12,9 @@ replicas come back on the remaining node.
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +27,8 @@ from PIL import Image
 from ray import serve
 from ray.util.state import list_actors
 
-from tests.cluster.conftest import ADDRESS, PORT, WORKER_GPUS, local_sh
+from tests.cluster.conftest import ADDRESS, DASHBOARD, ENV, LORA_DIR_VARIABLE, PORT, WORKER_GPUS, local_sh
+from tests.cluster.local import AUTH_VARIABLES
 from tests.conftest import Service, wait_until
 from tests.serve.conftest import small_png, submit, wait_state
 
@@ -112,6 +118,60 @@ def test_real_scales_out_under_a_burst_and_back_in_when_idle(cluster) -> None:
     placements = {actor.node_id for actor in alive_actors("RealModel")}
     assert head_id() not in placements
     wait_until(lambda: running("RealModel") == 1, "RealModel to scale back to 1 replica when idle")
+
+
+def test_the_worker_environment_reaches_the_workers_only(cluster) -> None:
+    @ray.remote(num_cpus=0)
+    def lora_dir() -> str | None:
+        return os.environ.get(LORA_DIR_VARIABLE)
+
+    on_head = lora_dir.options(resources={"imgserve_head": 0.001}).remote()
+    on_worker = lora_dir.options(resources={"rtx4090": 0.001}).remote()
+    assert ray.get(on_head, timeout=60) is None
+    assert ray.get(on_worker, timeout=60) == str(cluster["loras"])
+
+
+def test_versions_only_the_workers_hold_are_listed_and_served(cluster) -> None:
+    service = cluster["service"]
+    models = service.http.get("/v1/models")
+    assert models.status_code == 200, models.text
+    lora = models.json()["tasks"]["real"]["lora"]
+    assert lora["versions"] == ["none", "v2511-0715", "v2511-0801", "v2511-0823"]
+    response = service.post_image(small_png(), {"steps": 2, "seed": 3, "lora": "v2511-0801"}, content_type="image/png")
+    assert response.status_code == 200, response.text
+    assert response.headers["x-imgserve-lora"] == "v2511-0801"
+
+
+def ray_cli(*args: str, token: str | None) -> subprocess.CompletedProcess:
+    """`ray ARGS` in a process of its own, with `token` (None: token authentication off on its side)."""
+    env = {name: value for name, value in os.environ.items() if name not in AUTH_VARIABLES}
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token} if token else {"RAY_AUTH_MODE": "disabled"})
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    return subprocess.run([ray_bin, *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_the_control_plane_refuses_callers_without_the_token(cluster) -> None:
+    token = ENV["RAY_AUTH_TOKEN"]
+    wrong = "0" * len(token)
+    with httpx.Client(base_url=DASHBOARD, timeout=30) as dashboard:
+        for path in ("/api/version", "/api/jobs/", "/api/serve/applications/"):
+            assert dashboard.get(path).status_code == 401, path
+            assert dashboard.get(path, headers={"Authorization": f"Bearer {wrong}"}).status_code == 403, path
+            assert dashboard.get(path, headers={"Authorization": f"Bearer {token}"}).status_code == 200, path
+        # submitting code (a job) without the token: refused, and no job was made (the one job
+        # listed is this test process, a driver)
+        submitted = dashboard.post("/api/jobs/", json={"entrypoint": "python -c 'print(1)'"})
+        assert submitted.status_code == 401
+        jobs = dashboard.get("/api/jobs/", headers={"Authorization": f"Bearer {token}"}).json()
+        assert [job["type"] for job in jobs] == ["DRIVER"]
+    # the GCS (what ray.init and the CLI talk to) refuses a client without the token or with another
+    for refused in (ray_cli("status", f"--address={ADDRESS}", token=None),
+                    ray_cli("status", f"--address={ADDRESS}", token=wrong)):
+        assert refused.returncode != 0 and "AuthenticationError" in refused.stderr, refused.stderr[-500:]
+    assert ray_cli("status", f"--address={ADDRESS}", token=token).returncode == 0
+    # meanwhile the service answers, and its deployments are healthy
+    assert post_real(cluster["service"], seed=9).status_code == 200
+    assert serve.status().applications["imgserve"].status == "RUNNING"
 
 
 def test_losing_a_worker_mid_traffic(cluster) -> None:

@@ -23,7 +23,7 @@ MAX_BYTES = 1024 * 1024
 ALLOWED = "https://studio.example.com"
 # One key per test, so one test's use of the rate limit never starves another.
 KEYS = {name: f"isk_{name}_{secrets.token_urlsafe(24)}" for name in ("auth", "rate", "cors", "ids", "upload", "jobs",
-                                                                         "headers")}
+                                                                         "headers", "docs")}
 WRONG_KEY = f"isk_wrong_{secrets.token_urlsafe(24)}"
 BURST = 5
 PER_MINUTE = 6  # one token every 10 s after the burst
@@ -61,26 +61,42 @@ def test_v1_routes_need_a_configured_key_in_either_header(service: Service) -> N
     assert service.http.get("/v1/models", headers={"X-API-Key": KEYS["auth"]}).json()["tasks"]
 
 
-def test_health_the_web_page_and_the_api_docs_stay_open(service: Service) -> None:
+def test_health_the_web_page_and_the_api_reference_page_stay_open(service: Service) -> None:
     assert service.http.get("/healthz").json()["status"] == "ok"
     assert service.http.get("/").status_code == 200
-    assert service.http.get("/docs").status_code == 200
-    assert "/v1/real" in service.http.get("/openapi.json").json()["paths"]
     page = service.http.get("/web/app.js")
     assert page.status_code == 200 and "Authorization" in page.text  # the page can send a key
+    for path in ("/docs", "/docs/assets/swagger-ui-bundle.js", "/docs/assets/docs.js"):
+        assert service.http.get(path).status_code == 200, path
+    assert "Authorization" in service.http.get("/docs/assets/docs.js").text  # the reference page sends a key too
+
+
+def test_with_keys_the_openapi_document_needs_one(service: Service) -> None:
+    """It lists the LoRA versions and styles that /v1/models protects."""
+    missing = service.http.get("/openapi.json")
+    assert_error(missing, 401, "unauthorized")
+    assert missing.headers["www-authenticate"].startswith("Bearer") and "v2511" not in missing.text
+    assert_error(service.http.get("/openapi.json", headers={"X-API-Key": WRONG_KEY}), 401, "unauthorized")
+    document = service.http.get("/openapi.json", headers=bearer("docs"))
+    assert document.status_code == 200 and "/v1/real" in document.json()["paths"]
+    assert service.http.get("/openapi.json", headers={"X-API-Key": KEYS["docs"]}).json()["paths"]
 
 
 def test_pages_and_the_api_send_security_headers_and_head_answers_like_get(service: Service) -> None:
     for path, headers in (("/", {}), ("/web/app.js", {}), ("/healthz", {}), ("/v1/models", bearer("headers")),
-                          ("/v1/models", {})):
+                          ("/v1/models", {}), ("/docs", {}), ("/docs/assets/swagger-ui-bundle.js", {}),
+                          ("/openapi.json", bearer("headers"))):
         response = service.http.get(path, headers=headers)
         assert response.headers["x-content-type-options"] == "nosniff", path
         assert response.headers["x-frame-options"] == "DENY" and response.headers["referrer-policy"] == "no-referrer"
         policy = response.headers["content-security-policy"]
         assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy, path
         assert "http" not in policy  # nothing from another origin
-    docs = service.http.get("/docs")
-    assert docs.headers["content-security-policy"] == "frame-ancestors 'none'"  # Swagger UI still comes from its CDN
+    # the API reference is served by the service (no CDN): the same policy; FastAPI's CDN pages are gone
+    assert service.http.get("/docs").headers["content-security-policy"] == service.http.get("/").headers[
+        "content-security-policy"]
+    for path in ("/redoc", "/docs/oauth2-redirect"):
+        assert_error(service.http.get(path), 404, "not_found")
     page, head = service.http.get("/"), service.http.head("/")
     assert head.status_code == 200 and head.headers["content-type"] == page.headers["content-type"]
     assert head.headers["content-length"] == page.headers["content-length"] and head.content == b""

@@ -166,7 +166,11 @@ def client_for(**section: object) -> TestClient:
     async def health(request):
         return PlainTextResponse("ok")
 
-    app = Starlette(routes=[Route("/v1/thing", ok, methods=["GET", "POST"]), Route("/healthz", health)])
+    async def document(request):
+        return JSONResponse({"openapi": "3.1.0", "paths": {"/v1/thing": {}}})
+
+    app = Starlette(routes=[Route("/v1/thing", ok, methods=["GET", "POST"]), Route("/healthz", health),
+                            Route("/openapi.json", document), Route("/docs", health)])
     app.add_middleware(AccessMiddleware, settings=AccessSettings.from_config(_section(**section), {}))
     app.add_middleware(Observability, tasks=["anime"])
     return TestClient(app)
@@ -226,9 +230,27 @@ def test_wrong_keys_take_the_address_tokens_a_missing_key_does_not() -> None:
     assert client.get("/v1/thing", headers={"X-API-Key": KEY}).status_code == 200
 
 
+def test_with_keys_the_openapi_document_needs_one_without_keys_nothing_changes() -> None:
+    client = client_for(api_keys_sha256=[hash_key(KEY)], rate_limit_per_minute=60, rate_limit_burst=2)
+    missing = client.get("/openapi.json")
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "unauthorized"
+    assert missing.headers["www-authenticate"].startswith("Bearer") and "paths" not in missing.text
+    assert client.get("/openapi.json", headers={"X-API-Key": "wrong"}).status_code == 401
+    document = client.get("/openapi.json", headers={"Authorization": f"Bearer {KEY}"})
+    assert document.status_code == 200 and "/v1/thing" in document.json()["paths"]
+    assert client.get("/docs").status_code == 200  # the reference page stays open; it asks for the key
+    # the document counts against its key's rate limit like the API
+    assert client.get("/openapi.json", headers={"X-API-Key": KEY}).status_code == 200
+    assert client.get("/openapi.json", headers={"X-API-Key": KEY}).status_code == 429
+
+    open_client = client_for(api_keys_env=None, rate_limit_per_minute=6, rate_limit_burst=1)
+    assert [open_client.get("/openapi.json").status_code for _ in range(3)] == [200] * 3  # open, not limited
+
+
 def test_every_response_has_the_security_headers() -> None:
     client = client_for(api_keys_sha256=[hash_key(KEY)])
-    for response in (client.get("/healthz"), client.get("/v1/thing"), client.get("/v1/thing", headers={"X-API-Key": KEY})):
+    for response in (client.get("/healthz"), client.get("/v1/thing"), client.get("/v1/thing", headers={"X-API-Key": KEY}),
+                     client.get("/docs")):  # the API reference too: its Swagger UI is served locally
         assert {name: response.headers[name] for name in access.SECURITY_HEADERS} == access.SECURITY_HEADERS
         assert response.headers["content-security-policy"] == access.CONTENT_SECURITY_POLICY
 

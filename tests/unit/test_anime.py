@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from safetensors.torch import save_file
 
 from deployments.anime import AnimeModel, AnimeModelConfig, AnimeParams
-from deployments.styles import TINY_STYLES, ensure_tiny_styles
+from deployments.styles import TINY_STYLES, PickledStyles, ensure_tiny_styles, refuse_pickled_styles, style_files
 from deployments.stylize import Workspace, padding_for
 from deployments.animegan import (
     PARAMETER_COUNT,
@@ -27,6 +27,7 @@ from deployments.animegan import (
     random_generator,
 )
 from deployments.errors import InvalidParameter
+from deployments.task import Catalog
 from deployments.preprocess import Preprocess, PreprocessConfig
 from deployments.records import Prepared, PreparedImage
 
@@ -91,13 +92,37 @@ def test_parameter_count_and_published_key_layout() -> None:
 
 def test_state_dict_files_in_published_layout_load_strictly(tmp_path: Path) -> None:
     source = random_generator(7)
-    torch.save(source.state_dict(), tmp_path / "style.pt")  # how the released .pt files were written
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "style.safetensors"))
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
-        expected = source(x)
-        for name in ("style.pt", "style.safetensors"):
-            assert torch.equal(load_generator(tmp_path / name)(x), expected), name
+        assert torch.equal(load_generator(tmp_path / "style.safetensors")(x), source(x))
+
+
+def test_a_pickled_style_is_refused_unopened_naming_the_file_and_the_converter(tmp_path: Path) -> None:
+    # Bytes that are not even a pickle: the refusal comes from the name alone, nothing reads them.
+    (tmp_path / "paprika.pt").write_bytes(b"a pickle would run code here")
+    with pytest.raises(WeightsMismatch) as error:
+        load_generator(tmp_path / "paprika.pt")
+    message = str(error.value)
+    assert str(tmp_path / "paprika.pt") in message
+    assert ".safetensors only" in message and f"imgserve convert-styles THAT_DIR {tmp_path}" in message
+
+
+def test_a_styles_directory_lists_safetensors_only_and_names_unconverted_pickles(tmp_path: Path) -> None:
+    state = {k: v.contiguous() for k, v in random_generator(1).state_dict().items()}
+    save_file(state, str(tmp_path / "paprika.safetensors"))
+    (tmp_path / "paprika.pt").write_bytes(b"converted already: its safetensors twin is the style")
+    (tmp_path / "hayao.pth").write_bytes(b"not converted")
+    (tmp_path / "shinkai.pt").write_bytes(b"not converted")
+    assert style_files(tmp_path) == {"paprika": tmp_path / "paprika.safetensors"}
+    with pytest.raises(PickledStyles) as error:
+        refuse_pickled_styles(tmp_path)
+    message = str(error.value)
+    assert f"{tmp_path / 'hayao.pth'}, {tmp_path / 'shinkai.pt'}:" in message and "paprika.pt" not in message
+    assert "imgserve convert-styles" in message
+    (tmp_path / "hayao.pth").unlink()
+    (tmp_path / "shinkai.pt").unlink()
+    refuse_pickled_styles(tmp_path)  # nothing left to convert
 
 
 def test_lean_forward_equals_the_published_forward() -> None:
@@ -121,29 +146,29 @@ def test_wrong_keys_or_shapes_are_named(tmp_path: Path) -> None:
     del state["block_b.1.2.bias"]
     state["block_z.0.weight"] = torch.zeros(3)
     state["block_a.0.1.weight"] = torch.zeros(32, 3, 3, 3)
-    torch.save(state, tmp_path / "bad.pt")
+    save_file(state, str(tmp_path / "bad.safetensors"))
     with pytest.raises(WeightsMismatch) as error:
-        load_generator(tmp_path / "bad.pt")
+        load_generator(tmp_path / "bad.safetensors")
     message = str(error.value)
-    assert "bad.pt" in message
+    assert "bad.safetensors" in message
     assert "missing keys ['block_b.1.2.bias']" in message
     assert "unexpected keys ['block_z.0.weight']" in message
     assert "block_a.0.1.weight (32, 3, 3, 3) (expected (32, 3, 7, 7))" in message
 
 
-def test_pickled_objects_are_refused(tmp_path: Path) -> None:
-    torch.save({"net": Generator()}, tmp_path / "module.pt")  # a pickled module, not a state dict
-    with pytest.raises(WeightsMismatch, match="not a plain tensor state dict"):
-        load_generator(tmp_path / "module.pt")
+def test_an_unreadable_safetensors_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "truncated.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(WeightsMismatch, match=r"truncated\.safetensors: not a readable \.safetensors file"):
+        load_generator(tmp_path / "truncated.safetensors")
 
 
 def test_load_names_the_bad_style_file(tmp_path: Path, model_cache: Path) -> None:
     styles = tmp_path / "styles"
     styles.mkdir()
     save_file({k: v.contiguous() for k, v in random_generator(1).state_dict().items()}, str(styles / "good.safetensors"))
-    torch.save({"block_a.0.1.weight": torch.zeros(1)}, styles / "broken.pt")
+    save_file({"block_a.0.1.weight": torch.zeros(1)}, str(styles / "broken.safetensors"))
     model = AnimeModel(AnimeModelConfig(styles_dir=str(styles), default_style="good"), model_cache)
-    with pytest.raises(WeightsMismatch, match="broken.pt"):
+    with pytest.raises(WeightsMismatch, match="broken.safetensors"):
         model.load()
 
 
@@ -221,7 +246,7 @@ def test_mixed_batch_gives_each_caller_its_own_result(model_cache: Path) -> None
 @pytest.mark.parametrize("style", ["no_such_style", "../paprika", "sub/paprika", "paprika/..", ".hidden", "a\\b"])
 def test_unknown_or_path_like_style_is_refused(model: AnimeModel, style: str) -> None:
     with pytest.raises(InvalidParameter) as error:
-        model.config.resolve(AnimeParams(style=style))
+        model.config.resolve(AnimeParams(style=style), model.catalog())  # the catalog the replica reports
     assert error.value.field == "style"
     with pytest.raises(InvalidParameter) as error:
         model.generate(prepared(32, 32), AnimeParams(style=style))
@@ -234,7 +259,7 @@ def test_resolve_fills_the_default_style_and_lists_the_styles() -> None:
     assert config.resolve(AnimeParams(style="celeba_distill")).style == "celeba_distill"
     assert config.styles() == sorted(TINY_STYLES)
     with pytest.raises(InvalidParameter, match="available: celeba_distill, face_paint_512_v1"):
-        config.resolve(AnimeParams(style="hayao"))
+        config.resolve(AnimeParams(style="hayao"), Catalog(tuple(config.styles()), "paprika"))
 
 
 def test_resolve_where_the_styles_directory_is_not_visible_checks_only_the_name(tmp_path: Path) -> None:
@@ -256,7 +281,8 @@ def test_a_style_file_dropped_into_the_directory_is_listed_and_served(tmp_path: 
     model = AnimeModel(config, model_cache)
     model.load()
     assert config.styles() == model.styles() == ["base"]
-    torch.save(random_generator(2).state_dict(), styles / "hayao.pt")  # dropped in while serving
+    hayao = {k: v.contiguous() for k, v in random_generator(2).state_dict().items()}
+    save_file(hayao, str(styles / "hayao.safetensors"))  # dropped in while serving
     assert config.styles() == model.styles() == ["base", "hayao"]
     assert config.resolve(AnimeParams(style="hayao")).style == "hayao"
     result = model.generate(prepared(32, 24), AnimeParams(style="hayao"))

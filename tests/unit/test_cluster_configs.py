@@ -1,8 +1,12 @@
-"""The RTX 4090 configs, the builder's GPU requests, and the cluster files generated from them."""
+"""The RTX 4090 configs, the builder's GPU requests, and the cluster files generated from them,
+which run Ray with token authentication and keep its ports from everyone but the cluster."""
 
 from __future__ import annotations
 
 import copy
+import re
+import shlex
+from typing import Any
 
 import pytest
 import yaml
@@ -10,7 +14,7 @@ from pydantic import ValidationError
 
 from deployments import placement
 from serve_app.config import load_config
-from serve_app.kuberay import min_workers_for, render
+from serve_app.kuberay import RAY_VERSION, min_workers_for, render
 from tests.conftest import REPO, demo_args
 
 
@@ -135,7 +139,8 @@ def test_kuberay_manifest_is_generated_from_the_cluster_config_not_hand_copied()
     committed = (REPO / "cluster" / "rayservice.yaml").read_text()
     assert committed == render("configs/rtx4090-cluster.yaml"), (
         "cluster/rayservice.yaml is stale: imgserve kuberay configs/rtx4090-cluster.yaml > cluster/rayservice.yaml")
-    manifest = yaml.safe_load(committed)
+    manifest, policy = yaml.safe_load_all(committed)
+    assert manifest["kind"] == "RayService" and policy["kind"] == "NetworkPolicy"
     serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     assert serve_config == yaml.safe_load((REPO / "configs" / "rtx4090-cluster.yaml").read_text())
     cluster = manifest["spec"]["rayClusterConfig"]
@@ -164,10 +169,97 @@ def test_kuberay_starts_enough_workers_for_the_minimum_replicas() -> None:
     assert min_workers_for(load_config(inline), 4) == 1
     with pytest.raises(ValueError, match="a replica asks for 2 GPUs, more than gpus_per_node \\(1\\)"):
         min_workers_for(config, 1)
-    manifest = yaml.safe_load(render("configs/rtx4090-cluster.yaml", min_workers=3))
+    manifest, _ = yaml.safe_load_all(render("configs/rtx4090-cluster.yaml", min_workers=3))
     assert manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["minReplicas"] == 3
     with pytest.raises(ValueError, match="need 2 workers of 4 GPUs, more than max_workers \\(1\\)"):
         render("configs/rtx4090-cluster.yaml", max_workers=1)
+
+
+def ray_containers(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    cluster = manifest["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    return [container for group in groups for container in group["template"]["spec"]["containers"]]
+
+
+def test_kuberay_runs_ray_with_the_token_of_a_secret_never_in_the_manifest() -> None:
+    text = render("configs/rtx4090-cluster.yaml", name="imgs", auth_secret="imgs-token")
+    manifest, _ = yaml.safe_load_all(text)
+    cluster = manifest["spec"]["rayClusterConfig"]
+    # the operator reads the same Secret for its own dashboard calls (it deploys serveConfigV2)
+    assert cluster["authOptions"] == {"mode": "token", "secretName": "imgs-token"}
+    assert cluster["rayVersion"] == RAY_VERSION
+    for container in ray_containers(manifest):
+        env = {variable["name"]: variable for variable in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token", container["name"]
+        assert "value" not in env["RAY_AUTH_TOKEN"], container["name"]
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "imgs-token", "key": "auth_token"}}
+        assert "RAY_AUTH_TOKEN_PATH" not in env
+    # no Secret (and so no token) among the documents, only the command that makes one
+    assert "kind: Secret" not in text and "kubectl create secret generic imgs-token" in text
+    default, _ = yaml.safe_load_all(render("configs/rtx4090-cluster.yaml"))
+    assert default["spec"]["rayClusterConfig"]["authOptions"]["secretName"] == "imgserve-ray-token"
+
+
+def test_kuberay_ray_version_is_the_pinned_one() -> None:
+    pin = re.search(r'"ray\[serve\]==([0-9.]+)"', (REPO / "pyproject.toml").read_text())
+    assert pin and pin.group(1) == RAY_VERSION
+    assert tuple(int(part) for part in RAY_VERSION.split(".")) >= (2, 52)  # KubeRay's floor for authOptions
+
+
+def admitted(policy: dict[str, Any], port: int, namespace: str, labels: dict[str, str]) -> bool:
+    """Whether `policy` (applied in namespace "apps") lets a pod of `namespace` with `labels` reach
+    `port` on the pods it selects (Kubernetes' NetworkPolicy semantics, for the selectors used)."""
+    def matches(selector: dict[str, Any], have: dict[str, str]) -> bool:
+        return all(have.get(key) == value for key, value in selector.get("matchLabels", {}).items())
+
+    def peer(entry: dict[str, Any]) -> bool:
+        in_namespace = (matches(entry["namespaceSelector"], {"kubernetes.io/metadata.name": namespace})
+                        if "namespaceSelector" in entry else namespace == "apps")
+        return in_namespace and matches(entry.get("podSelector", {}), labels)
+
+    for rule in policy["spec"]["ingress"]:
+        ports = [entry["port"] for entry in rule.get("ports", [])]
+        if (not ports or port in ports) and ("from" not in rule or any(peer(entry) for entry in rule["from"])):
+            return True
+    return False
+
+
+def test_kuberay_network_policy_admits_serve_from_anywhere_and_the_rest_from_few() -> None:
+    manifest, policy = yaml.safe_load_all(render("configs/rtx4090-cluster.yaml", monitoring_namespace="observability"))
+    cluster = manifest["spec"]["rayClusterConfig"]
+    own = policy["spec"]["podSelector"]["matchLabels"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    for group in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):
+        assert group["template"]["metadata"]["labels"] == own  # the policy covers every Ray pod
+        assert group["rayStartParams"]["metrics-export-port"] == "8080"
+        assert not group["template"]["spec"].get("hostNetwork")  # the pod's interfaces are private ones
+    serve_port = yaml.safe_load(manifest["spec"]["serveConfigV2"])["http_options"]["port"]
+    sources = {  # who connects: (namespace, pod labels)
+        "client": ("elsewhere", {}),
+        "prometheus": ("observability", {"app": "prometheus"}),
+        "operator": ("default", {"app.kubernetes.io/name": "kuberay-operator"}),
+        "neighbour": ("apps", {"app": "other"}),  # another workload in the same namespace
+        "peer": ("apps", own),  # another Ray pod of this cluster
+    }
+    expected = {
+        serve_port: set(sources),
+        8080: {"prometheus", "peer"},  # metrics
+        8265: {"operator", "peer"},    # dashboard and job API: the operator deploys serveConfigV2 through it
+        6379: {"peer"},                # GCS
+        10001: {"peer"},               # Ray client
+        52365: {"peer"},               # dashboard agent
+    }
+    for port, allowed in expected.items():
+        got = {name for name, (namespace, labels) in sources.items() if admitted(policy, port, namespace, labels)}
+        assert got == allowed, port
+    # the dashboard listens on the pod's own interfaces: its private address and loopback
+    assert cluster["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+
+
+def test_kuberay_refuses_names_kubernetes_would_refuse() -> None:
+    for option in ("monitoring_namespace", "operator_namespace", "auth_secret", "name"):
+        with pytest.raises(ValueError, match=f"{option} must be a Kubernetes name.*'Bad Name'"):
+            render("configs/rtx4090-cluster.yaml", **{option: "Bad Name"})
 
 
 def test_kuberay_refuses_a_bad_config(tmp_path) -> None:
@@ -177,6 +269,33 @@ def test_kuberay_refuses_a_bad_config(tmp_path) -> None:
     bad.write_text(yaml.safe_dump(document))
     with pytest.raises(ValidationError, match="max_ongoing_requests"):
         render(bad)
+
+
+def test_onprem_launcher_runs_ray_with_a_token_from_outside_the_repository() -> None:
+    launcher = yaml.safe_load((REPO / "cluster" / "onprem.yaml").read_text())
+    starts = [command for command in launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]
+              if "ray start" in command]
+    assert len(starts) == 2
+    token_paths = set()
+    for command in starts:
+        words = shlex.split(command)
+        # the variables exported before `ray start`, which every process Ray starts inherits
+        before = words[:next(index for index, word in enumerate(words) if word.endswith("/ray"))]
+        exported = dict(word.rstrip(";").split("=", 1) for word in before if re.fullmatch(r"[A-Z_]+=\S+", word))
+        assert "export" in before and exported.get("RAY_AUTH_MODE") == "token", command
+        assert "RAY_AUTH_TOKEN" not in exported, command  # never the token itself
+        token_paths.add(exported["RAY_AUTH_TOKEN_PATH"])
+    [token_path] = token_paths
+    assert token_path.startswith("$HOME/") and not token_path.startswith("/opt/imgserve")
+    # the file reaches every node from the launching machine, from outside the repository
+    mounted = {remote: local for remote, local in launcher["file_mounts"].items() if remote != "/opt/imgserve"}
+    [(remote, local)] = mounted.items()
+    assert remote.replace("~", "$HOME", 1) == token_path and local.startswith("~/")
+    assert launcher["file_mounts"]["/opt/imgserve"] == "."
+    # the dashboard and job API on the head's loopback only (`ray dashboard` forwards it over SSH)
+    [head] = [command for command in starts if "--head" in command]
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    assert all("--metrics-export-port=8080" in command for command in starts)
 
 
 def test_onprem_launcher_keeps_gpu_work_off_the_head() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -90,6 +91,26 @@ def test_a_pickle_with_any_other_object_is_refused_and_its_code_never_runs(tmp_p
                                   "tests.unit.test_convert._touch, which is neither a tensor nor a plain container")
     assert not marker.exists()
     assert not output.exists() and not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize("version, refused", [("2.5.1", True), ("2.9.1+cu128", True), ("2.10.0", False),
+                                              ("2.13.0+cpu", False), ("3.0.0", False)])
+def test_the_converter_refuses_a_torch_whose_unpickler_has_known_bypasses(version: str, refused: bool) -> None:
+    if refused:
+        with pytest.raises(ConversionError, match=rf"torch {re.escape(version)} cannot read pickles safely.*torch>=2\.10"):
+            convert.check_torch(version)
+    else:
+        convert.check_torch(version)
+
+
+def test_an_old_torch_never_opens_the_pickle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    marker = tmp_path / "ran"
+    source = save_pt(tmp_path / "style.pt", Payload(marker))
+    monkeypatch.setattr(torch, "__version__", "2.5.1")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
+    with pytest.raises(ConversionError, match="torch 2.5.1"):
+        convert.convert_file("animegan", source, tmp_path / "style.safetensors")
+    assert not marker.exists() and not (tmp_path / "style.safetensors").exists()
 
 
 def test_wrong_keys_are_refused_naming_the_keys(tmp_path: Path) -> None:

@@ -123,8 +123,9 @@ def test_retention_runs_while_the_runner_is_up(tmp_path: Path) -> None:
     async def scenario() -> None:
         await runner.start()
         job = (await runner.submit("anime", b"x", {}))["id"]
-        await until(lambda: runner.store.get(job) is None, "the finished job to be forgotten")
-        assert not list((tmp_path / "jobs" / "files").glob(f"{job}.*"))
+        # the record goes first, then its files (on the housekeeping thread): wait for both
+        await until(lambda: runner.store.get(job) is None and not list((tmp_path / "jobs" / "files").glob(f"{job}.*")),
+                    "the finished job and its files to be forgotten")
         await runner.stop()
 
     asyncio.run(scenario())

@@ -25,15 +25,18 @@ def test_versions_sort_by_number_not_by_text() -> None:
 
 def test_store_lists_rescans_and_refuses_paths(tmp_path: Path) -> None:
     source = ensure_tiny_loras(tmp_path / "cache")
-    store = LoraStore(tmp_path / "loras", rescan_s=3600)
+    store = LoraStore(tmp_path / "loras", rescan_s=3600, settle_s=0)
     (tmp_path / "loras").mkdir()
     for version in ("v2511-0801", "v2511-0715"):
         (tmp_path / "loras" / f"{version}.safetensors").write_bytes((source / f"{version}.safetensors").read_bytes())
     (tmp_path / "loras" / "old.ckpt").write_bytes(b"pickle")
     assert store.versions() == ["v2511-0715", "v2511-0801"]
     assert store.newest() == "v2511-0801"
-    # a file dropped in appears without a restart: asking for it rescans
+    # a file dropped in appears without a restart: asking for it rescans; it is listed once a
+    # second scan finds it unchanged
     (tmp_path / "loras" / "v2511-0823.safetensors").write_bytes((source / "v2511-0823.safetensors").read_bytes())
+    with pytest.raises(InvalidParameter, match="v2511-0823 is new: listed once a second scan"):
+        store.path("v2511-0823")
     assert store.path("v2511-0823").name == "v2511-0823.safetensors"
     assert store.versions()[-1] == "v2511-0823"
     with pytest.raises(InvalidParameter) as error:

@@ -104,7 +104,7 @@ def test_task_fields_are_checked_by_the_same_resolve(orchestrator: Orchestrator)
 def runs(orchestrator: Orchestrator, **fields: str) -> list[dict[str, Any]]:
     routes = OpenAIRoutes()
     routes.orchestrator = orchestrator
-    return routes._runs(edit(orchestrator, **fields))
+    return asyncio.run(routes._runs(edit(orchestrator, **fields)))
 
 
 def test_n_results_have_consecutive_seeds_from_one_resolve(orchestrator: Orchestrator) -> None:

@@ -21,7 +21,7 @@ from deployments.postprocess import MEDIA_TYPES
 from deployments.real import RealModel
 from deployments.records import Prepared, PreparedImage
 from deployments.errors import InvalidParameter
-from deployments.task import SIZE_PATTERN, Task, Tasks, parse_size
+from deployments.task import SIZE_PATTERN, Catalog, Task, Tasks, parse_size
 from deployments.tasks import TASKS
 from serve_app.config import AppConfig, config_model, load_config
 from tests.conftest import REPO, demo_args, run_fresh
@@ -69,19 +69,20 @@ def test_openapi_fields_come_from_the_params_model_and_the_sections_limits(tmp_p
     args["real"].update(max_steps=12, default_steps=5, lora_dir="tiny")
     config = load_config({**args, "cache_dir": str(tmp_path)})
     for task in TASKS:
-        fields = task.configured(config.section(task.name), tmp_path).field_schemas()
+        fields = task.configured(config.section(task.name)).field_schemas()
         assert list(fields) == [*task.params.model_fields, "size", "format"]
         for name, field in task.params.model_fields.items():
             assert fields[name]["description"] == " ".join(field.description.split())
         assert fields["format"] == {"type": "string", "enum": list(task.formats), "default": task.formats[0]}
         assert fields["size"]["pattern"] == SIZE_PATTERN and fields["size"]["default"] == "auto"
-    real = TASKS["real"].configured(config.real, tmp_path).field_schemas()
+    reported = Catalog(tuple(config.real.lora_store(tmp_path).settle()), "v2511-0823")  # as a replica reports it
+    real = TASKS["real"].configured(config.real, reported).field_schemas()
     assert real["steps"] == {**real["steps"], "type": "integer", "minimum": 2, "maximum": 12, "default": 5}
     assert real["cfg"]["type"] == "number" and real["prompt"]["maxLength"] == config.real.max_prompt_chars
     assert real["lora"]["enum"] == ["none", "v2511-0715", "v2511-0801", "v2511-0823"]
-    layers = TASKS["layers"].configured(config.layers, tmp_path).field_schemas()
+    layers = TASKS["layers"].configured(config.layers).field_schemas()
     assert layers["resolution"]["enum"] == [640, 1024] and layers["cfg_normalize"]["type"] == "boolean"
-    gray = GRAY.configured(GraySection(default_amount=0.25), tmp_path).field_schemas()
+    gray = GRAY.configured(GraySection(default_amount=0.25)).field_schemas()
     assert gray["amount"] == {"type": "number", "description": "How far towards gray: 0 keeps the colours, 1 is fully gray.",
                               "minimum": 0.0, "maximum": 1.0, "default": 0.25}
 
@@ -180,7 +181,7 @@ def test_size_is_a_generic_field_every_task_resolves_and_keeps(tmp_path: Path) -
     config = load_config({**demo_args(), "cache_dir": str(tmp_path)})
     for task in [*TASKS, GRAY]:
         section = config.section(task.name) if task.name in config.sections() else GraySection()
-        configured = task.configured(section, tmp_path)
+        configured = task.configured(section)
         assert configured.resolve({}).size is None and "size" not in configured.resolve({}).fields()
         resolved = configured.resolve({"size": "256x128"}, max_edge=512)
         assert resolved.size == (256, 128) and resolved.fields()["size"] == "256x128"
@@ -194,12 +195,14 @@ def test_a_task_names_the_field_its_model_ids_choose(tmp_path: Path) -> None:
     args = demo_args()
     args["real"]["lora_dir"] = "tiny"
     config = load_config({**args, "cache_dir": str(tmp_path)})
-    real = TASKS["real"].configured(config.real, tmp_path)
+    versions = Catalog(tuple(config.real.lora_store(tmp_path).settle()), "v2511-0823")  # as a replica reports it
+    real = TASKS["real"].configured(config.real, versions)
     assert real.section.choice_field == "lora" and "lora" in TASKS["real"].params.model_fields
     assert real.section.choices(real.catalog) == ["v2511-0715", "v2511-0801", "v2511-0823"]  # `none` is the field's
-    anime = TASKS["anime"].configured(config.anime, tmp_path)
+    assert real.section.choices(None) == []  # nothing reported: no ids of versions
+    anime = TASKS["anime"].configured(config.anime, Catalog(tuple(config.anime.styles()), config.anime.default_style))
     assert anime.section.choice_field == "style" and "style" in TASKS["anime"].params.model_fields
     assert anime.section.choices(anime.catalog) == config.anime.styles()
-    layers = TASKS["layers"].configured(config.layers, tmp_path)
+    layers = TASKS["layers"].configured(config.layers)
     assert layers.section.choice_field is None and layers.section.choices(layers.catalog) == []
     assert GraySection.choice_field is None  # the default: a task without a catalog

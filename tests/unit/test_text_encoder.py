@@ -69,7 +69,7 @@ REQUESTS = [
 def test_stage_and_inline_give_the_same_bytes(models, task, fields) -> None:
     inline_config, encoder, loaded = models
     inline, staged = loaded[task]
-    catalog = (inline.store,) if task == "real" else ()
+    catalog = (inline.catalog(),) if task == "real" else ()
     params = inline_config.section(task).resolve((RealParams if task == "real" else LayersParams)(**fields), *catalog)
     image = prepared(3 if task == "real" else 4)
     alone = inline.generate(image, params)

@@ -30,13 +30,17 @@ VIEWPORT = {"width": 1100, "height": 800}
 MAX_LONG_EDGE = 512
 
 
+OWN_SERVICES = ("test_generic.py", "test_keys.py")
+"""Modules with a service of their own (module-scoped): they run before the package's `web_service`."""
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """One service at a time in this package: test_generic.py (a service of its own, module-scoped)
-    runs before the other modules here (the package's `web_service`), whatever order they were named
-    in; the two do not fit the session's Ray at once and are the same app at the same route."""
+    """One service at a time in this package: the modules of `OWN_SERVICES` run before the other
+    modules here (the package's `web_service`), whatever order they were named in; two services do
+    not fit the session's Ray at once and are the same app at the same route."""
     here = Path(__file__).parent
     slots = [i for i, item in enumerate(items) if item.path.parent == here]
-    ordered = sorted((items[i] for i in slots), key=lambda item: item.path.name != "test_generic.py")
+    ordered = sorted((items[i] for i in slots), key=lambda item: item.path.name not in OWN_SERVICES)
     for i, item in zip(slots, ordered):
         items[i] = item
 

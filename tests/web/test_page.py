@@ -288,7 +288,8 @@ def test_errors_are_sentences(page, tmp_path, screenshots) -> None:
     page.wait_for_selector("#error:not([hidden])")
     assert page.text_content("#error-title") == "A setting is not valid"
     message = page.text_content("#error-message")
-    assert message.startswith("LoRA version: Unknown LoRA version 'v2511-9999'; valid:"), message
+    # the field, the value and the versions there are (the list's wording is the catalog's)
+    assert message.startswith("LoRA version: Unknown LoRA version 'v2511-9999';"), message
     assert "v2511-0823" in message
     assert page.get_attribute("#real-lora", "aria-invalid") == "true"
 
