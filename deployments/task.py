@@ -273,7 +273,7 @@ class Tasks:
         if len(set(names)) != len(names):
             raise ValueError(f"task names must be unique, got {names}")
         for name in names:
-            if not name.isidentifier() or name in ("jobs", "models", "images"):
+            if not name.isidentifier() or name in ("jobs", "models", "images", "status"):
                 raise ValueError(f"task name {name!r} must be an identifier and not a route of its own")
         self._tasks = {task.name: task for task in tasks}
 

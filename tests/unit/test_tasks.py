@@ -45,7 +45,7 @@ def test_the_built_in_tasks_are_real_anime_layers_each_one_consistent_unit() -> 
 def test_a_registry_refuses_names_that_collide() -> None:
     with pytest.raises(ValueError, match="unique"):
         Tasks(GRAY, GRAY)
-    for name in ("jobs", "models", "not a name"):
+    for name in ("jobs", "models", "images", "status", "not a name"):
         with pytest.raises(ValueError, match="identifier and not a route"):
             Tasks(Task(name=name, summary="", model=GrayModel, params=GrayParams, section=GraySection))
     assert TASKS.plus(GRAY).names == ("real", "anime", "layers", "gray") and "gray" not in TASKS
