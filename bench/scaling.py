@@ -81,6 +81,7 @@ def bench_args(replicas: int, cache_dir: Path) -> dict[str, Any]:
         # enough CPU replicas that they never limit a 4-replica GPU tier on this machine
         count = 1 if name in ("ingress", "anime") else 2
         options["autoscaling_config"].update(min_replicas=count, max_replicas=count)
+    args["anime"]["styles_dir"] = "tiny"  # the config's /models/anime-styles is not on this machine
     real = args["real"]
     real.update(source="tiny", lora_dir=None)
     for adapter in real["speed_adapters"].values():
