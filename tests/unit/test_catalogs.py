@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from deployments import metrics
 from deployments.errors import InvalidParameter, Unavailable
 from deployments.lora import TINY_VERSIONS, LoraStore, ensure_tiny_loras
 from deployments.real import RealModel
@@ -104,10 +105,11 @@ def test_an_unusable_default_is_reported_kept_in_memory_and_never_silently_repla
     saved = (directory / f"{B}.safetensors").read_bytes()
     (directory / f"{B}.safetensors").unlink()
     try:
-        with caplog.at_level(logging.WARNING, logger="imgserve"):
+        with caplog.at_level(logging.WARNING, logger="imgserve"), metrics.capture() as records:
             catalog = model.catalog()
         assert catalog.default == B and catalog.default_problem == "no such file"
         assert "is not usable" in caplog.text
+        assert ("imgserve_lora_default_usable", 0, {"version": B}) in records  # the metric says so too
         assert model.config.resolve(RealParams(), catalog).lora == B  # still the default
         model.ensure_adapter(C)  # the LRU would evict B; while its file is unusable A goes instead
         assert list(model.adapters.versions) == [B, C]
@@ -117,7 +119,9 @@ def test_an_unusable_default_is_reported_kept_in_memory_and_never_silently_repla
     finally:
         (directory / f"{B}.safetensors").write_bytes(saved)
     model.catalog()
-    assert model.catalog().default_problem is None
+    with metrics.capture() as records:
+        assert model.catalog().default_problem is None
+    assert ("imgserve_lora_default_usable", 1, {"version": B}) in records
     report = replica_report(model)
     assert report.catalog.names[:2] == (A, B) and report.replica == model.replica
 

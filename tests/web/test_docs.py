@@ -5,6 +5,8 @@ without internet access."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -43,7 +45,9 @@ class Offline:
         return [url for url, _ in self.requests if urlsplit(url).netloc != self.host]
 
 
-def offline(browser, service: Service) -> Offline:
+@contextlib.contextmanager
+def offline(browser, service: Service) -> Iterator[Offline]:
+    """An `Offline` profile for `service`, closed on leaving."""
     context = browser.new_context(viewport=VIEWPORT, base_url=service.url)
     context.set_default_timeout(120_000)
     recorded = Offline(context, urlsplit(service.url).netloc)
@@ -54,12 +58,14 @@ def offline(browser, service: Service) -> Offline:
         route.continue_() if urlsplit(request.url).netloc == recorded.host else route.abort()
 
     context.route("**/*", route)
-    return recorded
+    try:
+        yield recorded
+    finally:
+        context.close()
 
 
 def test_the_api_reference_works_offline_under_its_content_security_policy(browser, web_service: Service) -> None:
-    browsing = offline(browser, web_service)
-    try:
+    with offline(browser, web_service) as browsing:
         page = browsing.page()
         response = page.goto("/docs")
         policy = response.headers["content-security-policy"]
@@ -77,5 +83,3 @@ def test_the_api_reference_works_offline_under_its_content_security_policy(brows
         assert any(url.endswith("/docs/assets/swagger-ui-bundle.js") for url, _ in browsing.requests)
         assert browsing.elsewhere() == []
         assert browsing.refused == []
-    finally:
-        browsing.context.close()

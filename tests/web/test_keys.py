@@ -37,8 +37,7 @@ def keyed_requests(requests: list[tuple[str, str | None]], path: str) -> list[st
 
 
 def test_with_keys_the_page_asks_for_one_and_sends_it_with_every_request(browser, keyed_service: Service) -> None:
-    browsing = offline(browser, keyed_service)
-    try:
+    with offline(browser, keyed_service) as browsing:
         page = browsing.page()
         page.goto("/")
         page.wait_for_selector("#error:not([hidden])")
@@ -65,13 +64,10 @@ def test_with_keys_the_page_asks_for_one_and_sends_it_with_every_request(browser
         assert page.text_content("#key-state") == "Key in use."
         assert KEY not in " ".join(url for url, _ in browsing.requests)
         assert browsing.elsewhere() == [] and browsing.refused == []
-    finally:
-        browsing.context.close()
 
 
 def test_with_keys_the_api_reference_asks_for_one_then_shows_the_operations(browser, keyed_service: Service) -> None:
-    browsing = offline(browser, keyed_service)
-    try:
+    with offline(browser, keyed_service) as browsing:
         page = browsing.page()
         page.goto("/docs")
         page.wait_for_selector("#key-state.problem")
@@ -89,5 +85,3 @@ def test_with_keys_the_api_reference_asks_for_one_then_shows_the_operations(brow
         assert keyed_requests(browsing.requests, "/openapi.json") == [None, "Bearer not-the-key", f"Bearer {KEY}"]
         assert KEY not in " ".join(url for url, _ in browsing.requests)
         assert browsing.elsewhere() == [] and browsing.refused == []
-    finally:
-        browsing.context.close()
